@@ -1,0 +1,1 @@
+"""shoulders cluster side: Ray Data ingest, the TorchTrainer, Tune, job submission and the CLI."""

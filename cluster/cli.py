@@ -1,0 +1,125 @@
+"""The ``shoulders`` command line. Heavy imports (torch, Ray, transformers) happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.errors import JobError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="shoulders", description="Transfer learning at scale on Ray: one job file, laptop to cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a pre-trained model as a job file says")
+    train.add_argument("job", help="job YAML file")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.batch_size=8")
+    train.add_argument("--resume", action="store_true", help="continue the run in the job's output folder from its latest checkpoint")
+    train.add_argument("--compare-scratch", action="store_true", help="also train the same architecture from random weights and compare")
+
+    validate = sub.add_parser("validate", help="check a job file (schema, data files, columns, labels, model) without training")
+    validate.add_argument("job")
+    validate.add_argument("overrides", nargs="*")
+    validate.add_argument("--schema-only", action="store_true", help="check the schema only, not data or model")
+    validate.add_argument("--explain", action="store_true", help="print every key with its default and description")
+
+    evaluate = sub.add_parser("eval", help="evaluate an exported model folder on a data file")
+    evaluate.add_argument("model_dir", help="folder written by shoulders train (output.dir/model)")
+    evaluate.add_argument("--data", required=True, help="parquet/jsonl/csv file or folder with the job's columns")
+
+    data = sub.add_parser("data", help="build offline datasets")
+    data.add_argument("dataset", choices=["quickstart"], help="quickstart: fortunes topics + MiniLM weights")
+    data.add_argument("--out", default="data/fortunes", help="output folder for the parquet files")
+    data.add_argument("--models", default="models", help="folder to link the model weights into")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``shoulders`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.config import field_docs, load_job
+
+    job = load_job(args.job, args.overrides)
+    if args.explain:
+        for key, default, doc in field_docs():
+            print(f"{key} = {default}\n    {doc}")
+        return 0
+    if not args.schema_only:
+        from cluster.preflight import check_data, check_model
+
+        check_model(job)
+        info = check_data(job)
+        rows = ", ".join(f"{s.name} {s.num_rows} rows" for s in info.splits.values())
+        print(f"data: {rows}" + (f"; labels {info.labels}" if info.labels else ""))
+    print(f"ok: {args.job} is a valid job ('{job.name}', task {job.model.task}, output {job.output_dir})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.preflight import preflight
+    from engine.config import load_job
+
+    job = load_job(args.job, args.overrides)
+    info = preflight(job, resume=args.resume)
+    from cluster.report import print_summary
+    from cluster.trainer import run_training
+
+    summary = run_training(job, info)
+    scratch = None
+    if args.compare_scratch:
+        scratch_job = job.model_copy(update={"name": f"{job.name}-scratch", "model": job.model.model_copy(update={"from_scratch": True})})
+        scratch_job = scratch_job.model_copy(update={"output": job.output.model_copy(update={"dir": str(job.output_dir / "scratch")})})
+        scratch = run_training(scratch_job, info)
+    print_summary(job, summary, scratch)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.preflight import check_split
+    from cluster.trainer import ensure_ray, evaluate_export
+    from cluster.preflight import DataInfo
+    from engine.config import JobSpec
+    from engine.export import JOB_FILE
+
+    meta_path = Path(args.model_dir) / JOB_FILE
+    if not meta_path.is_file():
+        raise JobError(f"'{args.model_dir}' is not a shoulders export (no {JOB_FILE}); pass the model folder of a finished run.")
+    meta = json.loads(meta_path.read_text())
+    job = JobSpec.model_validate(meta["job"])
+    info = DataInfo(splits={"eval": check_split(job, "eval", args.data)}, labels=meta["labels"])
+    ensure_ray()
+    metrics = evaluate_export(job, info, Path(args.model_dir), split="eval")
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from cluster.datagen import build_fortunes, link_minilm
+
+    counts = build_fortunes(args.out)
+    print(f"fortunes topics written to {args.out}: {counts}")
+    print(f"model linked at {link_minilm(args.models)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data}
+
+if __name__ == "__main__":
+    sys.exit(main())

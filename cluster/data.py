@@ -1,0 +1,84 @@
+"""Ray Data ingest on the driver: read, hold out validation, tokenize with the checkpoint's tokenizer.
+
+Datasets stay lazy and stream into the workers (``ray.train.get_dataset_shard``); nothing is
+materialised on the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from cluster.preflight import DataInfo, SplitInfo
+from engine.config import JobSpec
+from engine.preprocess import cached_tokenizer, tokenize_batch
+
+READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
+
+
+def read_split(split: SplitInfo, rows_per_block: int) -> ray.data.Dataset:
+    """Read a split's files lazily as roughly ``num_rows / rows_per_block`` blocks."""
+    blocks = max(math.ceil(split.num_rows / rows_per_block), 1)
+    return READERS[split.format](split.files, override_num_blocks=blocks)
+
+
+def holdout_mask(texts: np.ndarray, fraction: float) -> np.ndarray:
+    """Stable per-row choice of the validation rows (CRC32 of the text), the same on every read."""
+    return np.array([zlib.crc32(str(t).encode()) % 10_000 < fraction * 10_000 for t in texts], dtype=bool)
+
+
+def _select_rows(batch: dict[str, np.ndarray], column: str, fraction: float, validation: bool) -> dict[str, np.ndarray]:
+    keep = holdout_mask(batch[column], fraction)
+    keep = keep if validation else ~keep
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _tokenize_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, **kwargs: Any) -> dict[str, np.ndarray]:
+    return tokenize_batch(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
+
+
+def preprocess(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tokenizer_name: str | None = None) -> ray.data.Dataset:
+    """Tokenize ``ds`` with the checkpoint's tokenizer inside ``map_batches``; only model inputs remain."""
+    fn = functools.partial(
+        _tokenize_rows,
+        tokenizer_name=tokenizer_name or job.model.name,
+        revision=job.model.revision,
+        task=job.model.task,
+        text_column=job.data.text_column,
+        text_pair_column=job.data.text_pair_column,
+        label_column=job.data.label_column if job.model.task != "causal_lm" else None,
+        labels=labels,
+        max_length=job.data.max_length,
+    )
+    return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
+
+
+def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
+    """The tokenized ``train`` and ``validation`` datasets, and the number of training rows.
+
+    Without a validation split, ``data.validation_fraction`` of the training rows (chosen by a stable hash
+    of their text) are held out; the remaining rows are counted by a streaming pass.
+    """
+    train = read_split(info.splits["train"], job.data.rows_per_block)
+    num_train_rows = info.splits["train"].num_rows
+    if "validation" in info.splits:
+        validation = read_split(info.splits["validation"], job.data.rows_per_block)
+    else:
+        fraction, column = job.data.validation_fraction, job.data.text_column
+        if fraction <= 0:
+            raise ValueError("no data.validation and data.validation_fraction is 0")
+        validation = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=True), batch_format="numpy")
+        train = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=False), batch_format="numpy")
+        num_train_rows = train.count()
+    datasets = {"train": train.randomize_block_order(seed=job.seed), "validation": validation}
+    return {name: preprocess(ds, job, info.labels) for name, ds in datasets.items()}, num_train_rows
+
+
+def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:
+    """A tokenized dataset for evaluating a finished model on ``split`` (the exported model's tokenizer)."""
+    return preprocess(read_split(split, job.data.rows_per_block), job, labels, tokenizer_name)

@@ -1,0 +1,155 @@
+"""Building and running the Ray Train ``TorchTrainer`` for a job, then exporting and testing the best model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from cluster.data import build_datasets, build_eval_dataset
+from cluster.preflight import DataInfo
+from engine.config import JobSpec
+from engine.errors import JobError
+
+log = logging.getLogger(__name__)
+TRAIN_DIR = "train"
+EXPORT_DIR = "model"
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+
+
+def use_gpu(job: JobSpec) -> bool:
+    """Whether workers get GPUs: the job's choice, or ``auto`` = the cluster has GPUs."""
+    if job.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(job.scaling.use_gpu)
+
+
+def build_trainer(job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_train_rows: int, pad_token_id: int | None) -> TorchTrainer:
+    """The ``TorchTrainer`` for a job: scaling, failure handling and checkpoint retention from the job."""
+    gpu = use_gpu(job)
+    resources = {"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "labels": info.labels,
+            "num_train_rows": num_train_rows,
+            "pad_token_id": pad_token_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=gpu,
+            resources_per_worker=resources,
+            placement_strategy=job.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_DIR,
+            storage_path=str(job.output_dir),
+            failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.output.keep_checkpoints + 1,
+                checkpoint_score_attribute=f"val_{job.eval_metric}",
+                checkpoint_score_order=job.eval_mode,
+            ),
+        ),
+        datasets=datasets,
+    )
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    from engine.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+@dataclass
+class RunSummary:
+    """What a finished training run produced."""
+
+    best: dict[str, Any]
+    test: dict[str, float] | None
+    export_dir: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
+    """Train the job on Ray, export the best checkpoint, evaluate it on the test split, write metrics.json."""
+    from engine.preprocess import cached_tokenizer
+
+    ensure_ray()
+    pad_token_id = cached_tokenizer(job.model.name, job.model.revision).pad_token_id
+    datasets, num_train_rows = build_datasets(job, info)
+    result = build_trainer(job, info, datasets, num_train_rows, pad_token_id).fit()
+    if result.error:
+        raise result.error
+    best_checkpoint, best = pick_best(result.best_checkpoints, f"val_{job.eval_metric}", job.eval_mode)
+    with result.checkpoint.as_directory() as last:
+        history = json.loads((Path(last) / "state.json").read_text())["train"].get("history", [])
+
+    export_dir, test = None, None
+    if job.output.export != "none":
+        from engine.export import export_checkpoint
+
+        with best_checkpoint.as_directory() as folder:
+            export_dir = export_checkpoint(folder, job.output_dir / EXPORT_DIR, info.labels)
+        if "test" in info.splits:
+            test = evaluate_export(job, info, export_dir)
+    summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history)
+    write_metrics(job, summary)
+    return summary
+
+
+def pick_best(checkpoints: list[tuple[Any, dict[str, Any]]], key: str, mode: str) -> tuple[Any, dict[str, Any]]:
+    """The (checkpoint, metrics) pair with the best ``key``."""
+    if not checkpoints:
+        raise JobError("training reported no checkpoint; check the worker logs above")
+    sign = 1 if mode == "max" else -1
+    return max(checkpoints, key=lambda pair: sign * pair[1][key])
+
+
+def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str = "test") -> dict[str, float]:
+    """Metrics of the exported model on a split, loaded with plain transformers/peft, streamed by Ray Data."""
+    import torch
+
+    from engine.evaluate import evaluate_model, load_exported
+    from engine.loop import collate
+
+    model = load_exported(export_dir, job.model.task, info.labels)
+    dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))
+    batches = dataset.iter_torch_batches(batch_size=job.eval.batch_size or 2 * job.optim.batch_size, collate_fn=collate)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluate_model(model, batches, job.model.task, len(info.labels) if info.labels else None, device)
+
+
+def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
+    """``metrics.json`` in the output folder (written to a temporary name, then renamed)."""
+    path = job.output_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    payload = {
+        "job": job.name,
+        "best_validation": summary.best,
+        "test": summary.test,
+        "export_dir": str(summary.export_dir) if summary.export_dir else None,
+        "history": summary.history,
+    }
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    return path

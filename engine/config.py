@@ -1,0 +1,362 @@
+"""The job schema: the only definition of a job.
+
+A job is a YAML file validated against :class:`JobSpec`. Every section forbids unknown keys, every
+field carries a docstring (``shoulders validate --explain`` prints them), and ``key=value`` overrides
+from the command line are typed by the same schema. Strategy presets only fill fields the user left
+unset. Nothing here imports torch or Ray, so validation answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import JobError
+
+Task = Literal["sequence_classification", "causal_lm"]
+Strategy = Literal["feature_extraction", "light", "full", "lora"]
+
+
+class Section(BaseModel):
+    """Base of every schema section: unknown keys are errors, docstrings are field descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name: str
+    """Hugging Face hub id (``org/model``) or a local folder written by ``save_pretrained``."""
+    task: Task = "sequence_classification"
+    """What the model is adapted to do; picks the HF Auto class, the head, the loss and the metrics."""
+    labels: list[str] | None = None
+    """Class names for classification, in index order. Left empty, they are read from the training data."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    from_scratch: bool = False
+    """Initialise the same architecture with random weights instead of the pre-trained ones (the baseline
+    that tells whether transfer helped)."""
+
+
+class DataSpec(Section):
+    train: str
+    """Training data: a file, folder or glob of parquet, jsonl or csv files (local path or filesystem URI)."""
+    validation: str | None = None
+    """Validation data (same formats). Left empty, ``validation_fraction`` of the training rows is held out."""
+    test: str | None = None
+    """Test data, evaluated once on the best checkpoint after training."""
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    """File format; ``auto`` picks it from the file extension."""
+    text_column: str = "text"
+    """Column with the input text."""
+    text_pair_column: str | None = None
+    """Optional second text column for sentence-pair tasks."""
+    label_column: str = "label"
+    """Column with the class label (a class name, or an integer index into ``model.labels``)."""
+    max_length: int = Field(128, gt=0)
+    """Tokens per example after truncation; batches are then trimmed to their longest example."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the training rows held out for validation when ``data.validation`` is not given."""
+    rows_per_block: int = Field(256, gt=0)
+    """Target rows per Ray Data block, so small files still stream as several blocks."""
+
+
+class FinetuneSpec(Section):
+    strategy: Strategy | None = None
+    """Preset that fills the fields below when they are not set: ``feature_extraction`` (freeze the whole
+    backbone, train the head), ``light`` (train the top 2 blocks and the head), ``full`` (train everything,
+    backbone at ``backbone_lr_ratio``), ``lora`` (LoRA adapters on every block, base weights frozen)."""
+    freeze_depth: int | Literal["all"] | None = None
+    """Number of bottom transformer blocks to freeze; ``all`` freezes every block, a negative number -k
+    freezes all but the top k. The embeddings are frozen whenever any block is."""
+    freeze_embeddings: bool | None = None
+    """Freeze the embeddings; left empty, they are frozen exactly when ``freeze_depth`` freezes a block."""
+    head_lr: float = Field(5e-4, gt=0)
+    """Learning rate of the new task head (and of new adapter weights, see ``adapter_lr_ratio``)."""
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=10)
+    """Learning rate of the pre-trained weights as a fraction of ``head_lr``; 0.01-0.1 is common practice."""
+    adapter_lr_ratio: float = Field(1.0, gt=0, le=10)
+    """Learning rate of PEFT adapter weights as a fraction of ``head_lr`` (they are new, not pre-trained)."""
+
+
+class PeftSpec(Section):
+    method: Literal["none", "lora", "dora", "ia3"] = "none"
+    """Parameter-efficient method wrapped around the backbone; the new head is always fully trainable."""
+    r: int = Field(8, gt=0)
+    """LoRA/DoRA rank."""
+    alpha: float = Field(16, gt=0)
+    """LoRA/DoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names to adapt, or ``all-linear``; left empty, PEFT's default for the architecture."""
+
+
+class OptimSpec(Section):
+    optimizer: Literal["adamw"] = "adamw"
+    """Optimizer (torch AdamW, fused on GPU)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    """Share of the optimizer steps spent warming the learning rate up from zero."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    epochs: float | None = Field(3.0, gt=0)
+    """Passes over the training data (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; overrides ``epochs``."""
+    batch_size: int = Field(16, gt=0)
+    """Micro-batch size per worker."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches accumulated per optimizer step; global batch = batch_size x grad_accum x workers."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; empty disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: ``auto`` is bf16 autocast on GPUs that support it and fp32 on CPU. Trainable
+    weights always stay fp32 (master weights)."""
+
+
+class ScalingSpec(Section):
+    num_workers: int = Field(1, gt=0)
+    """Ray Train workers (one process each; one GPU each when ``use_gpu``)."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """Train on GPUs; ``auto`` uses them when the Ray cluster has any."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Logical CPUs reserved per worker. Keep at least one CPU free for Ray Data on small machines."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker failures to recover from by restarting at the latest checkpoint (-1: unlimited)."""
+
+
+class BackendSpec(Section):
+    name: Literal["ddp"] = "ddp"
+    """Distributed backend wrapping the model: ``ddp`` (torch DistributedDataParallel)."""
+
+
+class EvalSpec(Section):
+    every_n_steps: int | None = Field(None, gt=0)
+    """Evaluate (and checkpoint) every N optimizer steps; left empty, once per epoch."""
+    metric: str | None = None
+    """Validation metric that picks the best checkpoint and drives early stopping; left empty, ``accuracy``
+    for classification and ``loss`` for language modelling."""
+    mode: Literal["max", "min"] | None = None
+    """Whether the metric is better higher or lower; left empty, inferred from the metric name."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without improvement of the metric."""
+    batch_size: int | None = Field(None, gt=0)
+    """Evaluation batch size; left empty, twice ``optim.batch_size``."""
+
+
+class OutputSpec(Section):
+    dir: str = "runs/{name}"
+    """Output folder; ``{name}`` is replaced by the job name. Holds metrics.json, checkpoints, the export."""
+    export: Literal["merged", "adapter", "none"] = "merged"
+    """What the best checkpoint is exported as: ``merged`` (a plain transformers model folder, adapters
+    merged in), ``adapter`` (a PEFT adapter folder; needs ``peft.method``), or nothing."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Checkpoints kept besides the best one."""
+
+
+class JobSpec(Section):
+    """One transfer-learning job."""
+
+    name: str = "job"
+    """Name of the run; used in the output folder and in Ray."""
+    model: ModelSpec
+    """The pre-trained model and the task it is adapted to."""
+    data: DataSpec
+    """Where the data is and which columns hold what."""
+    finetune: FinetuneSpec = FinetuneSpec()
+    """How much of the pre-trained model learns, and how fast."""
+    peft: PeftSpec = PeftSpec()
+    """Parameter-efficient fine-tuning (adapters)."""
+    optim: OptimSpec = OptimSpec()
+    """Optimizer, schedule and batch sizes."""
+    scaling: ScalingSpec = ScalingSpec()
+    """Workers and resources."""
+    backend: BackendSpec = BackendSpec()
+    """Distributed backend."""
+    eval: EvalSpec = EvalSpec()
+    """Evaluation, checkpoint choice and early stopping."""
+    output: OutputSpec = OutputSpec()
+    """Where results go."""
+    seed: int = 42
+    """Seed for weights of new heads, data order and dropout."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_strategy_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        finetune = data.get("finetune") or {}
+        strategy = finetune.get("strategy") if isinstance(finetune, dict) else None
+        if strategy not in STRATEGY_PRESETS:
+            return data
+        data = dict(data)
+        for dotted, value in STRATEGY_PRESETS[strategy].items():
+            section, key = dotted.split(".")
+            current = dict(data.get(section) or {})
+            current.setdefault(key, value)
+            data[section] = current
+        return data
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> JobSpec:
+        if self.output.export == "adapter" and self.peft.method == "none":
+            raise ValueError("output.export is 'adapter' but peft.method is 'none': set a PEFT method or export 'merged'")
+        if self.model.task == "causal_lm" and self.model.labels:
+            raise ValueError("model.labels is set but model.task is 'causal_lm', which has no classes: remove model.labels")
+        if self.model.labels is not None and len(set(self.model.labels)) != len(self.model.labels):
+            raise ValueError("model.labels has duplicates: list each class once")
+        if self.optim.max_steps is None and self.optim.epochs is None:
+            raise ValueError("set optim.epochs or optim.max_steps")
+        return self
+
+    # Derived settings: one place decides them.
+    @property
+    def eval_metric(self) -> str:
+        """The validation metric that picks checkpoints."""
+        return self.eval.metric or ("loss" if self.model.task == "causal_lm" else "accuracy")
+
+    @property
+    def eval_mode(self) -> Literal["max", "min"]:
+        """Whether ``eval_metric`` is better higher or lower."""
+        if self.eval.mode:
+            return self.eval.mode
+        lower_is_better = ("loss", "perplexity", "wer", "cer", "forgetting")
+        return "min" if any(word in self.eval_metric for word in lower_is_better) else "max"
+
+    @property
+    def output_dir(self) -> Path:
+        """The resolved output folder."""
+        return Path(self.output.dir.replace("{name}", self.name)).expanduser().resolve()
+
+
+STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
+    "feature_extraction": {"finetune.freeze_depth": "all", "peft.method": "none"},
+    "light": {"finetune.freeze_depth": -2, "peft.method": "none"},
+    "full": {"finetune.freeze_depth": 0, "peft.method": "none"},
+    "lora": {"finetune.freeze_depth": 0, "peft.method": "lora"},
+}
+"""What each ``finetune.strategy`` fills in (only where the job leaves the field unset)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.batch_size=8", "peft.method=lora"]`` into a nested dict.
+
+    Values are parsed as YAML scalars or flow collections (``8`` -> int, ``[a, b]`` -> list), then typed by
+    the schema.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise JobError(f"Override '{item}' is not of the form key=value, e.g. optim.batch_size=8.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise JobError(f"Override '{item}': the value is not valid YAML ({exc}).") from None
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise JobError(f"Override '{item}' sets a key below '{part}', which is not a section.")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job YAML file with the safe loader."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"Job file '{path}' does not exist. Pass the path of a YAML job file, e.g. jobs/quickstart.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise JobError(f"Job file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise JobError(f"Job file '{path}' must hold a mapping of sections (model:, data:, ...), not {type(raw).__name__}.")
+    return raw
+
+
+def build_job(raw: dict[str, Any], source: str = "<job>") -> JobSpec:
+    """Validate a job dict, turning schema errors into one :class:`JobError` that names every bad key."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe_error(err) for err in exc.errors()]
+        raise JobError(f"Job '{source}' is invalid:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job file."""
+    raw = merge(read_job_file(path), parse_overrides(overrides or []))
+    return build_job(raw, str(path))
+
+
+def job_to_yaml(job: JobSpec) -> str:
+    """The job as YAML, with every default written out, ready for ``shoulders train``."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+    key = ".".join(loc) or "(job)"
+    if err["type"] == "extra_forbidden":
+        valid = sorted(_fields_at(loc[:-1]))
+        nearest = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f" Did you mean '{'.'.join(loc[:-1] + nearest)}'?" if nearest else ""
+        return f"unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}."
+    if err["type"] == "missing":
+        return f"missing required key '{key}'."
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and key == "(job)":
+        return msg
+    return f"'{key}': {msg} (got {err.get('input')!r})."
+
+
+def _fields_at(path: list[str]) -> set[str]:
+    model: type[BaseModel] = JobSpec
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return set()
+        model = annotation
+    return set(model.model_fields)
+
+
+def field_docs(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for ``shoulders validate --explain``."""
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{prefix}{name}."))
+        else:
+            default = "required" if field.is_required() else repr(field.default)
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows

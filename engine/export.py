@@ -1,0 +1,41 @@
+"""Exporting the best checkpoint as a folder that plain ``transformers`` / ``peft`` load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from engine.adapters import merge_adapters
+from engine.checkpoint import load_trainable_state, read_checkpoint
+from engine.config import JobSpec
+from engine.models.loading import load_tokenizer
+from engine.models.prepare import prepare_model
+
+JOB_FILE = "shoulders_job.json"
+"""The job that produced an export, stored beside the weights (``shoulders eval`` reads it)."""
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, labels: list[str] | None) -> Path:
+    """Rebuild the job's model, load the checkpoint's trainable weights and save it to ``out_dir``.
+
+    ``output.export: merged`` writes a plain model (adapters folded in, safetensors);
+    ``adapter`` writes a PEFT adapter folder (with the new head in ``modules_to_save``). The tokenizer is
+    saved beside it. Written to a temporary folder and renamed into place.
+    """
+    saved = read_checkpoint(checkpoint_dir)
+    job = JobSpec.model_validate(saved["job"])
+    tokenizer = load_tokenizer(job.model.name, job.model.revision)
+    prepared = prepare_model(job, labels, tokenizer.pad_token_id)
+    load_trainable_state(prepared.model, saved["weights"])
+    model = prepared.model if job.output.export == "adapter" else merge_adapters(prepared.model)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / JOB_FILE).write_text(json.dumps({"job": saved["job"], "labels": labels, "metrics": saved["state"].get("metrics")}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,160 @@
+"""Loading a pre-trained model for a task through the Hugging Face Auto classes.
+
+This is the only module that loads weights. A hub id and a local folder take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine.errors import JobError
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES: dict[str, str] = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+}
+"""Task -> name of the ``transformers`` Auto class that builds the model with the task's head."""
+
+TASK_MAPPINGS: dict[str, str] = {
+    "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+}
+"""Task -> the ``transformers`` table of architectures that support it (checked before any worker starts)."""
+
+HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "sequence_classification": ("classifier", "score"),
+    "causal_lm": (),
+}
+"""Task -> attribute names of the task head the engine creates (the first ones present are used)."""
+
+
+def load_config(name: str, revision: str | None = None) -> Any:
+    """Load a model's ``transformers`` config, turning 'not a model' into a :class:`JobError`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise JobError(not_a_model_message(name, exc)) from None
+
+
+def not_a_model_message(name: str, exc: Exception) -> str:
+    return (
+        f"model.name '{name}' is not a model: {str(exc).splitlines()[0]} "
+        "Give a Hugging Face hub id (org/model) or a folder written by save_pretrained (with config.json)."
+    )
+
+
+def read_config_json(name: str, revision: str | None = None) -> dict[str, Any]:
+    """A model's ``config.json`` as a dict, from its folder or the hub, without importing torch."""
+    path = Path(name).expanduser() / "config.json"
+    try:
+        if not path.parent.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(name, "config.json", revision=revision))
+        return json.loads(path.read_text())
+    except Exception as exc:  # hub errors come in many types; all mean the same to the user
+        raise JobError(not_a_model_message(name, exc)) from None
+
+
+@functools.lru_cache(maxsize=None)
+def supported_model_types(task: str) -> tuple[str, ...]:
+    """Architectures (``model_type``) that can do ``task``, from ``transformers``' Auto tables.
+
+    Importing ``transformers.models.auto.modeling_auto`` imports torch (through the config classes), so
+    the table, a literal in that module, is read from its source; the import is the fallback.
+    """
+    import ast
+    import importlib.util
+
+    table = TASK_MAPPINGS[task]
+    spec = importlib.util.find_spec("transformers.models.auto.modeling_auto")
+    try:
+        tree = ast.parse(Path(spec.origin).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == table for t in node.targets):
+                return tuple(pair.elts[0].value for pair in node.value.args[0].elts)
+    except (AttributeError, IndexError, OSError, SyntaxError, TypeError):
+        pass
+    from transformers.models.auto import modeling_auto
+
+    return tuple(getattr(modeling_auto, table))
+
+
+def check_task_supported(name: str, task: str, revision: str | None = None) -> dict[str, Any]:
+    """Fail with a clear message when the architecture of ``name`` cannot do ``task``. Returns its config."""
+    config = read_config_json(name, revision)
+    model_type = config.get("model_type")
+    supported = supported_model_types(task)
+    if model_type not in supported:
+        raise JobError(
+            f"model.name '{name}' is a '{model_type}' model, which cannot do model.task '{task}'. "
+            f"Pick a model whose architecture supports {task} (e.g. {', '.join(list(supported)[:5])}, ...) "
+            "or another task."
+        )
+    return config
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """The checkpoint's own tokenizer, with a pad token (EOS) when it has none, padding on the right."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_pretrained(
+    name: str,
+    task: str,
+    labels: list[str] | None = None,
+    *,
+    revision: str | None = None,
+    from_scratch: bool = False,
+    pad_token_id: int | None = None,
+) -> Any:
+    """Load ``name`` with the head for ``task``.
+
+    Args:
+        name: hub id or local folder.
+        task: a key of :data:`AUTO_CLASSES`.
+        labels: class names for classification tasks.
+        revision: hub revision.
+        from_scratch: build the architecture from its config with random weights.
+        pad_token_id: the tokenizer's pad id, needed by decoder classifiers to find the last token.
+    """
+    import transformers
+
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    kwargs: dict[str, Any] = {}
+    if labels is not None:
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    config = load_config(name, revision)
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    if from_scratch:
+        model = auto_class.from_config(config)
+        log.info("built %s from its config with random weights (from_scratch)", type(model).__name__)
+        return model
+    model = auto_class.from_pretrained(name, config=config, revision=revision, ignore_mismatched_sizes=True)
+    return model
+
+
+def head_module_names(model: Any, task: str) -> list[str]:
+    """Attribute names of the task head present on ``model`` (empty for tasks that keep their head)."""
+    return [name for name in HEAD_MODULES[task] if hasattr(model, name)][:1]

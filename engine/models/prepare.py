@@ -1,0 +1,54 @@
+"""The fixed preparation order: load -> replace head -> freeze bottom blocks -> adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.adapters import apply_adapters
+from engine.config import JobSpec
+from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_depth
+from engine.models.loading import head_module_names, load_pretrained
+from engine.models.surgery import freeze_bottom_blocks, replace_head, trainable_summary
+
+
+@dataclass
+class PreparedModel:
+    """A model ready for the optimizer, with what later steps need to know about it."""
+
+    model: nn.Module
+    stack: BlockStack
+    n_frozen: int
+    head_names: list[str]
+
+
+def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | None = None, *, model: Any = None) -> PreparedModel:
+    """Build the job's model in the documented order; every worker gets identical weights.
+
+    Args:
+        job: the validated job.
+        labels: class names (classification tasks).
+        pad_token_id: the tokenizer's pad id.
+        model: an already-loaded model to prepare instead of loading ``job.model.name``.
+    """
+    torch.manual_seed(job.seed)
+    if model is None:
+        model = load_pretrained(
+            job.model.name,
+            job.model.task,
+            labels,
+            revision=job.model.revision,
+            from_scratch=job.model.from_scratch,
+            pad_token_id=pad_token_id,
+        )
+    head_names = head_module_names(model, job.model.task)
+    replace_head(model, head_names, job.seed)
+    stack = find_block_stack(model)
+    n_frozen = resolve_freeze_depth(job.finetune.freeze_depth, stack.depth)
+    freeze_bottom_blocks(model, stack, n_frozen, head_names, job.finetune.freeze_embeddings)
+    model = apply_adapters(model, job.peft, job.model.task, stack, n_frozen, head_names)
+    trainable_summary(model)
+    return PreparedModel(model=model, stack=stack, n_frozen=n_frozen, head_names=head_names)

@@ -1,0 +1,98 @@
+"""Model surgery as plain functions: replace the head, freeze the bottom blocks, summarise what trains.
+
+Order (fixed, documented in the README): load -> :func:`replace_head` -> :func:`freeze_bottom_blocks`
+-> ``engine.adapters.apply_adapters`` -> ``engine.optim.build_param_groups``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from engine.models.blocks import BlockStack
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def replace_head(model: nn.Module, head_names: list[str], seed: int) -> nn.Module:
+    """Give the task head fresh weights, whatever the checkpoint held there.
+
+    Linear layers get N(0, initializer_range) weights and zero biases, norms get ones and zeros, drawn
+    from a generator seeded with ``seed`` so every worker builds the same head.
+    """
+    std = getattr(model.config, "initializer_range", None) or 0.02
+    generator = torch.Generator().manual_seed(seed)
+    for head_name in head_names:
+        for module in getattr(model, head_name).modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    return model
+
+
+def parameter_regions(model: nn.Module, stack: BlockStack, head_names: list[str]) -> dict[str, str]:
+    """Which part of the model each parameter belongs to: ``embeddings``, ``block.<i>``, ``top`` or ``head``.
+
+    ``embeddings`` is everything registered before the first block, ``top`` everything after it that is
+    neither a block nor the head (final norm, pooler, a language-model head).
+    """
+    regions: dict[str, str] = {}
+    seen_block = False
+    for name, _ in model.named_parameters():
+        if any(name == h or name.startswith(h + ".") for h in head_names):
+            regions[name] = "head"
+        elif name.startswith(stack.path + "."):
+            seen_block = True
+            regions[name] = f"block.{int(name[len(stack.path) + 1:].split('.')[0])}"
+        else:
+            regions[name] = "top" if seen_block else "embeddings"
+    return regions
+
+
+def freeze_bottom_blocks(
+    model: nn.Module,
+    stack: BlockStack,
+    n_frozen: int,
+    head_names: list[str],
+    freeze_embeddings: bool | None = None,
+) -> nn.Module:
+    """Freeze the bottom ``n_frozen`` blocks; everything else stays trainable.
+
+    The embeddings are frozen whenever any block is (or as ``freeze_embeddings`` says). When every block
+    is frozen, the parameters above the stack that are not the head (final norm, pooler) are frozen too,
+    so only the head learns: feature extraction.
+    """
+    if freeze_embeddings is None:
+        freeze_embeddings = n_frozen > 0
+    regions = parameter_regions(model, stack, head_names)
+    for name, param in model.named_parameters():
+        region = regions[name]
+        if region.startswith("block."):
+            param.requires_grad_(int(region.split(".")[1]) >= n_frozen)
+        elif region == "embeddings":
+            param.requires_grad_(not freeze_embeddings)
+        elif region == "top":
+            param.requires_grad_(n_frozen < stack.depth)
+        else:
+            param.requires_grad_(True)
+    return model
+
+
+def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Trainable and frozen parameter counts, in total and per top-level module, and log them."""
+    summary: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "frozen": 0})
+    for name, param in model.named_parameters():
+        key = "trainable" if param.requires_grad else "frozen"
+        summary["total"][key] += param.numel()
+    total = summary["total"]
+    share = total["trainable"] / max(total["trainable"] + total["frozen"], 1)
+    log.info("parameters: %s trainable, %s frozen (%.2f%% trainable)", f"{total['trainable']:,}", f"{total['frozen']:,}", 100 * share)
+    return dict(summary)

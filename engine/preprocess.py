@@ -1,0 +1,81 @@
+"""Preprocessing with the checkpoint's own tokenizer: numpy in, numpy out, no Ray.
+
+``cluster.data`` runs :func:`tokenize_batch` inside Ray Data's ``map_batches``; ``shoulders eval`` and
+tests call it directly. Examples are padded to ``max_length`` here and trimmed per training batch by
+:func:`trim_batch`, so padding costs nothing in the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(name: str, revision: str | None = None) -> Any:
+    """One tokenizer per process and checkpoint (Ray Data reuses worker processes across batches)."""
+    from engine.models.loading import load_tokenizer
+
+    return load_tokenizer(name, revision)
+
+
+def encode_labels(values: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Class names (or integer indices) -> int64 indices into ``labels``.
+
+    Raises:
+        ValueError: a value that is not a declared class, naming it.
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        key = value.item() if isinstance(value, np.generic) else value
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and str(key) not in index:
+            if not 0 <= key < len(labels):
+                raise ValueError(f"label index {key} is outside 0..{len(labels) - 1}")
+            out[i] = key
+            continue
+        if str(key) not in index:
+            raise ValueError(f"label '{key}' is not one of the job's labels {labels}")
+        out[i] = index[str(key)]
+    return out
+
+
+def tokenize_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    tokenizer: Any,
+    task: str,
+    text_column: str,
+    max_length: int,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    labels: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Tokenize a batch of rows into fixed-length int arrays.
+
+    Returns ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the tokenizer makes them),
+    plus ``labels``: class indices for classification, the input ids with padding set to -100 for causal
+    language modelling.
+    """
+    texts = [str(t) for t in batch[text_column]]
+    pairs = [str(t) for t in batch[text_pair_column]] if text_pair_column else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+    out = {key: np.asarray(value, dtype=np.int64) for key, value in encoded.items()}
+    if task == "causal_lm":
+        out["labels"] = np.where(out["attention_mask"] == 1, out["input_ids"], IGNORE_INDEX)
+    elif label_column is not None and labels is not None:
+        out["labels"] = encode_labels(batch[label_column], labels)
+    return out
+
+
+def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cut the padding columns that no example in the batch uses (right padding)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return batch
+    longest = max(int(mask.sum(axis=1).max()), 1)
+    return {k: (v[:, :longest] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
