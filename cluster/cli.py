@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from engine.config import load_job
 
     job = load_job(args.job, args.overrides)
-    info = preflight(job, resume=args.resume)
+    job, info = preflight(job, resume=args.resume)
     from cluster.report import print_summary
     from cluster.trainer import run_training
 

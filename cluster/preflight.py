@@ -168,9 +168,17 @@ def check_output(job: JobSpec, resume: bool = False) -> None:
         )
 
 
-def preflight(job: JobSpec, resume: bool = False) -> DataInfo:
-    """All checks a job must pass before Ray starts anything."""
+def with_absolute_paths(job: JobSpec) -> JobSpec:
+    """The job with a local model folder made absolute (workers run in other directories)."""
+    name = os.path.expanduser(job.model.name)
+    if os.path.isdir(name):
+        return job.model_copy(update={"model": job.model.model_copy(update={"name": os.path.abspath(name)})})
+    return job
+
+
+def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
+    """All checks a job must pass before Ray starts anything; returns the job with absolute paths."""
     check_model(job)
     info = check_data(job)
     check_output(job, resume)
-    return info
+    return with_absolute_paths(job), info

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -25,6 +26,8 @@ EXPORT_DIR = "model"
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import ray.train
 import ray.train.torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
 from engine.checkpoint import load_trainable_state, read_checkpoint, unwrap, write_checkpoint
@@ -31,9 +32,14 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 
 
-def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+class Collate(NumpyBatchCollateFn):
     """Trim unused padding and turn numpy columns into tensors (on the host; moved in the loop)."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in trim_batch(batch).items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)) for k, v in trim_batch(batch).items()}
+
+
+collate = Collate()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

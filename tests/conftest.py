@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models saved to temporary folders, tiny datasets, one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return tiny.save_tiny_model("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return tiny.save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tmp_path_factory) -> Path:
+    return tiny.save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-lm"), task="causal_lm")
+
+
+@pytest.fixture(scope="session")
+def topic_data(tmp_path_factory) -> dict[str, Path]:
+    return tiny.write_topic_data(tmp_path_factory.mktemp("topics"), files=3)
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory) -> dict[str, Path]:
+    return tiny.write_lm_data(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray per test session with 4 logical CPUs (fractional workers leave room for Ray Data)."""
+    import ray
+
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
