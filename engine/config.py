@@ -140,6 +140,42 @@ class BackendSpec(Section):
     """Distributed backend wrapping the model: ``ddp`` (torch DistributedDataParallel)."""
 
 
+class PerfSpec(Section):
+    """Speed settings. Every default is the fast choice; each one that does not apply (no GPU, a library
+    not installed, an architecture it does not know) is skipped with a log line, never an error."""
+
+    liger_kernels: bool = True
+    """Liger Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) on architectures Liger
+    supports, when ``liger-kernel`` is installed and the model runs on a GPU."""
+    fp8_frozen: Literal["auto", "on", "off"] = "auto"
+    """FP8 matmuls (rowwise-scaled e4m3, bf16 output) for *frozen* linear weights, which are quantized
+    once; trainable weights (LoRA, heads) stay bf16/fp32. ``auto``: on GPUs with FP8 tensor cores
+    (compute capability 8.9+, e.g. H100/H200) when bf16 autocast is on; ``on`` also emulates it on CPU."""
+    fused_lora: bool = True
+    """Compute a LoRA layer over a frozen base as one autograd function (base matmul, then the adapter
+    added in the same GEMM epilogue), instead of PEFT's separate matmul, scale and add."""
+    frozen_weights_in_compute_dtype: bool = True
+    """Store frozen weights in the autocast dtype (bf16) instead of fp32: half the memory and no per-step
+    casts. Trainable weights always stay fp32 (master weights)."""
+    packing: bool = True
+    """Causal LM: pack several examples into one ``data.max_length`` row, with position ids restarting at
+    every example so no token attends across examples and no padding is computed."""
+    group_by_length: bool = True
+    """Classification: sort each window of ``group_window`` micro-batches by length before batching, so
+    batches are trimmed to similar lengths and carry little padding."""
+    group_window: int = Field(8, gt=0)
+    """Micro-batches per length-grouping window (larger: less padding, less randomness)."""
+    compile: bool = False
+    """``torch.compile`` the model (slow first steps; helps most without Liger kernels)."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass: less memory, about a third more compute."""
+    prefetch_batches: int = Field(4, ge=0)
+    """Batches Ray Data prepares ahead of the training step, so the GPU never waits on input."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Dense bf16 peak of one accelerator in TFLOP/s, for MFU; left empty, read from a table of known GPUs
+    (H100/H200 989, A100 312) and MFU is omitted on others."""
+
+
 class EvalSpec(Section):
     every_n_steps: int | None = Field(None, gt=0)
     """Evaluate (and checkpoint) every N optimizer steps; left empty, once per epoch."""
@@ -183,6 +219,8 @@ class JobSpec(Section):
     """Workers and resources."""
     backend: BackendSpec = BackendSpec()
     """Distributed backend."""
+    perf: PerfSpec = PerfSpec()
+    """Speed features (fused kernels, FP8 frozen matmuls, packing, prefetching); defaults are the fast ones."""
     eval: EvalSpec = EvalSpec()
     """Evaluation, checkpoint choice and early stopping."""
     output: OutputSpec = OutputSpec()
