@@ -200,6 +200,86 @@ class OutputSpec(Section):
     """Checkpoints kept besides the best one."""
 
 
+SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
+
+
+class TuneSpec(Section):
+    space: dict[str, dict[SearchKind, list[Any]]] = Field(default_factory=dict)
+    """Search space: dotted job key -> one domain, e.g. ``finetune.backbone_lr_ratio: {loguniform: [0.01, 1]}``.
+    Domains: ``choice``/``grid`` (list of values; ``grid`` tries each), ``uniform``/``loguniform`` ([low, high]),
+    ``randint`` ([low, high], both inclusive). Left empty, the default space: ``finetune.freeze_depth`` over
+    0..number of blocks, ``finetune.backbone_lr_ratio`` log-uniform 0.01..1, ``finetune.head_lr`` log-uniform
+    around the job's value (/3..x3) and ``finetune.strategy`` in full / lora."""
+    num_samples: int = Field(8, gt=0)
+    """Trials to sample from the space (with ``grid`` domains: samples per grid point)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """Trial scheduler: ``asha`` stops the worst trials early at rungs; ``fifo`` runs every trial to the end."""
+    grace_period: int = Field(1, gt=0)
+    """ASHA: evaluations every trial runs before it may be stopped."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA: share of trials kept at each rung is 1 / reduction_factor."""
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    """Trials running at once; left empty, computed from the cluster's CPUs/GPUs and each trial's workers."""
+    data_cpus: float = Field(0.5, ge=0)
+    """Logical CPUs kept free for Ray Data reads and preprocessing when computing concurrency."""
+    metric: str | None = None
+    """Validation metric ranking the trials (without ``val_``); left empty, ``eval.metric``."""
+    mode: Literal["max", "min"] | None = None
+    """Whether the metric is better higher or lower; left empty, as for ``eval``."""
+
+    @model_validator(mode="after")
+    def _check_space(self) -> TuneSpec:
+        for key, domain in self.space.items():
+            if len(domain) != 1:
+                raise ValueError(f"tune.space.{key} must have exactly one of choice, grid, uniform, loguniform, randint")
+            (kind, values), = domain.items()
+            if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+                raise ValueError(f"tune.space.{key}: {kind} takes [low, high], got {values}")
+            if kind in ("uniform", "loguniform", "randint") and not values[0] < values[1] + (kind == "randint"):
+                raise ValueError(f"tune.space.{key}: {kind} needs low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"tune.space.{key}: loguniform needs low > 0, got {values}")
+            if kind in ("choice", "grid") and not values:
+                raise ValueError(f"tune.space.{key}: {kind} needs at least one value")
+        return self
+
+
+class SafeguardsSpec(Section):
+    compare_scratch: bool = False
+    """Also train the same architecture from random weights with the same budget and report the transfer
+    gain (pre-trained minus scratch on the test metric); a negative or insignificant gain is flagged."""
+    min_gain: float = Field(0.0, ge=0)
+    """Smallest test-metric gain over scratch counted as real transfer (added to the statistical margin)."""
+    track_forgetting: bool = True
+    """Evaluate a retention set at step 0 and at every evaluation and report the forgetting delta."""
+    forgetting_measure: Literal["auto", "lm_loss", "cka"] = "auto"
+    """``lm_loss``: the source objective (causal-LM loss on the retention text; needs a model that keeps its
+    LM head); ``cka``: representation drift, 1 - linear CKA of mean-pooled last hidden states against the
+    pre-trained model; ``auto``: ``lm_loss`` for ``causal_lm``, else ``cka``."""
+    retention_data: str | None = None
+    """General text for the retention set (parquet/jsonl/csv with ``data.text_column``); left empty, the
+    first ``retention_rows`` validation (else training) rows."""
+    retention_rows: int = Field(64, gt=0)
+    """Rows of the retention set."""
+    max_forgetting: float | None = Field(None, gt=0)
+    """Stop the run when the forgetting delta exceeds this (CKA drift in 0..1, or LM-loss increase in nats)."""
+    unfreeze_every_steps: int | None = Field(None, gt=0)
+    """Gradual unfreezing (ULMFiT): start from ``finetune.freeze_depth`` and unfreeze one more block from the
+    top every this many optimizer steps (the embeddings last); unfrozen blocks learn at the backbone LR."""
+    unfreeze_every_epochs: int | None = Field(None, gt=0)
+    """Gradual unfreezing every this many epochs (instead of steps)."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Set the rate of every dropout layer of the model (regularisation against overfitting)."""
+    token_dropout: float = Field(0.0, ge=0, lt=1)
+    """Data augmentation: share of tokens (never the first) hidden from attention in each training batch."""
+
+    @model_validator(mode="after")
+    def _check_unfreezing(self) -> SafeguardsSpec:
+        if self.unfreeze_every_steps and self.unfreeze_every_epochs:
+            raise ValueError("set safeguards.unfreeze_every_steps or safeguards.unfreeze_every_epochs, not both")
+        return self
+
+
 class JobSpec(Section):
     """One transfer-learning job."""
 
@@ -227,6 +307,10 @@ class JobSpec(Section):
     """Where results go."""
     seed: int = 42
     """Seed for weights of new heads, data order and dropout."""
+    tune: TuneSpec = TuneSpec()
+    """Search over freeze depth, LR ratios and any other key (``shoulders tune``)."""
+    safeguards: SafeguardsSpec = SafeguardsSpec()
+    """Negative transfer, forgetting, overfitting and gradual unfreezing."""
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +339,9 @@ class JobSpec(Section):
             raise ValueError("model.labels has duplicates: list each class once")
         if self.optim.max_steps is None and self.optim.epochs is None:
             raise ValueError("set optim.epochs or optim.max_steps")
+        unfreezing = self.safeguards.unfreeze_every_steps or self.safeguards.unfreeze_every_epochs
+        if unfreezing and self.peft.method != "none":
+            raise ValueError("safeguards.unfreeze_every_* (gradual unfreezing) needs peft.method 'none': adapters already train every block")
         return self
 
     # Derived settings: one place decides them.
