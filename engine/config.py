@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from engine.errors import JobError
 
-Task = Literal["sequence_classification", "causal_lm"]
+Task = Literal["sequence_classification", "causal_lm", "audio_classification", "ctc", "speech_seq2seq"]
+SPEECH_TASKS = ("audio_classification", "ctc", "speech_seq2seq")
+"""Tasks whose input is audio (features from the checkpoint's own feature extractor)."""
+ASR_TASKS = ("ctc", "speech_seq2seq")
+"""Speech recognition tasks: targets are transcripts, metrics are WER and CER."""
 Strategy = Literal["feature_extraction", "light", "full", "lora"]
 
 
@@ -40,6 +44,15 @@ class ModelSpec(Section):
     from_scratch: bool = False
     """Initialise the same architecture with random weights instead of the pre-trained ones (the baseline
     that tells whether transfer helped)."""
+    tokenizer: str | None = None
+    """Tokenizer of the targets (hub id or folder); left empty, the checkpoint's own. For ``ctc`` from a
+    checkpoint that has no vocabulary (e.g. a pre-trained-only wav2vec2), a character vocabulary is built
+    from the training transcripts and saved in the output folder."""
+    language: str | None = None
+    """``speech_seq2seq`` (Whisper): language token of the transcripts (``en``, ``de``, ...), used for the
+    decoder prefix in training and for generation; left empty, the checkpoint's default."""
+    asr_task: Literal["transcribe", "translate"] = "transcribe"
+    """``speech_seq2seq`` (Whisper): task token of the decoder prefix."""
 
 
 class DataSpec(Section):
@@ -63,6 +76,23 @@ class DataSpec(Section):
     """Share of the training rows held out for validation when ``data.validation`` is not given."""
     rows_per_block: int = Field(256, gt=0)
     """Target rows per Ray Data block, so small files still stream as several blocks."""
+    audio_column: str = "audio"
+    """Speech tasks: column with the audio, as a file path (relative paths are relative to the manifest's
+    folder), the encoded file's bytes, or a ``{bytes, path}`` struct as Hugging Face datasets write to parquet."""
+    transcript_column: str = "transcript"
+    """ASR tasks (``ctc``, ``speech_seq2seq``): column with the transcript of each clip."""
+    resample: bool = True
+    """Speech tasks: resample audio whose rate differs from the checkpoint's (logged with both rates); ``false``
+    refuses such data before training starts."""
+    sampling_rate: int | None = Field(None, gt=0)
+    """Speech tasks: the rate the model hears; left empty, the checkpoint feature extractor's. A value that
+    contradicts the checkpoint is refused (the model would hear sped-up or slowed-down audio)."""
+    normalize: bool | None = None
+    """Speech tasks: zero-mean unit-variance waveform normalisation; left empty, as the checkpoint's feature
+    extractor does it (``do_normalize``). A value that contradicts the checkpoint is refused."""
+    max_audio_seconds: float = Field(10.0, gt=0)
+    """Speech tasks: clips are cut to this length (Whisper always hears its fixed window); batches are
+    padded only to their longest clip, and rows are grouped by length inside each block."""
 
 
 class FinetuneSpec(Section):
@@ -81,6 +111,12 @@ class FinetuneSpec(Section):
     """Learning rate of the pre-trained weights as a fraction of ``head_lr``; 0.01-0.1 is common practice."""
     adapter_lr_ratio: float = Field(1.0, gt=0, le=10)
     """Learning rate of PEFT adapter weights as a fraction of ``head_lr`` (they are new, not pre-trained)."""
+    freeze_feature_encoder: bool = True
+    """Speech models: freeze the convolutional feature encoder (wav2vec2/HuBERT/WavLM conv stack, Whisper's
+    input convolutions) whatever ``freeze_depth`` says; common practice. Ignored for text models."""
+    mask_time_prob: float | None = Field(None, ge=0, lt=1)
+    """Speech models: SpecAugment, the share of time steps masked while training; left empty, the checkpoint
+    config's value (wav2vec2 family: 0.05; Whisper: off unless its config turns it on)."""
 
 
 class PeftSpec(Section):
@@ -200,6 +236,13 @@ class OutputSpec(Section):
     """Checkpoints kept besides the best one."""
 
 
+class RunSpec(Section):
+    storage_path: str | None = None
+    """Where Ray Train writes checkpoints and results: a local path or a pyarrow filesystem URI
+    (``s3://bucket/runs``, ``gs://...``). On a multi-node cluster use storage every node reaches, so a run's
+    checkpoints survive the loss of a node. Left empty, the output folder (``output.dir``)."""
+
+
 SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 
@@ -305,6 +348,8 @@ class JobSpec(Section):
     """Evaluation, checkpoint choice and early stopping."""
     output: OutputSpec = OutputSpec()
     """Where results go."""
+    run: RunSpec = RunSpec()
+    """Where checkpoints are stored (local path or filesystem URI), on a laptop or a cluster."""
     seed: int = 42
     """Seed for weights of new heads, data order and dropout."""
     tune: TuneSpec = TuneSpec()
@@ -335,6 +380,8 @@ class JobSpec(Section):
             raise ValueError("output.export is 'adapter' but peft.method is 'none': set a PEFT method or export 'merged'")
         if self.model.task == "causal_lm" and self.model.labels:
             raise ValueError("model.labels is set but model.task is 'causal_lm', which has no classes: remove model.labels")
+        if self.model.task in ASR_TASKS and self.model.labels:
+            raise ValueError(f"model.labels is set but model.task is '{self.model.task}', whose targets are transcripts: remove model.labels")
         if self.model.labels is not None and len(set(self.model.labels)) != len(self.model.labels):
             raise ValueError("model.labels has duplicates: list each class once")
         if self.optim.max_steps is None and self.optim.epochs is None:
@@ -348,7 +395,9 @@ class JobSpec(Section):
     @property
     def eval_metric(self) -> str:
         """The validation metric that picks checkpoints."""
-        return self.eval.metric or ("loss" if self.model.task == "causal_lm" else "accuracy")
+        if self.eval.metric:
+            return self.eval.metric
+        return {"causal_lm": "loss", "ctc": "wer", "speech_seq2seq": "wer"}.get(self.model.task, "accuracy")
 
     @property
     def eval_mode(self) -> Literal["max", "min"]:
