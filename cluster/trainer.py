@@ -45,8 +45,16 @@ def use_gpu(job: JobSpec) -> bool:
     return bool(job.scaling.use_gpu)
 
 
-def build_trainer(job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_train_rows: int, pad_token_id: int | None) -> TorchTrainer:
-    """The ``TorchTrainer`` for a job: scaling, failure handling and checkpoint retention from the job."""
+def build_trainer(
+    job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_train_rows: int, pad_token_id: int | None,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` for a job: scaling, failure handling and checkpoint retention from the job.
+
+    ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
+    """
+    from engine.safeguards import read_retention_texts
+
     gpu = use_gpu(job)
     resources = {"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
@@ -56,6 +64,7 @@ def build_trainer(job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_tr
             "labels": info.labels,
             "num_train_rows": num_train_rows,
             "pad_token_id": pad_token_id,
+            "retention_texts": read_retention_texts(job, {s.name: (s.files, s.format) for s in info.splits.values()}),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -64,9 +73,10 @@ def build_trainer(job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_tr
             placement_strategy=job.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=TRAIN_DIR,
-            storage_path=str(job.output_dir),
+            name=storage_location(job)[1],
+            storage_path=storage_location(job)[0],
             failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.output.keep_checkpoints + 1,
                 checkpoint_score_attribute=f"val_{job.eval_metric}",
@@ -75,6 +85,19 @@ def build_trainer(job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_tr
         ),
         datasets=datasets,
     )
+
+
+def storage_location(job: JobSpec) -> tuple[str, str]:
+    """(``RunConfig.storage_path``, run name): ``run.storage_path``/<job name>, or ``output.dir``/train.
+
+    A URI (``s3://``, ``gs://``, ...) is passed to Ray as it is; a local path is made absolute.
+    """
+    from cluster.preflight import is_uri
+
+    path = job.run.storage_path
+    if not path:
+        return str(job.output_dir), TRAIN_DIR
+    return (path if is_uri(path) else os.path.abspath(os.path.expanduser(path))), job.name
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -91,6 +114,8 @@ class RunSummary:
     test: dict[str, float] | None
     export_dir: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    worker_nodes: list[str] = field(default_factory=list)
+    """Ray node id of each training worker, in rank order."""
 
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
@@ -105,7 +130,8 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
         raise result.error
     best_checkpoint, best = pick_best(result.best_checkpoints, f"val_{job.eval_metric}", job.eval_mode)
     with result.checkpoint.as_directory() as last:
-        history = json.loads((Path(last) / "state.json").read_text())["train"].get("history", [])
+        train_state = json.loads((Path(last) / "state.json").read_text())["train"]
+    history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
 
     export_dir, test = None, None
     if job.output.export != "none":
@@ -115,7 +141,7 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
             export_dir = export_checkpoint(folder, job.output_dir / EXPORT_DIR, info.labels)
         if "test" in info.splits:
             test = evaluate_export(job, info, export_dir)
-    summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history)
+    summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes)
     write_metrics(job, summary)
     return summary
 
@@ -152,6 +178,7 @@ def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
         "test": summary.test,
         "export_dir": str(summary.export_dir) if summary.export_dir else None,
         "history": summary.history,
+        "worker_nodes": summary.worker_nodes,
     }
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)

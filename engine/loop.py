@@ -26,7 +26,8 @@ from engine.config import JobSpec
 from engine.metrics import TaskMetrics
 from engine.models.prepare import prepare_model
 from engine.optim import build_optimizer, build_param_groups, build_scheduler
-from engine.preprocess import trim_batch
+from engine.preprocess import cached_tokenizer, trim_batch
+from engine.safeguards import Safeguards
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
@@ -83,6 +84,17 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def worker_node_ids(world_size: int) -> list[str]:
+    """The Ray node id of every worker in rank order (all-gathered), so a run shows where it ran."""
+    node_id = ray.get_runtime_context().get_node_id()
+    log.info("worker rank %d runs on node %s", ray.train.get_context().get_world_rank(), node_id)
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [node_id]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, node_id)
+    return [str(n) for n in gathered]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``job`` (dict), ``labels``, ``num_train_rows``, ``pad_token_id``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -96,12 +108,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Model: load -> replace head -> freeze -> adapters; then groups at their LR ratios.
     prepared = prepare_model(job, labels, config.get("pad_token_id"))
     model = prepared.model.to(device)
-    groups = build_param_groups(
-        model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
-        job.finetune.adapter_lr_ratio, job.optim.weight_decay,
-    )
-    optimizer = build_optimizer(groups, job.optim.betas, device)
     steps_per_epoch, total_steps = plan_steps(job, config["num_train_rows"], world_size)
+    # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
+    guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)
+    guard.start(model, config.get("retention_texts"), cached_tokenizer(job.model.name, job.model.revision), device)
+    with guard.param_groups_scope(model):
+        groups = build_param_groups(
+            model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
+            job.finetune.adapter_lr_ratio, job.optim.weight_decay,
+        )
+    optimizer = build_optimizer(groups, job.optim.betas, device)
     warmup_steps = int(job.optim.warmup_ratio * total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, job.optim.schedule)
     eval_every = job.eval.every_n_steps or steps_per_epoch
@@ -117,7 +133,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.update(saved["state"]["train"])
         scheduler.load_state_dict(saved["state"]["scheduler"])
         log.info("resumed from step %d", state["step"])
+    if guard.unfreeze_due(state["step"]):
+        guard.unfreeze(model, state["step"])
 
+    state["worker_nodes"] = worker_node_ids(world_size)  # where each rank runs; ends up in metrics.json
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -135,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=4 * job.optim.batch_size, local_shuffle_seed=job.seed + state["epoch"],
         )
         for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = guard.augment({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             micro += 1
             sync = micro % job.optim.grad_accum == 0
             with (nullcontext() if sync or world_size == 1 else model.no_sync()):
@@ -155,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            if guard.unfreeze_due(state["step"]):  # gradual unfreezing: DDP must see the new trainable set
+                model = ray.train.torch.prepare_model(guard.unfreeze(unwrap(model), state["step"]), move_to_device=False)
 
             if rank == 0 and time.perf_counter() - last_log > LOG_EVERY_S:
                 last_log = time.perf_counter()
@@ -174,12 +195,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "tokens_per_s": tokens.item() * world_size / elapsed,
                     "lr_head": optimizer.param_groups[0]["lr"],
                 }
+                metrics.update(guard.on_eval(unwrap(model), metrics))
                 if is_better(metrics[metric_key], state["best"], job.eval_mode):
                     state["best"], state["evals_without_improvement"] = metrics[metric_key], 0
                 else:
                     state["evals_without_improvement"] += 1
                 patience = job.eval.early_stopping_patience
                 stop = state["step"] >= total_steps or bool(patience and state["evals_without_improvement"] >= patience)
+                stop = stop or guard.stop_reason is not None
+                if guard.stop_reason and rank == 0:
+                    log.info("stopping at step %d: %s", state["step"], guard.stop_reason)
                 if stop and state["step"] < total_steps and rank == 0:
                     log.info("early stopping at step %d: %s did not improve for %d evaluations", state["step"], metric_key, patience)
                 state["history"].append(metrics)
