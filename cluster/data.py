@@ -7,7 +7,6 @@ materialised on the driver.
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 from typing import Any
 
@@ -15,16 +14,18 @@ import numpy as np
 import ray.data
 
 from cluster.preflight import DataInfo, SplitInfo
-from engine.config import JobSpec
+from engine.config import SPEECH_TASKS, JobSpec
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
 def read_split(split: SplitInfo, rows_per_block: int) -> ray.data.Dataset:
-    """Read a split's files lazily as roughly ``num_rows / rows_per_block`` blocks."""
-    blocks = max(math.ceil(split.num_rows / rows_per_block), 1)
-    return READERS[split.format](split.files, override_num_blocks=blocks)
+    """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming, no shuffle).
+
+    Small files otherwise arrive as a single block, which starves all but one worker and Ray Data task.
+    """
+    return READERS[split.format](split.files).repartition(target_num_rows_per_block=rows_per_block)
 
 
 def holdout_mask(texts: np.ndarray, fraction: float) -> np.ndarray:
@@ -42,8 +43,11 @@ def _tokenize_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: 
     return tokenize_batch(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
 
 
-def preprocess(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tokenizer_name: str | None = None) -> ray.data.Dataset:
-    """Tokenize ``ds`` with the checkpoint's tokenizer inside ``map_batches``; only model inputs remain."""
+def preprocess(
+    ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tokenizer_name: str | None = None, keep_ids: bool = False,
+) -> ray.data.Dataset:
+    """Tokenize ``ds`` with the checkpoint's tokenizer inside ``map_batches``; only model inputs remain
+    (and ``sample_id`` from ``data.id_column`` when ``keep_ids``: the training split, for resume audits)."""
     fn = functools.partial(
         _tokenize_rows,
         tokenizer_name=tokenizer_name or job.model.name,
@@ -54,6 +58,7 @@ def preprocess(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tok
         label_column=job.data.label_column if job.model.task != "causal_lm" else None,
         labels=labels,
         max_length=job.data.max_length,
+        id_column=job.data.id_column if keep_ids else None,
     )
     return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
 
@@ -62,8 +67,13 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
     """The tokenized ``train`` and ``validation`` datasets, and the number of training rows.
 
     Without a validation split, ``data.validation_fraction`` of the training rows (chosen by a stable hash
-    of their text) are held out; the remaining rows are counted by a streaming pass.
+    of their text) are held out; the remaining rows are counted by a streaming pass. Speech tasks read
+    audio manifests and featurise with the checkpoint's feature extractor (``cluster.data_speech``).
     """
+    if job.model.task in SPEECH_TASKS:
+        from cluster.data_speech import build_speech_datasets
+
+        return build_speech_datasets(job, info)
     train = read_split(info.splits["train"], job.data.rows_per_block)
     num_train_rows = info.splits["train"].num_rows
     if "validation" in info.splits:
@@ -76,9 +86,13 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         train = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=False), batch_format="numpy")
         num_train_rows = train.count()
     datasets = {"train": train.randomize_block_order(seed=job.seed), "validation": validation}
-    return {name: preprocess(ds, job, info.labels) for name, ds in datasets.items()}, num_train_rows
+    return {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}, num_train_rows
 
 
 def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:
     """A tokenized dataset for evaluating a finished model on ``split`` (the exported model's tokenizer)."""
+    if job.model.task in SPEECH_TASKS:
+        from cluster.data_speech import build_speech_eval_dataset
+
+        return build_speech_eval_dataset(job, split, labels, tokenizer_name)
     return preprocess(read_split(split, job.data.rows_per_block), job, labels, tokenizer_name)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import JobSpec
+from engine.config import ASR_TASKS, SPEECH_TASKS, JobSpec
 from engine.errors import JobError
 
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -100,6 +100,10 @@ def check_split(job: JobSpec, name: str, path: str) -> SplitInfo:
 
 def required_columns(job: JobSpec) -> list[str]:
     """The ``data.*_column`` keys the job's task reads."""
+    if job.model.task in SPEECH_TASKS:
+        from cluster.preflight_speech import speech_required_columns
+
+        return speech_required_columns(job)
     keys = ["text_column"]
     if job.data.text_pair_column:
         keys.append("text_pair_column")
@@ -110,7 +114,7 @@ def required_columns(job: JobSpec) -> list[str]:
 
 def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None:
     """The class names: the job's, checked against every split, or the sorted values found in training."""
-    if job.model.task == "causal_lm":
+    if job.model.task in ("causal_lm", *ASR_TASKS):
         return None
     declared = job.model.labels
     found_train: set[str] = set()
@@ -140,6 +144,12 @@ def check_data(job: JobSpec) -> DataInfo:
         path = getattr(job.data, name)
         if path:
             splits[name] = check_split(job, name, path)
+    if "validation" not in splits and job.data.validation_fraction <= 0:
+        raise JobError("data.validation is not set and data.validation_fraction is 0: give a validation split or a fraction > 0 to hold out.")
+    if job.model.task in SPEECH_TASKS:
+        from cluster.preflight_speech import check_speech
+
+        check_speech(job, splits)
     return DataInfo(splits=splits, labels=check_labels(job, splits))
 
 
@@ -181,4 +191,8 @@ def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     check_model(job)
     info = check_data(job)
     check_output(job, resume)
+    if job.model.task in SPEECH_TASKS:
+        from cluster.preflight_speech import prepare_speech_job
+
+        job = prepare_speech_job(job, info)
     return with_absolute_paths(job), info

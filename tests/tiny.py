@@ -41,14 +41,14 @@ def tiny_tokenizer(path: Path):
     return fast
 
 
-def save_tiny_model(kind: str, path: Path, task: str = "sequence_classification", num_labels: int = 3) -> Path:
-    """Save a tiny ``bert`` or ``llama`` (2 blocks, hidden 32) with its tokenizer to ``path``."""
+def save_tiny_model(kind: str, path: Path, task: str = "sequence_classification", num_labels: int = 3, layers: int = 2) -> Path:
+    """Save a tiny ``bert`` or ``llama`` (``layers`` blocks, hidden 32) with its tokenizer to ``path``."""
     import torch
     import transformers
 
     path = Path(path)
     tokenizer = tiny_tokenizer(path)
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64)
     if kind == "bert":
         config = transformers.BertConfig(max_position_embeddings=64, **common)
     elif kind == "llama":
