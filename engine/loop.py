@@ -7,6 +7,7 @@ checkpoint to Ray Train, early-stop. ``ray.train`` is the only Ray API used here
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -21,12 +22,17 @@ import ray.train.torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from engine.checkpoint import load_trainable_state, read_checkpoint, unwrap, write_checkpoint
-from engine.config import JobSpec
-from engine.metrics import TaskMetrics
+from engine.backends import Backend, build_backend
+from engine.backends.ddp import autocast_dtype
+from engine.checkpoint import checkpoint_name, open_latest_complete, restore_checkpoint, save_checkpoint
+from engine.config import SPEECH_TASKS, JobSpec
+from engine.asr import build_metrics
 from engine.models.prepare import prepare_model
-from engine.optim import build_optimizer, build_param_groups, build_scheduler
-from engine.preprocess import cached_tokenizer, trim_batch
+from engine.faults import after_step
+from engine.optim import build_param_groups
+from engine.packing import pack_batch
+from engine.perf import ThroughputMeter, apply_perf
+from engine.preprocess import SAMPLE_ID, cached_tokenizer, trim_batch
 from engine.safeguards import Safeguards
 
 log = logging.getLogger(__name__)
@@ -34,20 +40,39 @@ LOG_EVERY_S = 10.0
 
 
 class Collate(NumpyBatchCollateFn):
-    """Trim unused padding and turn numpy columns into tensors (on the host; moved in the loop)."""
+    """Trim unused padding (or pack causal-LM rows to ``pack_to`` tokens) and turn numpy columns into
+    tensors (on the host, in Ray Data's prefetch thread; moved to the device in the loop)."""
+
+    def __init__(self, pack_to: int | None = None, pad_token_id: int = 0):
+        self.pack_to, self.pad_token_id = pack_to, pad_token_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.array(v)) for k, v in trim_batch(batch).items()}
+        batch = pack_batch(batch, self.pack_to, self.pad_token_id) if self.pack_to else trim_batch(batch)
+        return {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
 
 
 collate = Collate()
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the job's ``optim.precision`` on ``device`` (None: full fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def text_tokenizer(job: JobSpec) -> Any:
+    """The checkpoint's tokenizer of text inputs (speech inputs have none: None)."""
+    return None if job.model.task in SPEECH_TASKS else cached_tokenizer(job.model.name, job.model.revision)
+
+
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a batch, whatever its input key (``input_ids``, ``input_values``, ``input_features``)."""
+    return int(next(iter(batch.values())).shape[0])
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens a batch trains on: text's attention-mask sum; for speech, the transcript tokens (ASR) or the clips."""
+    if "input_ids" in batch:
+        mask = batch.get("attention_mask")
+        return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+    labels = batch.get("labels")
+    if labels is not None and labels.ndim == 2:
+        return (labels != -100).sum()
+    return torch.tensor(batch_rows(batch))
 
 
 def plan_steps(job: JobSpec, num_train_rows: int, world_size: int) -> tuple[int, int]:
@@ -70,7 +95,7 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor], amp_dtype: torch
 def evaluate(model: nn.Module, shard: Any, job: JobSpec, num_labels: int | None, device: torch.device, amp_dtype) -> dict[str, float]:
     """One pass over this worker's validation shard; metrics reduced across workers."""
     model.eval()
-    metrics = TaskMetrics(job.model.task, num_labels, device)
+    metrics = build_metrics(job, num_labels, device, model, amp_dtype)
     batch_size = job.eval.batch_size or 2 * job.optim.batch_size
     for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -108,74 +133,74 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Model: load -> replace head -> freeze -> adapters; then groups at their LR ratios.
     prepared = prepare_model(job, labels, config.get("pad_token_id"))
     model = prepared.model.to(device)
+    apply_perf(model, job.perf, job.model.task, device, amp_dtype, keep_frozen_weights=bool(
+        job.safeguards.unfreeze_every_steps or job.safeguards.unfreeze_every_epochs))
     steps_per_epoch, total_steps = plan_steps(job, config["num_train_rows"], world_size)
     # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)
-    guard.start(model, config.get("retention_texts"), cached_tokenizer(job.model.name, job.model.revision), device)
+    guard.start(model, config.get("retention_texts"), text_tokenizer(job), device)
     with guard.param_groups_scope(model):
         groups = build_param_groups(
             model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
             job.finetune.adapter_lr_ratio, job.optim.weight_decay,
         )
-    optimizer = build_optimizer(groups, job.optim.betas, device)
     warmup_steps = int(job.optim.warmup_ratio * total_steps)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, job.optim.schedule)
+    # Backend (DDP or DeepSpeed ZeRO): wraps the model; owns optimizer, LR schedule, accumulation, clipping.
+    backend = build_backend(job, model, groups, total_steps, warmup_steps, device, world_size)
     eval_every = job.eval.every_n_steps or steps_per_epoch
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generators = {"safeguards": guard.generator}
 
-    state = {"step": 0, "epoch": 0, "best": None, "evals_without_improvement": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = read_checkpoint(folder)
-        load_trainable_state(model, saved["weights"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["state"]["train"])
-        scheduler.load_state_dict(saved["state"]["scheduler"])
-        log.info("resumed from step %d", state["step"])
+    # Resume from the newest complete checkpoint: weights, optimizer, schedule, RNG states, data position.
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "restarts": 0, "best": None, "evals_without_improvement": 0, "history": []}
+    position: dict[str, Any] = {"sample_ids": []}
+    with open_latest_complete(ray.train.get_checkpoint()) as folder:
+        if folder is not None:
+            saved, position = restore_checkpoint(folder, backend=backend, rank=rank, world_size=world_size, generators=generators)
+            state.update(saved["train"])
+            state["restarts"] += 1
+            log.info("resumed from step %d (epoch %d, %d batches into it)", state["step"], state["epoch"], state["batches_in_epoch"])
     if guard.unfreeze_due(state["step"]):
-        guard.unfreeze(model, state["step"])
+        guard.unfreeze(backend.module, state["step"])
+        backend.rewrap()
 
     state["worker_nodes"] = worker_node_ids(world_size)  # where each rank runs; ends up in metrics.json
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     metric_key = f"val_{job.eval_metric}"
     if rank == 0:
         log.info("training %d steps (%d per epoch) on %d worker(s), eval every %d", total_steps, steps_per_epoch, world_size, eval_every)
 
-    model.train()
-    micro, loss_sum, samples, tokens = 0, torch.zeros((), device=device), 0, torch.zeros((), device=device)
-    window_start, last_log, started = time.perf_counter(), time.perf_counter(), time.perf_counter()
+    backend.train()
+    packing = job.perf.packing and job.model.task == "causal_lm"
+    train_collate = Collate(job.data.max_length if packing else None, config.get("pad_token_id") or 0)
+    meter = ThroughputMeter(model, device, world_size, job.perf.peak_tflops)
+    micro, loss_sum = 0, torch.zeros((), device=device)
+    last_log, started = time.perf_counter(), time.perf_counter()
     stop = False
     while not stop and state["step"] < total_steps:
         batches = train_shard.iter_torch_batches(
-            batch_size=job.optim.batch_size, collate_fn=collate,
+            batch_size=job.optim.batch_size, collate_fn=train_collate, prefetch_batches=job.perf.prefetch_batches,
             local_shuffle_buffer_size=4 * job.optim.batch_size, local_shuffle_seed=job.seed + state["epoch"],
         )
-        for batch in batches:
+        # The epoch's order is deterministic: on resume, skip the batches the checkpoint already trained on.
+        for batch in itertools.islice(batches, state["batches_in_epoch"], None):
+            ids = batch.pop(SAMPLE_ID, None)
             batch = guard.augment({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            outputs = backend.forward_backward(batch)
             micro += 1
-            sync = micro % job.optim.grad_accum == 0
-            with (nullcontext() if sync or world_size == 1 else model.no_sync()):
-                outputs = loss_step(model, batch, amp_dtype, device)
-                scaler.scale(outputs.loss / job.optim.grad_accum).backward()
+            state["batches_in_epoch"] += 1
+            if ids is not None:
+                position["sample_ids"].extend(ids.tolist())
             loss_sum += outputs.loss.detach().float()
-            samples += batch["input_ids"].shape[0]
-            tokens += batch["attention_mask"].sum()
-            if not sync:
+            meter.add(batch, batch_tokens(batch), job.optim.batch_size if packing else batch_rows(batch))
+            if not backend.step():  # accumulating: no optimizer step yet
                 continue
 
-            if job.optim.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            after_step(config.get("debug"), rank, state["step"])
             if guard.unfreeze_due(state["step"]):  # gradual unfreezing: DDP must see the new trainable set
-                model = ray.train.torch.prepare_model(guard.unfreeze(unwrap(model), state["step"]), move_to_device=False)
+                guard.unfreeze(backend.module, state["step"])
+                backend.rewrap()
 
             if rank == 0 and time.perf_counter() - last_log > LOG_EVERY_S:
                 last_log = time.perf_counter()
@@ -183,19 +208,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("step %d/%d  loss %.4f  eta %ds", state["step"], total_steps, outputs.loss.item(), eta)
 
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
-                elapsed = time.perf_counter() - window_start
+                throughput = meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
                 train_loss = (loss_sum / micro).item()
-                val = evaluate(model, val_shard, job, len(labels) if labels else None, device, amp_dtype)
+                val = evaluate(backend.model, val_shard, job, len(labels) if labels else None, device, backend.amp_dtype)
                 metrics = {
                     "step": state["step"],
                     "epoch": state["epoch"],
                     "train_loss": train_loss,
                     **{f"val_{k}": v for k, v in val.items()},
-                    "samples_per_s": samples * world_size / elapsed,
-                    "tokens_per_s": tokens.item() * world_size / elapsed,
-                    "lr_head": optimizer.param_groups[0]["lr"],
+                    **throughput,
+                    **{f"lr_{name}": lr for name, lr in backend.group_lrs().items()},
                 }
-                metrics.update(guard.on_eval(unwrap(model), metrics))
+                metrics.update(guard.on_eval(backend.module, metrics))
                 if is_better(metrics[metric_key], state["best"], job.eval_mode):
                     state["best"], state["evals_without_improvement"] = metrics[metric_key], 0
                 else:
@@ -208,27 +232,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if stop and state["step"] < total_steps and rank == 0:
                     log.info("early stopping at step %d: %s did not improve for %d evaluations", state["step"], metric_key, patience)
                 state["history"].append(metrics)
-                report(metrics, model, optimizer, scheduler, state, job, rank)
+                report(metrics, backend, state, position, job, rank, world_size, generators)
                 if rank == 0:
                     log.info("eval @ step %d: %s", state["step"], "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
-                micro, loss_sum, samples, tokens = 0, torch.zeros((), device=device), 0, torch.zeros((), device=device)
-                window_start = time.perf_counter()
+                micro, loss_sum = 0, torch.zeros((), device=device)
+                meter.reset()
             if stop or state["step"] >= total_steps:
                 break
-        state["epoch"] += 1
+        else:
+            state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
 
 
-def report(metrics: dict[str, Any], model, optimizer, scheduler, state: dict[str, Any], job: JobSpec, rank: int) -> None:
-    """Report metrics to Ray Train with a checkpoint written by rank 0 (other ranks report metrics only)."""
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
+def report(
+    metrics: dict[str, Any], backend: Backend, state: dict[str, Any], position: dict[str, Any], job: JobSpec,
+    rank: int, world_size: int, generators: dict[str, torch.Generator],
+) -> None:
+    """Report metrics to Ray Train with a checkpoint that every rank writes its part of (Ray merges them)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_checkpoint(
-            f"{tmp}/checkpoint",
-            model=unwrap(model),
-            optimizer=optimizer,
-            state={"train": state, "scheduler": scheduler.state_dict(), "metrics": metrics},
-            job=job.model_dump(mode="json"),
+        folder = save_checkpoint(
+            f"{tmp}/checkpoint", backend=backend, rank=rank, world_size=world_size,
+            state={"train": state, "metrics": metrics}, job=job.model_dump(mode="json"),
+            rank_state=position, generators=generators,
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state["step"], state["restarts"]))

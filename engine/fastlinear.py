@@ -1,0 +1,283 @@
+"""Frozen linear layers computed fast: FP8 matmuls for frozen weights, LoRA fused into the base GEMM.
+
+A frozen weight never changes, so it is quantized **once** (rowwise-scaled float8 e4m3, one copy per
+matmul orientation: forward ``x @ W^T`` and backward ``dy @ W``), and the bf16 copy is released. The
+activations and gradients are quantized rowwise on the fly (one fused Triton pass on GPUs, plain torch
+elsewhere), and ``torch._scaled_mm`` returns bf16. No weight gradient is ever computed for a frozen
+weight, so the backward needs only the ``dy @ W`` matmul.
+
+A LoRA adapter over a frozen base is computed in the same autograd function: ``y = base(x)`` then
+``y += s * (x A^T) B^T`` as one ``addmm`` (the GEMM epilogue adds it), and in the backward the adapter's
+input gradient is added into the base's with ``addmm_``; PEFT's separate matmul, scale and add passes
+over the (tokens x out-features) tensor disappear. Trainable adapter weights stay fp32 (master weights);
+their matmuls run in the compute dtype.
+
+The module structure and parameter names are left as they are (PEFT's ``lora.Linear`` keeps its
+``lora_A``/``lora_B``; only ``forward`` is replaced per instance), so checkpoints, export and merging are
+unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+E4M3_MAX = 448.0
+TRITON_MAX_K = 16384
+
+
+def _quantize_rowwise_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / E4M3_MAX
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+_TRITON_KERNEL: Any = None
+
+
+def _triton_kernel() -> Any:
+    """The rowwise quantization kernel (compiled lazily; None when Triton is not importable)."""
+    global _TRITON_KERNEL
+    if _TRITON_KERNEL is None:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _TRITON_KERNEL = False
+            return False
+
+        @triton.jit
+        def quantize_rows(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+            row = tl.program_id(0).to(tl.int64)
+            offs = tl.arange(0, BLOCK)
+            mask = offs < K
+            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+            scale = amax / 448.0
+            q = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
+            tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + row, scale)
+
+        _TRITON_KERNEL = (triton, quantize_rows)
+    return _TRITON_KERNEL
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (M, K) -> (``q`` float8 e4m3 (M, K), ``scale`` fp32 (M, 1)) with ``x ~= q * scale`` per row."""
+    kernel = _triton_kernel() if x.is_cuda and x.shape[1] <= TRITON_MAX_K else False
+    if not kernel:
+        return _quantize_rowwise_torch(x)
+    triton, quantize_rows = kernel
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    quantize_rows[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return q, scale
+
+
+_LAST_QUANTIZED: list[Any] = [None, -1, None]
+"""(weak reference to the layer input, its version, (q, scale)): q, k and v projections (and gate and up)
+read the same input tensor, which is then quantized once."""
+
+
+def _cached_quantize(x: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if source is None:
+        return quantize_rowwise(x)
+    ref, version, cached = _LAST_QUANTIZED
+    if ref is not None and ref() is source and version == source._version and cached[0].shape == x.shape:
+        return cached
+    out = quantize_rowwise(x)
+    _LAST_QUANTIZED[:] = [weakref.ref(source), source._version, out]
+    return out
+
+
+def clear_quantize_cache() -> None:
+    """Drop the cached quantized input (frees its memory)."""
+    _LAST_QUANTIZED[:] = [None, -1, None]
+
+
+class FrozenWeight:
+    """A frozen (N, K) weight that multiplies activations: ``forward(x) = x @ W^T``, ``backward(g) = g @ W``."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        self.weight = weight.detach().to(dtype)
+        self.shape = tuple(weight.shape)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        return x @ self.weight.t()
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad @ self.weight
+
+
+class Fp8FrozenWeight(FrozenWeight):
+    """The weight quantized once to rowwise-scaled e4m3, in both orientations ``_scaled_mm`` needs."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        w = weight.detach()
+        self.shape = tuple(w.shape)
+        self.out_dtype = self.dtype = dtype
+        self.q, scale = quantize_rowwise(w)  # (N, K): forward operand q.t() is (K, N) column-major
+        self.scale = scale.reshape(1, -1).contiguous()  # (1, N)
+        self.q_t, scale_t = quantize_rowwise(w.t().contiguous())  # (K, N): backward operand q_t.t() is (N, K) column-major
+        self.scale_t = scale_t.reshape(1, -1).contiguous()  # (1, K)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        xq, xs = _cached_quantize(x, source)
+        return torch._scaled_mm(xq, self.q.t(), scale_a=xs, scale_b=self.scale, out_dtype=self.out_dtype)
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        gq, gs = quantize_rowwise(grad)
+        return torch._scaled_mm(gq, self.q_t.t(), scale_a=gs, scale_b=self.scale_t, out_dtype=self.out_dtype)
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """``y = x W^T (+ s * (x_l A^T) B^T) (+ bias)`` with a frozen ``W``; grads for x, A, B (never W, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, frozen: FrozenWeight, scaling: float, bias, dtype):  # noqa: D102
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = frozen.forward(x2, source=x)
+        saved: list[torch.Tensor] = []
+        if lora_a is not None:
+            xl2 = x2 if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            h = xl2 @ a.t()
+            y.addmm_(h, b.t(), alpha=scaling)
+            saved = [xl2, h, a, b]
+        if bias is not None:
+            y += bias.to(dtype)
+        ctx.save_for_backward(*saved)
+        ctx.frozen, ctx.scaling, ctx.has_lora, ctx.separate_lora_input = frozen, scaling, lora_a is not None, x_lora is not None
+        ctx.dtypes = (x.dtype, None if lora_a is None else lora_a.dtype, dtype)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        lead = grad_out.shape[:-1]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtypes[2])
+        need_x = ctx.needs_input_grad[0]
+        dx = ctx.frozen.backward(g2) if need_x else None
+        dx_lora = da = db = None
+        if ctx.has_lora:
+            xl2, h, a, b = ctx.saved_tensors
+            g2 = g2.to(h.dtype)
+            dh = (g2 @ b).mul_(ctx.scaling)
+            db = (g2.t() @ h).mul_(ctx.scaling).to(ctx.dtypes[1])
+            da = (dh.t() @ xl2).to(ctx.dtypes[1])
+            if ctx.separate_lora_input:
+                dx_lora = (dh @ a).view(*lead, a.shape[1])
+            elif need_x:
+                dx.addmm_(dh, a)
+        if dx is not None:
+            dx = dx.view(*lead, dx.shape[-1]).to(ctx.dtypes[0])
+        return dx, dx_lora, da, db, None, None, None, None
+
+
+def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``device_type``, else ``fallback``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return fallback
+
+
+def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(x.device.type, self._fast_frozen.dtype)
+    return _FrozenLinearFn.apply(x, None, None, None, self._fast_frozen, 1.0, self.bias, dtype)
+
+
+def _lora_linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or args or kwargs:
+        return self._unfused_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if name not in self.lora_A:
+        return self._unfused_forward(x, *args, **kwargs)
+    base = self.get_base_layer()
+    frozen = base._fast_frozen
+    dropout = self.lora_dropout[name]
+    x_lora = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+    dtype = compute_dtype(x.device.type, frozen.dtype)
+    y = _FrozenLinearFn.apply(
+        x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, frozen, float(self.scaling[name]), base.bias, dtype
+    )
+    return y
+
+
+def freeze_to_fast(linear: nn.Linear, fp8: bool, dtype: torch.dtype) -> None:
+    """Move a frozen ``nn.Linear``'s weight into a :class:`FrozenWeight` (FP8 or ``dtype``) and free the original."""
+    weight = linear.weight
+    linear._fast_frozen = Fp8FrozenWeight(weight, dtype) if fp8 else FrozenWeight(weight, dtype)
+    # The parameter keeps its name (state dicts, DDP) but no longer holds the matrix.
+    linear.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=weight.device), requires_grad=False)
+    linear.in_features, linear.out_features = linear._fast_frozen.shape[1], linear._fast_frozen.shape[0]
+
+
+def fp8_supported(k: int, n: int) -> bool:
+    """``_scaled_mm`` needs both weight dimensions divisible by 16."""
+    return k % 16 == 0 and n % 16 == 0
+
+
+def accelerate_frozen_linears(
+    model: nn.Module, *, fp8: bool, fuse_lora: bool, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()
+) -> dict[str, int]:
+    """Route frozen linear layers (and LoRA layers over them) through :class:`_FrozenLinearFn`.
+
+    Args:
+        model: the prepared model (PEFT-wrapped or plain), already on its device.
+        fp8: quantize frozen weights to FP8 (where both dimensions are multiples of 16).
+        fuse_lora: replace PEFT ``lora.Linear`` forwards by the fused function (plain LoRA only: DoRA and
+            multi-adapter layers keep PEFT's forward).
+        dtype: the compute dtype frozen weights are stored in when not FP8.
+        skip: modules left alone (the output embeddings, whose weight fused cross-entropy kernels read).
+
+    Returns:
+        Counts of ``fp8`` and ``bf16``/``dtype`` frozen weights and ``fused_lora`` layers.
+    """
+    counts = {"fp8": 0, "dense": 0, "fused_lora": 0}
+    skip_ids = {id(m) for m in skip}
+    lora_bases: dict[int, nn.Module] = {}
+    if fuse_lora:
+        for module in model.modules():
+            if _is_plain_lora_linear(module):
+                lora_bases[id(module.get_base_layer())] = module
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or id(module) in skip_ids or module.weight.requires_grad:
+            continue
+        if module.bias is not None and module.bias.requires_grad:
+            continue
+        wrapper = lora_bases.get(id(module))
+        if wrapper is None and any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        use_fp8 = fp8 and fp8_supported(module.in_features, module.out_features)
+        freeze_to_fast(module, use_fp8, dtype)
+        counts["fp8" if use_fp8 else "dense"] += 1
+        if wrapper is not None:
+            wrapper._unfused_forward = wrapper.forward
+            wrapper.forward = types.MethodType(_lora_linear_forward, wrapper)
+            counts["fused_lora"] += 1
+        else:
+            module.forward = types.MethodType(_frozen_linear_forward, module)
+    log.info("fast frozen linears: %d fp8, %d %s, %d LoRA layers fused", counts["fp8"], counts["dense"], dtype, counts["fused_lora"])
+    return counts
+
+
+def _is_plain_lora_linear(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    if not isinstance(module, LoraLinear) or type(module.get_base_layer()) is not nn.Linear:
+        return False
+    return not any(module.use_dora.values()) and len(module.lora_A) == 1

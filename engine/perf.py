@@ -1,0 +1,223 @@
+"""Speed features applied to a prepared model, and the throughput meter every report carries.
+
+:func:`apply_perf` runs in the worker after ``prepare_model`` (load -> head -> freeze -> adapters) and
+before the optimizer is built; it never changes parameter names or which parameters train, so
+checkpoints, export and the LR groups are the same with and without it. Each feature is a
+``perf.*`` job setting; one that does not apply is skipped with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.fastlinear import accelerate_frozen_linears
+
+log = logging.getLogger(__name__)
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+"""Dense bf16 datasheet peaks (TFLOP/s) by GPU name fragment, for MFU."""
+
+
+@dataclass
+class PerfPlan:
+    """What :func:`apply_perf` turned on (logged, and put in the benchmark JSON)."""
+
+    liger: bool = False
+    fp8: bool = False
+    fused_lora: int = 0
+    fp8_layers: int = 0
+    compiled: bool = False
+    activation_checkpointing: bool = False
+    frozen_dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside a PEFT wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def fp8_available(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def cast_for_mixed_precision(model: nn.Module, amp_dtype: torch.dtype | None) -> str | None:
+    """Trainable floating parameters -> fp32 (master weights); frozen ones -> ``amp_dtype`` (no per-step casts)."""
+    for param in model.parameters():
+        if not param.is_floating_point():
+            continue
+        if param.requires_grad:
+            param.data = param.data.float()
+        elif amp_dtype is not None:
+            param.data = param.data.to(amp_dtype)
+    return str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else None
+
+
+def apply_liger(model: nn.Module) -> str | None:
+    """Patch the model instance with Liger kernels; returns why not, or None when applied."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    try:
+        _apply_liger_kernel_to_instance(model=base_model(model))
+    except Exception as exc:  # Liger raises on architectures it does not know
+        return f"Liger does not support this model: {exc}"
+    return None
+
+
+def apply_perf(
+    model: nn.Module, perf: Any, task: str, device: torch.device, amp_dtype: torch.dtype | None, keep_frozen_weights: bool = False
+) -> PerfPlan:
+    """Apply the job's ``perf`` settings to ``model`` (in place) on ``device``.
+
+    ``keep_frozen_weights`` (gradual unfreezing will train them later) leaves frozen linear weights as
+    they are: no FP8 copy, no fused LoRA.
+    """
+    plan = PerfPlan()
+    inner = base_model(model)
+    if task == "causal_lm" and hasattr(inner, "config"):
+        inner.config.use_cache = False  # training needs no KV cache; packing needs none either
+    if perf.frozen_weights_in_compute_dtype:
+        plan.frozen_dtype = cast_for_mixed_precision(model, amp_dtype)
+    if perf.liger_kernels:
+        if device.type != "cuda":
+            plan.notes.append("Liger kernels skipped: they need a GPU")
+        elif (why := apply_liger(model)) is not None:
+            plan.notes.append(f"Liger kernels skipped: {why}")
+        else:
+            plan.liger = True
+    fp8 = perf.fp8_frozen == "on" or (perf.fp8_frozen == "auto" and fp8_available(device) and amp_dtype == torch.bfloat16)
+    if keep_frozen_weights and (fp8 or perf.fused_lora):
+        plan.notes.append("FP8 / fused LoRA skipped: gradual unfreezing trains the frozen weights later")
+    elif fp8 or perf.fused_lora:
+        out_embeddings = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        dtype = amp_dtype or next(model.parameters()).dtype
+        counts = accelerate_frozen_linears(
+            model, fp8=fp8, fuse_lora=perf.fused_lora, dtype=dtype, skip=(out_embeddings,) if out_embeddings is not None else ()
+        )
+        plan.fp8, plan.fp8_layers, plan.fused_lora = fp8 and counts["fp8"] > 0, counts["fp8"], counts["fused_lora"]
+    if perf.activation_checkpointing:
+        if getattr(inner, "supports_gradient_checkpointing", False):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            plan.activation_checkpointing = True
+        else:
+            plan.notes.append(f"activation checkpointing skipped: {type(inner).__name__} does not support it")
+    if perf.compile:
+        model.compile()
+        plan.compiled = True
+    for note in plan.notes:
+        log.info(note)
+    log.info("perf: %s", {k: v for k, v in plan.__dict__.items() if k != "notes"})
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput: tokens/s, MFU and peak memory, measured without a host sync inside the step.
+
+
+def matmul_params(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) weights of the linear layers that multiply every token, adapters excluded.
+
+    The output projection (``lm_head``) counts, embeddings do not: the convention of
+    ``shared/bench/peer_baseline.py`` (N counts the lm_head matmul).
+    """
+    total = trainable = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        frozen = getattr(module, "_fast_frozen", None)
+        n = frozen.shape[0] * frozen.shape[1] if frozen is not None else module.weight.numel()
+        total += n
+        if frozen is None and module.weight.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def flops_per_token(n_params: int, n_trainable: int, layers: int, hidden: int, seq: int) -> float:
+    """Training FLOPs per token: 2N forward + 2N input-gradient + 2N_trainable weight-gradient, plus
+    attention ``12 * L * d * seq`` (PaLM convention; for frozen-base LoRA this is the peer's ``4N + 12Lds``)."""
+    return 4 * n_params + 2 * n_trainable + 12 * layers * hidden * seq
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Dense bf16 peak FLOP/s of one device (the job's value, else the table), or None when unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the model computes on: the attention mask's sum, or every position of packed rows (whose
+    only padding is the short tail of a row). Stays on the device (no host sync)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+
+
+class ThroughputMeter:
+    """Counts samples, tokens and FLOPs over a window of steps; reads the clock only at window ends."""
+
+    def __init__(self, model: nn.Module, device: torch.device, world_size: int, peak_tflops: float | None = None):
+        inner = base_model(getattr(model, "module", model))
+        cfg = getattr(inner, "config", None)
+        self.layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        self.hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+        self.n_params, self.n_trainable = matmul_params(inner)
+        self.device, self.world_size = device, world_size
+        self.peak = peak_flops(device, peak_tflops)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window (synchronizes once so queued work is not counted in it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.attention_flops = 0.0
+        self.tokens = torch.zeros((), device=self.device, dtype=torch.int64)
+
+    def add(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor | None = None, samples: int | None = None) -> None:
+        """Count one micro-batch: ``tokens`` (a device tensor; default :func:`count_tokens`) and ``samples``
+        (default: its rows). Only shapes are read on the host, so nothing waits for the device."""
+        ids = batch.get("input_ids")
+        rows, width = (ids.shape[0], ids.shape[1]) if ids is not None and ids.ndim == 2 else (1, 0)
+        self.samples += samples if samples is not None else rows
+        if tokens is None and ids is not None:
+            tokens = count_tokens(batch)
+        if tokens is not None:
+            self.tokens += tokens
+        self.attention_flops += 12 * self.layers * self.hidden * width * rows * width
+
+    def read(self) -> dict[str, float]:
+        """Metrics of the window so far: samples/s, tokens/s, MFU (%) and peak memory (GiB), all workers."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens = int(self.tokens.item())
+        out = {
+            "samples_per_s": self.samples * self.world_size / elapsed,
+            "tokens_per_s": tokens * self.world_size / elapsed,
+            "window_s": elapsed,
+        }
+        flops = tokens * (4 * self.n_params + 2 * self.n_trainable) + self.attention_flops
+        if self.peak:
+            out["mfu_pct"] = 100.0 * flops / elapsed / self.peak
+        out["tflops_per_s_per_device"] = flops / elapsed / 1e12
+        if self.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
