@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model_dir", help="folder written by shoulders train (output.dir/model)")
     evaluate.add_argument("--data", required=True, help="parquet/jsonl/csv file or folder with the job's columns")
 
+    tune = sub.add_parser("tune", help="search freeze depth, LR ratios and other keys; write the transfer report")
+    tune.add_argument("job", help="job YAML file (its tune: section sets the search)")
+    tune.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted search in the job's output folder")
+
     data = sub.add_parser("data", help="build offline datasets")
     data.add_argument("dataset", choices=["quickstart"], help="quickstart: fortunes topics + MiniLM weights")
     data.add_argument("--out", default="data/fortunes", help="output folder for the parquet files")
@@ -81,11 +86,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = run_training(job, info)
     scratch = None
-    if args.compare_scratch:
+    if args.compare_scratch or job.safeguards.compare_scratch:
         scratch_job = job.model_copy(update={"name": f"{job.name}-scratch", "model": job.model.model_copy(update={"from_scratch": True})})
         scratch_job = scratch_job.model_copy(update={"output": job.output.model_copy(update={"dir": str(job.output_dir / "scratch")})})
         scratch = run_training(scratch_job, info)
     print_summary(job, summary, scratch)
+    if scratch and summary.test and scratch.test:
+        from engine.safeguards import transfer_verdict
+
+        metric = job.eval_metric
+        verdict = transfer_verdict(metric, summary.test[metric], scratch.test[metric], job.eval_mode, info.splits["test"].num_rows, job.safeguards.min_gain)
+        print(f"transfer verdict: {verdict.verdict} (margin {verdict.margin:.4f})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))
     return 0
 
 
@@ -119,7 +130,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data}
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.tune import run_tune
+
+    run_tune(args.job, args.overrides, resume=args.resume)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune}
 
 if __name__ == "__main__":
     sys.exit(main())

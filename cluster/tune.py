@@ -1,0 +1,412 @@
+"""``shoulders tune``: search freeze depth, LR ratios and any other job key with Ray Tune.
+
+Each trial is the base job plus dotted overrides (reproducible with ``shoulders train JOB k=v ...``) and
+fits a ``TorchTrainer`` built by :func:`cluster.trainer.build_trainer` inside a Tune function trainable
+(the Ray Train v2 pattern), which forwards every report to Tune through ``TuneReportCallback``. ASHA
+stops the worst trials at rungs counted in optimizer steps, so a trial resumed from its checkpoint keeps
+its place. Concurrency is computed from the cluster so trials never wait on each other or on Ray Data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.preflight import DataInfo
+from engine.config import JobSpec, build_job, merge, parse_overrides
+from engine.errors import JobError
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+TRIAL_CPUS = 0.01
+"""CPUs reserved by each trial's driver function (0 is refused by Ray; the workers hold the real CPUs)."""
+RESULTS_FILE = "tune_results.csv"
+DEFAULT_STRATEGIES = ["full", "lora"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The search space (pure functions)
+
+
+def model_depth(job: JobSpec) -> int:
+    """Number of transformer blocks of the job's model, from its config.json (no torch)."""
+    from engine.models.loading import read_config_json
+
+    config = read_config_json(job.model.name, job.model.revision)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise JobError(f"model.name '{job.model.name}': cannot tell its number of blocks; give tune.space explicitly.")
+
+
+def default_space(job: JobSpec, depth: int) -> dict[str, dict[str, list[Any]]]:
+    """The space searched when ``tune.space`` is empty: how deep to freeze and how fast the backbone learns."""
+    lr = job.finetune.head_lr
+    return {
+        "finetune.freeze_depth": {"randint": [0, depth]},
+        "finetune.backbone_lr_ratio": {"loguniform": [0.01, 1.0]},
+        "finetune.head_lr": {"loguniform": [lr / 3, lr * 3]},
+        "finetune.strategy": {"choice": DEFAULT_STRATEGIES},
+    }
+
+
+def search_space(job: JobSpec, depth: int | None = None) -> dict[str, dict[str, list[Any]]]:
+    """The job's ``tune.space``, or the default space (``depth`` is read from the model when not given)."""
+    if job.tune.space:
+        return dict(job.tune.space)
+    return default_space(job, model_depth(job) if depth is None else depth)
+
+
+def to_tune_domain(kind: str, values: list[Any]) -> Any:
+    """One ``tune.space`` entry as a Ray Tune domain (``randint`` is inclusive here, exclusive in Tune)."""
+    from ray import tune
+
+    if kind == "choice":
+        return tune.choice(values)
+    if kind == "grid":
+        return tune.grid_search(values)
+    if kind == "uniform":
+        return tune.uniform(*values)
+    if kind == "loguniform":
+        return tune.loguniform(*values)
+    if kind == "randint":
+        return tune.randint(values[0], values[1] + 1)
+    raise ValueError(f"unknown search domain {kind}")
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``{"finetune.freeze_depth": 2}`` -> ``["finetune.freeze_depth=2"]``, as typed on the command line."""
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in sorted(overrides.items())]
+
+
+def trial_job(base_raw: dict[str, Any], overrides: dict[str, Any], name: str | None = None, out_dir: str | None = None) -> JobSpec:
+    """The job a trial runs: base job + overrides (and its own name and output folder)."""
+    raw = merge(base_raw, parse_overrides(override_args(overrides)))
+    if name:
+        raw["name"] = name
+    if out_dir:
+        raw = merge(raw, {"output": {"dir": out_dir}})
+    return build_job(raw, f"trial {override_args(overrides)}")
+
+
+def sample_point(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """One point of the space (the first value or the low end of each domain), to validate keys early."""
+    return {key: next(iter(domain.values()))[0] for key, domain in space.items()}
+
+
+def check_space(base_raw: dict[str, Any], space: dict[str, dict[str, list[Any]]]) -> None:
+    """Every searched key is a job key whose values the schema accepts; raised before Ray starts."""
+    for key in space:
+        if key.split(".")[0] in ("tune", "output", "name"):
+            raise JobError(f"tune.space.{key}: '{key.split('.')[0]}' cannot be searched; search model/data/finetune/peft/optim/... keys.")
+    for key, domain in space.items():
+        for value in next(iter(domain.values()))[:8]:
+            try:
+                trial_job(base_raw, {key: value})
+            except JobError as exc:
+                raise JobError(f"tune.space.{key}: value {value!r} does not make a valid job: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resources and scheduling (pure functions)
+
+
+def compute_concurrency(
+    cluster_cpus: float, cluster_gpus: float, num_workers: int, cpus_per_worker: float, use_gpu: bool,
+    data_cpus: float = 0.5, trial_cpus: float = TRIAL_CPUS, requested: int | None = None,
+) -> int:
+    """How many trials can run at once without starving each other or Ray Data.
+
+    Every running trial holds ``trial_cpus`` plus its workers' CPUs (and one GPU per worker); ``data_cpus``
+    stay free for Ray Data's read and preprocessing tasks, which otherwise wait forever behind the workers.
+
+    Raises:
+        JobError: not even one trial fits.
+    """
+    per_trial = trial_cpus + num_workers * cpus_per_worker
+    fits = math.floor((cluster_cpus - data_cpus) / per_trial + 1e-9)
+    if use_gpu:
+        fits = min(fits, math.floor(cluster_gpus / num_workers + 1e-9))
+    if fits < 1:
+        raise JobError(
+            f"one trial needs {per_trial:g} CPUs ({num_workers} workers x scaling.cpus_per_worker {cpus_per_worker:g})"
+            + (f" and {num_workers} GPUs" if use_gpu else "")
+            + f" plus tune.data_cpus {data_cpus:g} for Ray Data, but the cluster has {cluster_cpus:g} CPUs"
+            + (f" and {cluster_gpus:g} GPUs" if use_gpu else "")
+            + ". Lower scaling.num_workers or scaling.cpus_per_worker, or tune.data_cpus."
+        )
+    return min(fits, requested) if requested else fits
+
+
+def step_budget(job: JobSpec, num_train_rows: int) -> tuple[int, int]:
+    """(optimizer steps between evaluations, total optimizer steps) of a job: ASHA's time unit and ``max_t``."""
+    from engine.loop import plan_steps
+
+    steps_per_epoch, total = plan_steps(job, num_train_rows, job.scaling.num_workers)
+    return job.eval.every_n_steps or steps_per_epoch, total
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trial and the search
+
+
+def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, trials_root: str) -> None:
+    """Tune function trainable: build the trial's job and fit its ``TorchTrainer`` (Ray Train v2 pattern).
+
+    The trainer's storage is ``trials_root/<trial id>``, so a restored trial finds its Train run and
+    continues from its latest checkpoint.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cluster.data import build_datasets
+    from cluster.trainer import build_trainer
+    from engine.preprocess import cached_tokenizer
+
+    trial_id = tune.get_context().get_trial_id()
+    job = trial_job(base_raw, config["overrides"], f"{base_raw.get('name', 'job')}-{trial_id}", os.path.join(trials_root, trial_id))
+    datasets, num_train_rows = build_datasets(job, info)
+    pad_token_id = cached_tokenizer(job.model.name, job.model.revision).pad_token_id
+    trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+@dataclass
+class TuneOutcome:
+    """What a finished search produced."""
+
+    out_dir: Path
+    trials: list[dict[str, Any]]
+    """One row per trial (see :func:`trial_rows`), best first."""
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Trial id -> its reported metrics, in order."""
+    best_job: JobSpec | None = None
+    best_checkpoint: str | None = None
+
+
+def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool) -> Any:
+    """The ``Tuner`` of a search (or the one restored from ``output.dir/tune`` with ``resume``)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from cluster.trainer import use_gpu
+
+    out = job.output_dir
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_raw=base_raw, info=info, trials_root=str(out / TRIALS_DIR)),
+        {"CPU": TRIAL_CPUS},
+    )
+    if resume:
+        path = out / TUNE_DIR
+        if not tune.Tuner.can_restore(str(path)):
+            raise JobError(f"--resume: '{path}' holds no search to continue; run shoulders tune without --resume.")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+
+    resources = ray.cluster_resources()
+    concurrency = compute_concurrency(
+        resources.get("CPU", 0), resources.get("GPU", 0), job.scaling.num_workers, job.scaling.cpus_per_worker,
+        use_gpu(job), job.tune.data_cpus, TRIAL_CPUS, job.tune.max_concurrent_trials,
+    )
+    eval_every, total_steps = step_budget(job, info.splits["train"].num_rows)
+    if job.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="step", max_t=total_steps, grace_period=min(job.tune.grace_period * eval_every, total_steps),
+            reduction_factor=job.tune.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    space = search_space(job)
+    log.info("tune: %d samples over %s, %d trial(s) at once, scheduler %s", job.tune.num_samples, list(space), concurrency, job.tune.scheduler)
+    return tune.Tuner(
+        trainable,
+        param_space={"overrides": {key: to_tune_domain(*next(iter(d.items()))) for key, d in space.items()}},
+        tune_config=tune.TuneConfig(
+            metric=tune_metric(job), mode=tune_mode(job), num_samples=job.tune.num_samples, scheduler=scheduler,
+            max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=job.seed),
+        ),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out), verbose=1),
+    )
+
+
+def tune_metric(job: JobSpec) -> str:
+    return f"val_{job.tune.metric or job.eval_metric}"
+
+
+def tune_mode(job: JobSpec) -> str:
+    if job.tune.mode:
+        return job.tune.mode
+    if job.tune.metric:
+        probe = job.model_copy(update={"eval": job.eval.model_copy(update={"metric": job.tune.metric, "mode": None})})
+        return probe.eval_mode
+    return job.eval_mode
+
+
+def run_search(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool = False) -> TuneOutcome:
+    """Run (or continue) the search and collect one row per trial."""
+    from cluster.trainer import ensure_ray
+
+    ensure_ray()
+    grid = build_tuner(job, info, base_raw, resume).fit()
+    return collect(job, info, base_raw, grid)
+
+
+def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -> TuneOutcome:
+    """Rows, histories and the best trial of a finished ``ResultGrid``."""
+    metric, mode = tune_metric(job), tune_mode(job)
+    rows, histories = [], {}
+    for result in grid:
+        overrides = dict((result.config or {}).get("overrides", {}))
+        trial_id = Path(result.path).name.split("_")[-2] if result.path else "?"
+        frame = result.metrics_dataframe
+        history = frame.to_dict("records") if frame is not None and len(frame) else []
+        trial_id = str(history[-1].get("trial_id", trial_id)) if history else trial_id
+        histories[trial_id] = history
+        rows.append(trial_row(trial_id, overrides, history, metric, mode, trial_job(base_raw, overrides), info, result.error))
+    sign = 1 if mode == "max" else -1
+    rows.sort(key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
+    outcome = TuneOutcome(out_dir=job.output_dir, trials=rows, histories=histories)
+    if rows and rows[0]["best"] is not None:
+        best = rows[0]
+        outcome.best_job = trial_job(base_raw, best["overrides"])
+        outcome.best_checkpoint = best["best_checkpoint"]
+    return outcome
+
+
+def trial_row(
+    trial_id: str, overrides: dict[str, Any], history: list[dict[str, Any]], metric: str, mode: str,
+    job: JobSpec, info: DataInfo, error: Any = None,
+) -> dict[str, Any]:
+    """One trial's line of ``tune_results.csv``: overrides, final and best metric, evaluations, whether the
+    scheduler stopped it before its planned steps."""
+    _, planned = step_budget(job, info.splits["train"].num_rows)
+    scored = [h for h in history if h.get(metric) is not None]
+    best = (max if mode == "max" else min)(scored, key=lambda h: h[metric]) if scored else None
+    last = history[-1] if history else {}
+    patience = job.eval.early_stopping_patience
+    stopped_by_patience = bool(patience and len(scored) > patience and best is not None
+                               and all(h is not best for h in scored[-patience:]))
+    last_step = int(last.get("step", 0) or 0)
+    return {
+        "trial_id": trial_id,
+        "overrides": overrides,
+        "command": " ".join(override_args(overrides)),
+        "final": last.get(metric),
+        "best": best[metric] if best else None,
+        "best_step": best.get("step") if best else None,
+        "best_checkpoint": best.get("checkpoint_path") if best else None,
+        "iterations": len(history),
+        "last_step": last_step,
+        "planned_steps": planned,
+        "stopped_early": bool(history) and error is None and last_step < planned and not stopped_by_patience
+        and last.get("stop_reason") is None,
+        "forgetting": last.get("forgetting"),
+        "train_val_gap": last.get("train_val_gap"),
+        "error": str(error).splitlines()[0][:200] if error else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command: checks, search, test of the best trial, scratch baseline, report
+
+
+def check_tune_output(job: JobSpec, resume: bool) -> None:
+    """Refuse to start a new search over an existing one (``--resume`` continues it)."""
+    out = job.output_dir
+    if not resume and ((out / TUNE_DIR).exists() or (out / RESULTS_FILE).exists()):
+        raise JobError(
+            f"output.dir '{out}' already holds a search. Continue it with --resume, or choose another output.dir or name."
+        )
+
+
+def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneOutcome:
+    """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
+    import time
+
+    from cluster.preflight import preflight
+    from engine.config import read_job_file
+
+    started = time.perf_counter()
+    raw = merge(read_job_file(job_path), parse_overrides(overrides))
+    job, info = preflight(build_job(raw, job_path), resume=True)
+    check_tune_output(job, resume)
+    base_raw = merge(raw, {"model": {"name": job.model.name}, "output": {"dir": str(job.output_dir)}})
+    depth = _depth_or_none(job)
+    check_space(base_raw, search_space(job, depth) if depth is not None else dict(job.tune.space))
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+
+    outcome = run_search(job, info, base_raw, resume)
+    test, verdict = None, None
+    if outcome.best_job is not None and outcome.best_checkpoint:
+        test = test_best(outcome, info)
+        if job.safeguards.compare_scratch and test:
+            verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch")
+    write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started)
+    return outcome
+
+
+def _depth_or_none(job: JobSpec) -> int | None:
+    try:
+        return model_depth(job)
+    except JobError:
+        if not job.tune.space:
+            raise
+        return None
+
+
+def test_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
+    """Export the best trial's best checkpoint to ``output.dir/model`` and evaluate it on the test split."""
+    from cluster.trainer import EXPORT_DIR, evaluate_export
+    from engine.export import export_checkpoint
+
+    export_dir = export_checkpoint(outcome.best_checkpoint, outcome.out_dir / EXPORT_DIR, info.labels)
+    if "test" not in info.splits:
+        return None
+    test = evaluate_export(outcome.best_job, info, export_dir)
+    log.info("best trial on test: %s", test)
+    return test
+
+
+def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float], out_dir: Path) -> Any:
+    """Train the best trial's job from random weights (same architecture and budget) and judge the gain."""
+    from cluster.trainer import run_training
+    from engine.safeguards import transfer_verdict
+
+    scratch_job = best_job.model_copy(update={
+        "name": f"{best_job.name}-scratch",
+        "model": best_job.model.model_copy(update={"from_scratch": True}),
+        "output": best_job.output.model_copy(update={"dir": str(out_dir)}),
+    })
+    scratch = run_training(scratch_job, info)
+    metric = best_job.eval_metric
+    return transfer_verdict(
+        metric, test[metric], (scratch.test or {}).get(metric, float("nan")), best_job.eval_mode,
+        info.splits["test"].num_rows, best_job.safeguards.min_gain,
+    )
+
+
+def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: dict[str, float] | None, verdict: Any,
+                  elapsed_s: float) -> None:
+    """tune_results.csv, best_job.yaml, the plots and report.md; then the ranked table on the terminal."""
+    from cluster.tune_report import plot_results, print_ranked, write_best_job, write_report, write_results_csv
+
+    out = job.output_dir
+    write_results_csv(out / RESULTS_FILE, outcome.trials)
+    if outcome.best_job is not None:
+        write_best_job(out / "best_job.yaml", outcome.best_job, out)
+    plots = plot_results(out, outcome.trials, outcome.histories, tune_metric(job), depth)
+    report = write_report(out, job, outcome, depth, test, verdict, plots, elapsed_s)
+    print_ranked(outcome.trials, tune_metric(job))
+    if verdict is not None:
+        print(f"transfer gain on test {verdict.metric}: {verdict.gain:+.4f} ({verdict.verdict})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))
+    print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

@@ -1,0 +1,312 @@
+"""Transfer safeguards: negative transfer, catastrophic forgetting, overfitting, gradual unfreezing.
+
+- *Negative transfer*: :func:`transfer_verdict` compares the pre-trained run with a from-scratch run of the
+  same architecture and budget and flags a negative or statistically insignificant gain.
+- *Forgetting*: :class:`RetentionProbe` measures a retention set at step 0 and at every evaluation, with the
+  source objective where the model keeps it (causal-LM loss) or else representation drift (1 - linear CKA
+  of mean-pooled last hidden states against the step-0, i.e. pre-trained, features).
+- *Overfitting*: the train/validation loss gap, dropout and token-dropout augmentation.
+- *Gradual unfreezing*: :class:`GradualUnfreezer` unfreezes one more block from the top every k steps.
+
+:class:`Safeguards` bundles them for ``engine.loop``: one call before the loop, one per optimizer step
+(unfreezing), one per evaluation. No Ray here; re-wrapping the model after unfreezing is the loop's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from engine.config import JobSpec
+from engine.models.blocks import BlockStack
+from engine.models.surgery import freeze_bottom_blocks
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Negative transfer
+
+
+@dataclass(frozen=True)
+class TransferVerdict:
+    """Pre-trained vs from-scratch on the test metric."""
+
+    metric: str
+    pretrained: float
+    scratch: float
+    gain: float
+    """Improvement of pre-trained over scratch (positive is better, whatever the metric's mode)."""
+    margin: float
+    """Smallest gain counted as real: ``min_gain`` plus two standard errors for proportions."""
+    verdict: str
+    """``positive``, ``insignificant`` or ``negative``."""
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict != "positive"
+
+    @property
+    def advice(self) -> str:
+        if self.verdict == "positive":
+            return "transfer helped: keep the pre-trained backbone."
+        what = "hurt" if self.verdict == "negative" else "did not clearly help"
+        return (
+            f"negative transfer: the pre-trained backbone {what} ({self.metric} gain {self.gain:+.4f}, margin "
+            f"{self.margin:.4f}). Choose a backbone pre-trained on data closer to this task, or train from scratch."
+        )
+
+
+def transfer_verdict(
+    metric: str, pretrained: float, scratch: float, mode: str, num_test: int | None = None, min_gain: float = 0.0
+) -> TransferVerdict:
+    """Judge the transfer gain.
+
+    For metrics that are proportions (accuracy, F1) on ``num_test`` examples, the margin adds two standard
+    errors of the difference of two proportions, so a gain within noise is ``insignificant``.
+    """
+    gain = pretrained - scratch if mode == "max" else scratch - pretrained
+    margin = min_gain
+    if num_test and 0.0 <= pretrained <= 1.0 and 0.0 <= scratch <= 1.0 and mode == "max":
+        margin += 2.0 * math.sqrt((pretrained * (1 - pretrained) + scratch * (1 - scratch)) / num_test)
+    if gain <= -margin and gain < 0:
+        verdict = "negative"
+    elif gain < margin or gain <= 0:
+        verdict = "insignificant"
+    else:
+        verdict = "positive"
+    return TransferVerdict(metric, pretrained, scratch, gain, margin, verdict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forgetting
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two (examples x features) matrices (Kornblith et al., 2019).
+
+    1 for representations equal up to rotation and isotropic scaling, towards 0 for unrelated ones.
+    """
+    x = x.double() - x.double().mean(dim=0, keepdim=True)
+    y = y.double() - y.double().mean(dim=0, keepdim=True)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    norms = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(cross / norms) if norms > 0 else 0.0
+
+
+def forgetting_measure(job: JobSpec) -> str:
+    """``lm_loss`` where the model keeps its source objective (causal LM), else ``cka``."""
+    chosen = job.safeguards.forgetting_measure
+    if chosen == "auto":
+        return "lm_loss" if job.model.task == "causal_lm" else "cka"
+    return chosen
+
+
+class RetentionProbe:
+    """A fixed retention set, measured at step 0 (the pre-trained model) and at every evaluation.
+
+    ``delta`` is the forgetting: LM-loss increase in nats (``lm_loss``) or ``1 - CKA`` against the step-0
+    features (``cka``); 0 at step 0, rising as the model drifts from what it was pre-trained to do.
+    """
+
+    def __init__(self, texts: list[str], tokenizer: Any, measure: str, max_length: int, device: torch.device, batch_size: int = 32):
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        self.inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        self.measure = measure
+        self.device = device
+        self.batch_size = batch_size
+        self.reference: torch.Tensor | float | None = None
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = self.inputs["input_ids"].shape[0]
+        for start in range(0, n, self.batch_size):
+            yield {k: v[start:start + self.batch_size].to(self.device) for k, v in self.inputs.items()}
+
+    @torch.no_grad()
+    def _measure(self, model: nn.Module) -> torch.Tensor | float:
+        was_training = model.training
+        model.eval()
+        try:
+            if self.measure == "lm_loss":
+                total, tokens = 0.0, 0
+                for batch in self._batches():
+                    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+                    out = model(**batch, labels=labels)
+                    count = int((labels[:, 1:] != -100).sum())
+                    total, tokens = total + float(out.loss) * count, tokens + count
+                return total / max(tokens, 1)
+            pooled = []
+            for batch in self._batches():
+                hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+            return torch.cat(pooled).cpu()
+        finally:
+            model.train(was_training)
+
+    def start(self, model: nn.Module) -> None:
+        """Measure the pre-trained model (step 0)."""
+        self.reference = self._measure(model)
+
+    def delta(self, model: nn.Module) -> dict[str, float]:
+        """Forgetting since step 0, with the raw retention value."""
+        now = self._measure(model)
+        if self.measure == "lm_loss":
+            return {"forgetting": now - self.reference, "retention_loss": now, "retention_loss_start": self.reference}
+        cka = linear_cka(self.reference, now)
+        return {"forgetting": 1.0 - cka, "retention_cka": cka}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradual unfreezing
+
+
+class GradualUnfreezer:
+    """ULMFiT-style schedule: from ``start_frozen`` frozen blocks, one more block unfreezes from the top
+    every ``every`` optimizer steps, down to none (then the embeddings unfreeze with the last block)."""
+
+    def __init__(self, stack: BlockStack, head_names: list[str], start_frozen: int, every: int, freeze_embeddings: bool | None = None):
+        self.stack, self.head_names, self.start_frozen, self.every = stack, head_names, start_frozen, every
+        self.freeze_embeddings = freeze_embeddings
+        self.current = start_frozen
+
+    def frozen_at(self, step: int) -> int:
+        """Blocks frozen at optimizer step ``step``."""
+        return max(self.start_frozen - step // self.every, 0)
+
+    def due(self, step: int) -> bool:
+        """Whether the frozen depth changes at ``step``."""
+        return self.frozen_at(step) != self.current
+
+    def apply(self, model: nn.Module, step: int) -> nn.Module:
+        """Set ``requires_grad`` for the depth at ``step`` on the unwrapped model."""
+        self.current = self.frozen_at(step)
+        freeze_bottom_blocks(model, self.stack, self.current, self.head_names, self.freeze_embeddings)
+        log.info("gradual unfreezing: step %d, %d of %d blocks frozen", step, self.current, self.stack.depth)
+        return model
+
+    @contextmanager
+    def all_unfrozen(self, model: nn.Module) -> Iterator[None]:
+        """Everything the schedule will ever unfreeze is trainable inside the block (to build the optimizer's
+        parameter groups once, so unfrozen blocks join the backbone group at its LR); frozen again after."""
+        freeze_bottom_blocks(model, self.stack, 0, self.head_names, self.freeze_embeddings)
+        try:
+            yield
+        finally:
+            freeze_bottom_blocks(model, self.stack, self.current, self.head_names, self.freeze_embeddings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bundle the loop calls
+
+
+def set_dropout(model: nn.Module, rate: float) -> int:
+    """Set every ``nn.Dropout`` of ``model`` to ``rate``; returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+            count += 1
+    return count
+
+
+def token_dropout(batch: dict[str, torch.Tensor], rate: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Hide a random share ``rate`` of the tokens (never the first) from attention: text augmentation."""
+    mask = batch.get("attention_mask")
+    if not rate or mask is None:
+        return batch
+    drop = torch.rand(mask.shape, generator=generator) < rate
+    drop[:, 0] = False
+    return {**batch, "attention_mask": mask.masked_fill(drop.to(mask.device), 0)}
+
+
+class Safeguards:
+    """What the training loop calls: ``start`` before the loop, ``unfreeze_due``/``unfreeze`` at each
+    optimizer step, ``augment`` on each training batch, ``on_eval`` at each evaluation."""
+
+    def __init__(self, job: JobSpec, model: nn.Module, stack: BlockStack, n_frozen: int, head_names: list[str], steps_per_epoch: int):
+        spec = job.safeguards
+        self.job = job
+        self.probe: RetentionProbe | None = None
+        self.stop_reason: str | None = None
+        self.generator = torch.Generator().manual_seed(job.seed)
+        every = spec.unfreeze_every_steps or (spec.unfreeze_every_epochs or 0) * steps_per_epoch
+        self.unfreezer = GradualUnfreezer(stack, head_names, n_frozen, every, job.finetune.freeze_embeddings) if every and n_frozen else None
+        if spec.dropout is not None:
+            log.info("dropout set to %.3g in %d layers", spec.dropout, set_dropout(model, spec.dropout))
+
+    def param_groups_scope(self, model: nn.Module):
+        """Context in which to build parameter groups: with gradual unfreezing, every block it will unfreeze."""
+        return self.unfreezer.all_unfrozen(model) if self.unfreezer else _nothing()
+
+    def start(self, model: nn.Module, retention_texts: list[str] | None, tokenizer: Any, device: torch.device) -> None:
+        """Measure the retention set on the pre-trained model (call before any training step or resume)."""
+        if self.job.safeguards.track_forgetting and retention_texts:
+            measure = forgetting_measure(self.job)
+            self.probe = RetentionProbe(retention_texts, tokenizer, measure, self.job.data.max_length, device)
+            self.probe.start(model)
+            log.info("retention set: %d texts, forgetting measured as %s", len(retention_texts), measure)
+
+    def unfreeze_due(self, step: int) -> bool:
+        return bool(self.unfreezer and self.unfreezer.due(step))
+
+    def unfreeze(self, model: nn.Module, step: int) -> nn.Module:
+        """Apply the unfreezing schedule at ``step`` to the unwrapped model (the loop re-wraps it)."""
+        return self.unfreezer.apply(model, step)
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return token_dropout(batch, self.job.safeguards.token_dropout, self.generator)
+
+    def on_eval(self, model: nn.Module, metrics: dict[str, Any]) -> dict[str, float]:
+        """Safeguard metrics for this evaluation; sets ``stop_reason`` when forgetting passes its limit."""
+        out: dict[str, float] = {}
+        if "val_loss" in metrics and "train_loss" in metrics:
+            out["train_val_gap"] = metrics["val_loss"] - metrics["train_loss"]
+        if self.unfreezer:
+            out["frozen_blocks"] = self.unfreezer.current
+        out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.probe:
+            out.update(self.probe.delta(model))
+            limit = self.job.safeguards.max_forgetting
+            if limit is not None and out["forgetting"] > limit:
+                self.stop_reason = f"forgetting {out['forgetting']:.4f} exceeded safeguards.max_forgetting {limit}"
+        return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]) -> list[str] | None:
+    """The retention texts: ``safeguards.retention_data``, else the first validation (or training) rows.
+
+    Args:
+        split_files: split name -> (files, pyarrow format) as the preflight found them.
+    """
+    spec = job.safeguards
+    if not spec.track_forgetting:
+        return None
+    import pyarrow.dataset as pads
+
+    if spec.retention_data:
+        from pathlib import Path
+
+        path = Path(spec.retention_data).expanduser()
+        if not path.exists():
+            from engine.errors import JobError
+
+            raise JobError(f"safeguards.retention_data: '{path}' does not exist. Give a parquet/jsonl/csv file or folder of text.")
+        fmt = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower(), "parquet")
+        files = [str(p) for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [str(path)]
+    else:
+        name = "validation" if "validation" in split_files else "train"
+        files, fmt = split_files[name]
+    table = pads.dataset(files, format=fmt).head(spec.retention_rows, columns=[job.data.text_column])
+    return [str(t) for t in table.column(0).to_pylist()]

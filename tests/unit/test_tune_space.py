@@ -1,0 +1,149 @@
+"""Pure pieces of ``shoulders tune``: the search space, trial jobs, concurrency, the results file and report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cluster import tune as shtune
+from cluster import tune_report
+from engine.config import build_job, load_job
+from engine.errors import JobError
+
+
+def base_raw(tmp_path, **extra):
+    return {
+        "name": "t",
+        "model": {"name": "some/model", "labels": ["a", "b"]},
+        "data": {"train": "train.parquet"},
+        "finetune": {"strategy": "full", "head_lr": 1e-3},
+        "output": {"dir": str(tmp_path / "out")},
+        **extra,
+    }
+
+
+def test_default_space_covers_freeze_depth_lr_ratio_head_lr_and_strategy(tmp_path):
+    job = build_job(base_raw(tmp_path))
+    space = shtune.search_space(job, depth=6)
+    assert space["finetune.freeze_depth"] == {"randint": [0, 6]}
+    assert space["finetune.backbone_lr_ratio"] == {"loguniform": [0.01, 1.0]}
+    low, high = space["finetune.head_lr"]["loguniform"]
+    assert math.isclose(low, 1e-3 / 3) and math.isclose(high, 3e-3)
+    assert set(space["finetune.strategy"]["choice"]) == {"full", "lora"}
+
+
+def test_job_space_replaces_the_default(tmp_path):
+    job = build_job(base_raw(tmp_path, tune={"space": {"optim.batch_size": {"grid": [8, 16]}}}))
+    assert shtune.search_space(job, depth=6) == {"optim.batch_size": {"grid": [8, 16]}}
+
+
+def test_domains_become_tune_domains_with_inclusive_randint():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    randint = shtune.to_tune_domain("randint", [0, 6])
+    assert isinstance(randint, Integer) and (randint.lower, randint.upper) == (0, 7)
+    assert {randint.sample() for _ in range(400)} == set(range(7))
+    assert isinstance(shtune.to_tune_domain("loguniform", [0.01, 1]), Float)
+    assert isinstance(shtune.to_tune_domain("choice", ["full", "lora"]), Categorical)
+    assert shtune.to_tune_domain("grid", [1, 2]) == {"grid_search": [1, 2]}
+
+
+def test_trial_job_is_base_plus_overrides_and_reproducible_from_the_command_line(tmp_path):
+    raw = base_raw(tmp_path)
+    overrides = {"finetune.freeze_depth": 3, "finetune.backbone_lr_ratio": 0.0345, "finetune.strategy": "lora"}
+    job = shtune.trial_job(raw, overrides)
+    assert job.finetune.freeze_depth == 3 and job.finetune.backbone_lr_ratio == 0.0345
+    assert job.peft.method == "lora"  # the preset of the sampled strategy applies
+    args = shtune.override_args(overrides)
+    assert args == ["finetune.backbone_lr_ratio=0.0345", "finetune.freeze_depth=3", "finetune.strategy=lora"]
+    import yaml
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_job(path, args) == job  # `shoulders train job.yaml <args>` runs exactly the trial
+
+
+def test_bad_space_is_refused_before_ray_naming_the_key(tmp_path):
+    raw = base_raw(tmp_path)
+    with pytest.raises(JobError, match="tune.space.finetune.freez_depth"):
+        shtune.check_space(raw, {"finetune.freez_depth": {"choice": [1]}})
+    with pytest.raises(JobError, match="tune.space.optim.batch_size"):
+        shtune.check_space(raw, {"optim.batch_size": {"choice": [0]}})
+    with pytest.raises(JobError, match="output"):
+        shtune.check_space(raw, {"output.dir": {"choice": ["x"]}})
+    shtune.check_space(raw, {"finetune.freeze_depth": {"randint": [0, 6]}})
+
+
+@pytest.mark.parametrize(
+    "domain, message",
+    [({"uniform": [1.0]}, "low, high"), ({"loguniform": [0, 1]}, "low > 0"), ({"choice": [], }, "at least one"),
+     ({"uniform": [2, 1]}, "low < high"), ({"choice": [1], "grid": [2]}, "exactly one")],
+)
+def test_schema_checks_each_domain(tmp_path, domain, message):
+    with pytest.raises(JobError, match=message):
+        build_job(base_raw(tmp_path, tune={"space": {"finetune.head_lr": domain}}))
+
+
+@pytest.mark.parametrize(
+    "cpus, gpus, workers, cpw, gpu, expected",
+    [
+        (2, 0, 1, 0.5, False, 2),   # this machine: two 1-worker trials, 0.5 CPU left to Ray Data
+        (2, 0, 2, 0.5, False, 1),   # 2 workers x 0.5 take 1 CPU: a second trial would starve the reads
+        (16, 0, 2, 1.0, False, 7),
+        (64, 8, 2, 4.0, True, 4),   # GPUs bound it
+        (64, 8, 1, 4.0, True, 8),
+    ],
+)
+def test_concurrency_leaves_room_for_ray_data(cpus, gpus, workers, cpw, gpu, expected):
+    n = shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, data_cpus=0.5)
+    assert n == expected
+    assert n * (shtune.TRIAL_CPUS + workers * cpw) <= cpus - 0.5
+    assert shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, data_cpus=0.5, requested=1) == 1
+
+
+def test_concurrency_refuses_a_trial_that_cannot_fit():
+    with pytest.raises(JobError, match="scaling.cpus_per_worker"):
+        shtune.compute_concurrency(2, 0, 2, 1.0, False, data_cpus=0.5)
+
+
+def row(trial, overrides, best, stopped, forgetting=0.1):
+    return {"trial_id": trial, "overrides": overrides, "command": " ".join(shtune.override_args(overrides)), "final": best,
+            "best": best, "best_step": 10, "best_checkpoint": None, "iterations": 2 if stopped else 6, "last_step": 10,
+            "planned_steps": 30, "stopped_early": stopped, "forgetting": forgetting, "train_val_gap": 0.2, "error": None}
+
+
+def test_results_file_best_job_plots_and_report(tmp_path):
+    raw = base_raw(tmp_path)
+    rows = [
+        row("a1", {"finetune.freeze_depth": 2, "finetune.backbone_lr_ratio": 0.1}, 0.8, False),
+        row("b2", {"finetune.freeze_depth": 6, "finetune.backbone_lr_ratio": 0.02}, 0.5, True),
+    ]
+    histories = {"a1": [{"step": 5, "val_accuracy": 0.6}, {"step": 10, "val_accuracy": 0.8}], "b2": [{"step": 5, "val_accuracy": 0.5}]}
+    job = build_job(raw)
+    best_job = shtune.trial_job(raw, rows[0]["overrides"])
+    outcome = shtune.TuneOutcome(out_dir=tmp_path, trials=rows, histories=histories, best_job=best_job)
+    tune_report.write_results_csv(tmp_path / "tune_results.csv", rows)
+    read = tune_report.read_results_csv(tmp_path / "tune_results.csv")
+    assert [r["trial_id"] for r in read] == ["a1", "b2"]
+    assert read[1]["finetune.freeze_depth"] == "6" and read[1]["stopped_early"] == "True"
+    path = tune_report.write_best_job(tmp_path / "best_job.yaml", best_job, tmp_path)
+    again = load_job(path)
+    assert again.finetune.freeze_depth == 2 and again.output_dir == tmp_path / "best"
+    plots = tune_report.plot_results(tmp_path, rows, histories, "val_accuracy", depth=6)
+    assert {p.name for p in plots} == {"metric_vs_freeze_depth.png", "metric_vs_lr_ratio.png", "learning_curves.png"}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+    from engine.safeguards import transfer_verdict
+
+    verdict = transfer_verdict("accuracy", 0.5, 0.55, "max", 300)
+    report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.5}, verdict, plots).read_text()
+    assert "light fine-tuning" in report and "2 of 6 blocks frozen" in report
+    assert "stopped 1 of them early" in report and "negative transfer" in report and "learning_curves.png" in report
+
+
+@pytest.mark.parametrize(
+    "n_frozen, method, name",
+    [(6, "none", "feature extraction"), (0, "none", "full fine-tuning"), (4, "none", "light fine-tuning"), (0, "lora", "parameter-efficient fine-tuning")],
+)
+def test_recommendation_terms(n_frozen, method, name):
+    assert tune_report.recommendation(n_frozen, 6, method)[0] == name
