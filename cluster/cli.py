@@ -39,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search in the job's output folder")
 
     data = sub.add_parser("data", help="build offline datasets")
-    data.add_argument("dataset", choices=["quickstart"], help="quickstart: fortunes topics + MiniLM weights")
-    data.add_argument("--out", default="data/fortunes", help="output folder for the parquet files")
-    data.add_argument("--models", default="models", help="folder to link the model weights into")
+    data.add_argument(
+        "dataset", choices=["quickstart", "speech-keywords", "speech-asr"],
+        help="quickstart: fortunes topics + MiniLM weights; speech-keywords / speech-asr: espeak-ng speech + tiny speech checkpoints",
+    )
+    data.add_argument("--out", default=None, help="output folder (default data/fortunes, data/speech/keywords or data/speech/asr)")
+    data.add_argument("--models", default="models", help="folder to link (quickstart) or write (speech) the model checkpoints into")
+    data.add_argument("--rate", type=int, default=None, help="speech: sampling rate of the written audio (default espeak-ng's 22050)")
+    data.add_argument("--format", default="csv", choices=["csv", "parquet"], help="speech: wav files + csv manifests, or audio bytes in parquet")
+    data.add_argument("--takes", type=int, default=1, help="speech: utterances per word or sentence group per voice")
     return parser
 
 
@@ -122,7 +128,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset.startswith("speech-"):
+        from cluster.datagen_speech import build_speech_data, save_demo_models
+
+        kind = args.dataset.removeprefix("speech-")
+        out = args.out or f"data/speech/{kind}"
+        counts = build_speech_data(kind, out, rate=args.rate, fmt=args.format, takes=args.takes)
+        print(f"espeak-ng {kind} written to {out}: {counts}")
+        print(f"tiny speech checkpoints (random weights, built from config) in: {', '.join(map(str, save_demo_models(args.models)))}")
+        return 0
     from cluster.datagen import build_fortunes, link_minilm
+
+    args.out = args.out or "data/fortunes"
 
     counts = build_fortunes(args.out)
     print(f"fortunes topics written to {args.out}: {counts}")

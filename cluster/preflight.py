@@ -168,14 +168,35 @@ def check_model(job: JobSpec) -> None:
     check_task_supported(name, job.model.task, job.model.revision)
 
 
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""The file Ray Train keeps in a run folder; a TorchTrainer with the same run folder resumes from it."""
+
+
+def local_run_dir(job: JobSpec) -> Path | None:
+    """The Ray Train run folder of a job on local storage (None for a URI, which is not checked here)."""
+    if job.run.storage_path is None:
+        return job.output_dir / "train"
+    return None if is_uri(job.run.storage_path) else Path(job.run.storage_path).expanduser().resolve() / job.name
+
+
 def check_output(job: JobSpec, resume: bool = False) -> None:
-    """Refuse to overwrite a finished run's output folder unless resuming."""
+    """Refuse to overwrite a finished run's output folder unless resuming, and to silently continue an
+    unfinished one: Ray Train resumes a run whose folder it finds, so that must be asked for (``--resume``)."""
     out = job.output_dir
     if not resume and (out / "metrics.json").exists():
         raise JobError(
             f"output.dir '{out}' already holds a finished run (metrics.json). "
             "Choose another output.dir or name, or remove the folder."
         )
+    run_dir = local_run_dir(job)
+    started = run_dir is not None and (run_dir / RAY_RUN_SNAPSHOT).exists()
+    if not resume and started:
+        raise JobError(
+            f"'{run_dir}' holds an unfinished run of this job. Pass --resume to continue it from its latest "
+            "checkpoint, or choose another output.dir or name, or remove the folder."
+        )
+    if resume and run_dir is not None and not started:
+        raise JobError(f"--resume: there is no run to resume in '{run_dir}' (no {RAY_RUN_SNAPSHOT}); train without --resume.")
 
 
 def with_absolute_paths(job: JobSpec) -> JobSpec:

@@ -53,6 +53,7 @@ def build_trainer(
 
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
     """
+    from engine.faults import debug_hooks
     from engine.safeguards import read_retention_texts
 
     gpu = use_gpu(job)
@@ -65,6 +66,7 @@ def build_trainer(
             "num_train_rows": num_train_rows,
             "pad_token_id": pad_token_id,
             "retention_texts": read_retention_texts(job, {s.name: (s.files, s.format) for s in info.splits.values()}),
+            "debug": debug_hooks(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -84,7 +86,20 @@ def build_trainer(
             ),
         ),
         datasets=datasets,
+        dataset_config=deterministic_data_config(),
     )
+
+
+def deterministic_data_config() -> ray.train.DataConfig:
+    """Ray Data ingest whose per-worker order is the same on every run and every restart.
+
+    ``preserve_order`` makes ``streaming_split(equal=True)`` hand out blocks in a fixed round (locality
+    hints ignored), so an epoch's batches on each rank are a deterministic sequence: a resumed run skips
+    exactly the batches its checkpoint trained on and sees the rest in the same order.
+    """
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def storage_location(job: JobSpec) -> tuple[str, str]:
@@ -120,10 +135,10 @@ class RunSummary:
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     """Train the job on Ray, export the best checkpoint, evaluate it on the test split, write metrics.json."""
-    from engine.preprocess import cached_tokenizer
+    from engine.models.speech import job_preprocessors
 
     ensure_ray()
-    pad_token_id = cached_tokenizer(job.model.name, job.model.revision).pad_token_id
+    pad_token_id = job_preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
     result = build_trainer(job, info, datasets, num_train_rows, pad_token_id).fit()
     if result.error:
@@ -165,7 +180,10 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str =
     dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))
     batches = dataset.iter_torch_batches(batch_size=job.eval.batch_size or 2 * job.optim.batch_size, collate_fn=collate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_model(model, batches, job.model.task, len(info.labels) if info.labels else None, device)
+    from engine.asr import export_metrics
+
+    metrics = export_metrics(job, model, export_dir, device)
+    return evaluate_model(model, batches, job.model.task, len(info.labels) if info.labels else None, device, metrics=metrics)
 
 
 def write_metrics(job: JobSpec, summary: RunSummary) -> Path:

@@ -30,10 +30,14 @@ def load_exported(model_dir: str | Path, task: str, labels: list[str] | None) ->
 
 
 @torch.no_grad()
-def evaluate_model(model: Any, batches: Iterable[dict[str, torch.Tensor]], task: str, num_labels: int | None, device: str = "cpu") -> dict[str, float]:
-    """Task metrics of ``model`` over ``batches`` (single process)."""
+def evaluate_model(
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], task: str, num_labels: int | None, device: str = "cpu", metrics: Any = None,
+) -> dict[str, float]:
+    """Task metrics of ``model`` over ``batches`` (single process); ``metrics`` replaces the task's default
+    (ASR passes ``engine.asr.build_metrics``, which decodes text)."""
     model.to(device).eval()
-    metrics = TaskMetrics(task, num_labels, torch.device(device))
+    if metrics is None:
+        metrics = TaskMetrics(task, num_labels, torch.device(device))
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         metrics.update(model(**batch), batch)

@@ -10,7 +10,7 @@ from pathlib import Path
 from engine.adapters import merge_adapters
 from engine.checkpoint import load_trainable_state, read_checkpoint
 from engine.config import JobSpec
-from engine.models.loading import load_tokenizer
+from engine.models.speech import job_preprocessors
 from engine.models.prepare import prepare_model
 
 JOB_FILE = "shoulders_job.json"
@@ -26,15 +26,16 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     """
     saved = read_checkpoint(checkpoint_dir)
     job = JobSpec.model_validate(saved["job"])
-    tokenizer = load_tokenizer(job.model.name, job.model.revision)
-    prepared = prepare_model(job, labels, tokenizer.pad_token_id)
+    preprocessors, pad_token_id = job_preprocessors(job)
+    prepared = prepare_model(job, labels, pad_token_id)
     load_trainable_state(prepared.model, saved["weights"])
     model = prepared.model if job.output.export == "adapter" else merge_adapters(prepared.model)
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    for preprocessor in preprocessors:
+        preprocessor.save_pretrained(tmp)
     (tmp / JOB_FILE).write_text(json.dumps({"job": saved["job"], "labels": labels, "metrics": saved["state"].get("metrics")}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -47,3 +47,43 @@ class TaskMetrics:
         if self.classification is not None:
             result.update({k: float(v) for k, v in self.classification.compute().items()})
         return result
+
+
+def normalize_text(text: str) -> str:
+    """Lower case and single spaces, so WER/CER count words, not casing or spacing."""
+    return " ".join(str(text).lower().split())
+
+
+class AsrMetrics:
+    """Loss, word and character error rate of an ASR pass, on decoded text (torchmetrics, reduced across workers).
+
+    Args:
+        decode_predictions: ``(outputs, batch) -> list[str]``: CTC greedy decoding of the logits, or
+            generation for sequence-to-sequence models (see ``engine.asr``).
+        decode_references: ``labels -> list[str]``: the transcripts back from their label ids.
+    """
+
+    def __init__(self, decode_predictions, decode_references, device: torch.device):
+        from torchmetrics.text import CharErrorRate, WordErrorRate
+
+        self.decode_predictions, self.decode_references = decode_predictions, decode_references
+        self.loss = MeanMetric().to(device)
+        self.wer = WordErrorRate().to(device)
+        self.cer = CharErrorRate().to(device)
+        self.examples: list[tuple[str, str]] = []
+
+    @torch.no_grad()
+    def update(self, outputs, batch: dict[str, torch.Tensor]) -> None:
+        """Add one batch: its loss, and the error rates of its decoded predictions against the references."""
+        labels = batch["labels"]
+        self.loss.update(outputs.loss.detach().float(), weight=labels.shape[0])
+        predictions = [normalize_text(t) for t in self.decode_predictions(outputs, batch)]
+        references = [normalize_text(t) for t in self.decode_references(labels)]
+        self.wer.update(predictions, references)
+        self.cer.update(predictions, references)
+        if len(self.examples) < 3:
+            self.examples.extend(list(zip(predictions, references))[: 3 - len(self.examples)])
+
+    def compute(self) -> dict[str, float]:
+        """Loss, WER and CER of the pass (reduced across workers)."""
+        return {"loss": float(self.loss.compute()), "wer": float(self.wer.compute()), "cer": float(self.cer.compute())}

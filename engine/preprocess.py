@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100
+SAMPLE_ID = "sample_id"
+"""Column of integer sample ids kept in the training data when ``data.id_column`` is set (for resume audits)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,6 +56,7 @@ def tokenize_batch(
     text_pair_column: str | None = None,
     label_column: str | None = None,
     labels: list[str] | None = None,
+    id_column: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Tokenize a batch of rows into fixed-length int arrays.
 
@@ -69,11 +72,17 @@ def tokenize_batch(
         out["labels"] = np.where(out["attention_mask"] == 1, out["input_ids"], IGNORE_INDEX)
     elif label_column is not None and labels is not None:
         out["labels"] = encode_labels(batch[label_column], labels)
+    if id_column is not None:
+        out[SAMPLE_ID] = np.asarray(batch[id_column], dtype=np.int64)
     return out
 
 
 def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cut the padding columns that no example in the batch uses (right padding)."""
+    if "input_values" in batch or "input_features" in batch:
+        from engine.preprocess_speech import trim_speech_batch
+
+        return trim_speech_batch(batch)
     mask = batch.get("attention_mask")
     if mask is None or mask.ndim != 2:
         return batch

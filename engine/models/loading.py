@@ -18,20 +18,36 @@ log = logging.getLogger(__name__)
 AUTO_CLASSES: dict[str, str] = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
+    "audio_classification": "AutoModelForAudioClassification",
+    "ctc": "AutoModelForCTC",
+    "speech_seq2seq": "AutoModelForSpeechSeq2Seq",
 }
 """Task -> name of the ``transformers`` Auto class that builds the model with the task's head."""
 
 TASK_MAPPINGS: dict[str, str] = {
     "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "audio_classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
+    "speech_seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
 }
 """Task -> the ``transformers`` table of architectures that support it (checked before any worker starts)."""
 
 HEAD_MODULES: dict[str, tuple[str, ...]] = {
     "sequence_classification": ("classifier", "score"),
     "causal_lm": (),
+    "audio_classification": ("projector", "classifier"),
+    "ctc": ("lm_head",),
+    "speech_seq2seq": (),
 }
 """Task -> attribute names of the task head the engine creates (the first ones present are used)."""
+
+MULTI_PART_HEADS = ("audio_classification",)
+"""Tasks whose head is several modules (wav2vec2/Whisper classifiers: ``projector`` then ``classifier``)."""
+
+BLOCK_STACK_PREFER: dict[str, str] = {"speech_seq2seq": "encoder"}
+"""Task -> which stack ``finetune.freeze_depth`` counts in encoder-decoder models (Whisper: the encoder's
+blocks, bottom first; the decoder stays trainable unless every encoder block is frozen)."""
 
 
 def load_config(name: str, revision: str | None = None) -> Any:
@@ -121,6 +137,7 @@ def load_pretrained(
     revision: str | None = None,
     from_scratch: bool = False,
     pad_token_id: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Any:
     """Load ``name`` with the head for ``task``.
 
@@ -131,6 +148,7 @@ def load_pretrained(
         revision: hub revision.
         from_scratch: build the architecture from its config with random weights.
         pad_token_id: the tokenizer's pad id, needed by decoder classifiers to find the last token.
+        config_overrides: config attributes to set before building (see ``engine.models.speech``).
     """
     import transformers
 
@@ -147,6 +165,8 @@ def load_pretrained(
         setattr(config, key, value)
     if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = pad_token_id
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     if from_scratch:
         model = auto_class.from_config(config)
         log.info("built %s from its config with random weights (from_scratch)", type(model).__name__)
@@ -157,4 +177,5 @@ def load_pretrained(
 
 def head_module_names(model: Any, task: str) -> list[str]:
     """Attribute names of the task head present on ``model`` (empty for tasks that keep their head)."""
-    return [name for name in HEAD_MODULES[task] if hasattr(model, name)][:1]
+    present = [name for name in HEAD_MODULES[task] if hasattr(model, name)]
+    return present if task in MULTI_PART_HEADS else present[:1]

@@ -11,8 +11,9 @@ from torch import nn
 from engine.adapters import apply_adapters
 from engine.config import JobSpec
 from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_depth
-from engine.models.loading import head_module_names, load_pretrained
-from engine.models.surgery import freeze_bottom_blocks, replace_head, trainable_summary
+from engine.models.loading import BLOCK_STACK_PREFER, head_module_names, load_pretrained
+from engine.models.speech import model_config_overrides
+from engine.models.surgery import freeze_bottom_blocks, freeze_feature_encoder, replace_head, trainable_summary
 
 
 @dataclass
@@ -43,12 +44,15 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
             revision=job.model.revision,
             from_scratch=job.model.from_scratch,
             pad_token_id=pad_token_id,
+            config_overrides=model_config_overrides(job),
         )
     head_names = head_module_names(model, job.model.task)
     replace_head(model, head_names, job.seed)
-    stack = find_block_stack(model)
+    stack = find_block_stack(model, prefer=BLOCK_STACK_PREFER.get(job.model.task))
     n_frozen = resolve_freeze_depth(job.finetune.freeze_depth, stack.depth)
     freeze_bottom_blocks(model, stack, n_frozen, head_names, job.finetune.freeze_embeddings)
+    if job.finetune.freeze_feature_encoder:
+        freeze_feature_encoder(model)
     model = apply_adapters(model, job.peft, job.model.task, stack, n_frozen, head_names)
     trainable_summary(model)
     return PreparedModel(model=model, stack=stack, n_frozen=n_frozen, head_names=head_names)

@@ -96,3 +96,31 @@ def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     share = total["trainable"] / max(total["trainable"] + total["frozen"], 1)
     log.info("parameters: %s trainable, %s frozen (%.2f%% trainable)", f"{total['trainable']:,}", f"{total['frozen']:,}", 100 * share)
     return dict(summary)
+
+
+FEATURE_ENCODER_NAMES = ("feature_extractor", "conv1", "conv2")
+"""Module names of speech models' convolutional front ends: wav2vec2/HuBERT/WavLM ``feature_extractor``
+(the conv stack over the waveform), Whisper's encoder ``conv1``/``conv2`` (over the log-mel spectrogram)."""
+
+
+def freeze_feature_encoder(model: nn.Module) -> list[str]:
+    """Freeze the convolutional feature encoder of a speech model, separately from its transformer blocks.
+
+    Returns the names of the frozen modules (empty for models without one, e.g. text models). The
+    wav2vec2 family's own ``_freeze_parameters`` is used where present, so its forward also skips the
+    gradient bookkeeping of the frozen stack.
+    """
+    frozen = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in FEATURE_ENCODER_NAMES or isinstance(module, nn.ModuleList):
+            continue
+        if name.endswith(("conv1", "conv2")) and ".encoder." not in f".{name}":
+            continue
+        if hasattr(module, "_freeze_parameters"):
+            module._freeze_parameters()
+        else:
+            module.requires_grad_(False)
+        frozen.append(name)
+    if frozen:
+        log.info("froze the feature encoder: %s", ", ".join(frozen))
+    return frozen

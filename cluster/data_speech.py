@@ -1,0 +1,94 @@
+"""Ray Data ingest of speech: manifests (csv/jsonl of path + label or transcript) or parquet with audio bytes.
+
+Decoding, resampling and feature extraction run inside ``map_batches`` with the checkpoint's own
+feature extractor (:func:`engine.preprocess_speech.featurize_batch`); rows come out of each block sorted
+by length, so training batches are length-grouped. Relative audio paths are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from cluster.preflight import DataInfo, SplitInfo
+from engine.config import JobSpec
+
+
+def manifest_dir(split: SplitInfo) -> str | None:
+    """The folder relative audio paths of a split are resolved against (its first manifest's folder)."""
+    return os.path.dirname(split.files[0]) if split.files and "://" not in split.files[0] else None
+
+
+def _featurize_rows(batch: dict[str, np.ndarray], model_name: str, revision: str | None, tokenizer_name: str | None,
+                    language: str | None, asr_task: str, **kwargs: Any) -> dict[str, np.ndarray]:
+    from engine.models.speech import load_feature_extractor, load_target_tokenizer
+    from engine.preprocess_speech import featurize_batch
+
+    tokenizer = load_target_tokenizer(tokenizer_name, revision, language, asr_task) if tokenizer_name else None
+    return featurize_batch(batch, feature_extractor=load_feature_extractor(model_name, revision), tokenizer=tokenizer, **kwargs)
+
+
+def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base_dir: str | None, model_name: str | None = None) -> ray.data.Dataset:
+    """Decode, resample and featurise ``ds`` with the checkpoint's feature extractor; only model inputs remain.
+
+    ``model_name``: where the feature extractor and target tokenizer are (default: the job's checkpoint;
+    ``shoulders eval`` passes the exported model folder).
+    """
+    from engine.models.loading import read_config_json
+
+    task = job.model.task
+    asr = task in ("ctc", "speech_seq2seq")
+    source = model_name or job.model.name
+    tokenizer_name = (model_name or job.model.tokenizer or job.model.name) if asr else None
+    start = read_config_json(source, job.model.revision).get("decoder_start_token_id") if task == "speech_seq2seq" else None
+    fn = functools.partial(
+        _featurize_rows,
+        model_name=source,
+        revision=job.model.revision,
+        tokenizer_name=tokenizer_name,
+        language=job.model.language,
+        asr_task=job.model.asr_task,
+        task=task,
+        audio_column=job.data.audio_column,
+        max_seconds=job.data.max_audio_seconds,
+        allow_resample=job.data.resample,
+        base_dir=base_dir,
+        label_column=job.data.label_column if task == "audio_classification" else None,
+        labels=labels,
+        transcript_column=job.data.transcript_column if asr else None,
+        max_label_length=job.data.max_length,
+        decoder_start_token_id=start,
+    )
+    return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
+
+
+def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
+    """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows."""
+    from cluster.data import _select_rows, read_split
+
+    train_split = info.splits["train"]
+    train = read_split(train_split, job.data.rows_per_block)
+    num_train_rows = train_split.num_rows
+    if "validation" in info.splits:
+        validation, val_dir = read_split(info.splits["validation"], job.data.rows_per_block), manifest_dir(info.splits["validation"])
+    else:
+        kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
+        validation, val_dir = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
+        train = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": False}, batch_format="numpy")
+        num_train_rows = train.count()
+    datasets = {
+        "train": featurize(train.randomize_block_order(seed=job.seed), job, info.labels, manifest_dir(train_split)),
+        "validation": featurize(validation, job, info.labels, val_dir),
+    }
+    return datasets, num_train_rows
+
+
+def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str) -> ray.data.Dataset:
+    """A featurised dataset for evaluating an exported model folder on ``split``."""
+    from cluster.data import read_split
+
+    return featurize(read_split(split, job.data.rows_per_block), job, labels, manifest_dir(split), model_name=model_dir)
