@@ -107,15 +107,15 @@ def normalize_transcript(text: str) -> str:
 def build_ctc_vocab(transcripts: list[str], out_dir: str | Path) -> Path:
     """Build a character CTC tokenizer from training transcripts and save it to ``out_dir``.
 
-    Characters are those of :func:`normalize_transcript` (the tokenizer lower-cases its input); spaces
-    become the word delimiter ``|``. Written to a temporary folder and renamed into place.
+    Characters are those of :func:`normalize_transcript`, upper-cased as wav2vec2 CTC vocabularies are
+    (the tokenizer's ``do_lower_case`` upper-cases its input to match); spaces become the word delimiter ``|``. Written to a temporary folder and renamed into place.
     """
     import os
     import shutil
 
     from transformers import Wav2Vec2CTCTokenizer
 
-    chars = sorted({c for text in transcripts for c in normalize_transcript(text)} - {" "})
+    chars = sorted({c for text in transcripts for c in normalize_transcript(text).upper()} - {" "})
     vocab = {**CTC_SPECIALS, **{c: i + len(CTC_SPECIALS) for i, c in enumerate(chars)}}
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
