@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cluster.cli_remote import REMOTE_COMMANDS, add_remote_commands
 from engine.errors import JobError
 
 EXIT_BAD_INPUT = 2
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--rate", type=int, default=None, help="speech: sampling rate of the written audio (default espeak-ng's 22050)")
     data.add_argument("--format", default="csv", choices=["csv", "parquet"], help="speech: wav files + csv manifests, or audio bytes in parquet")
     data.add_argument("--takes", type=int, default=1, help="speech: utterances per word or sentence group per voice")
+    add_remote_commands(sub)  # submit, status, logs, stop, list, cluster
     return parser
 
 
@@ -155,6 +157,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune}
+COMMANDS.update(REMOTE_COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())
