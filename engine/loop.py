@@ -36,7 +36,7 @@ from engine.preprocess import SAMPLE_ID, cached_tokenizer, trim_batch
 from engine.safeguards import Safeguards
 
 log = logging.getLogger(__name__)
-LOG_EVERY_S = 10.0
+LOG_EVERY_S = 5.0
 
 
 class Collate(NumpyBatchCollateFn):
@@ -68,11 +68,11 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens a batch trains on: text's attention-mask sum; for speech, the transcript tokens (ASR) or the clips."""
     if "input_ids" in batch:
         mask = batch.get("attention_mask")
-        return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())
+        return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
     labels = batch.get("labels")
     if labels is not None and labels.ndim == 2:
         return (labels != -100).sum()
-    return torch.tensor(batch_rows(batch))
+    return torch.tensor(batch_rows(batch), device=next(iter(batch.values())).device)
 
 
 def plan_steps(job: JobSpec, num_train_rows: int, world_size: int) -> tuple[int, int]:
@@ -102,6 +102,12 @@ def evaluate(model: nn.Module, shard: Any, job: JobSpec, num_labels: int | None,
         metrics.update(loss_step(model, batch, amp_dtype, device), batch)
     model.train()
     return metrics.compute()
+
+
+def progress_line(step: int, total: int, loss: float, eta_s: float, width: int = 24) -> str:
+    """A log-friendly progress bar: ``step 40/96 [##########--------------]  42%  loss 0.8123  eta 35s``."""
+    done = int(width * step / max(total, 1))
+    return f"step {step}/{total} [{'#' * done}{'-' * (width - done)}] {100 * step / max(total, 1):3.0f}%  loss {loss:.4f}  eta {eta_s:.0f}s"
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
@@ -205,7 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0 and time.perf_counter() - last_log > LOG_EVERY_S:
                 last_log = time.perf_counter()
                 eta = (last_log - started) / state["step"] * (total_steps - state["step"])
-                log.info("step %d/%d  loss %.4f  eta %ds", state["step"], total_steps, outputs.loss.item(), eta)
+                log.info(progress_line(state["step"], total_steps, outputs.loss.item(), eta))
 
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                 throughput = meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
