@@ -120,12 +120,14 @@ def check_space(base_raw: dict[str, Any], space: dict[str, dict[str, list[Any]]]
 
 def compute_concurrency(
     cluster_cpus: float, cluster_gpus: float, num_workers: int, cpus_per_worker: float, use_gpu: bool,
-    data_cpus: float = 0.5, trial_cpus: float = TRIAL_CPUS, requested: int | None = None,
+    data_cpus: float = 1.0, trial_cpus: float = TRIAL_CPUS, requested: int | None = None,
 ) -> int:
     """How many trials can run at once without starving each other or Ray Data.
 
     Every running trial holds ``trial_cpus`` plus its workers' CPUs (and one GPU per worker); ``data_cpus``
-    stay free for Ray Data's read and preprocessing tasks, which otherwise wait forever behind the workers.
+    stay free for Ray Data's read and preprocessing tasks, which otherwise wait forever behind the workers
+    (each of those tasks asks for a whole CPU, so with fractional workers 2 x 0.5 on 2 CPUs leave exactly
+    one, and 2 x 0.51 leave 0.98: a deadlock).
 
     Raises:
         JobError: not even one trial fits.
@@ -170,6 +172,9 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from cluster.trainer import build_trainer
     from engine.preprocess import cached_tokenizer
 
+    from cluster.trainer import ensure_ray
+
+    ensure_ray()  # inside the trial: only quiets Ray Data like the driver
     trial_id = tune.get_context().get_trial_id()
     job = trial_job(base_raw, config["overrides"], f"{base_raw.get('name', 'job')}-{trial_id}", os.path.join(trials_root, trial_id))
     datasets, num_train_rows = build_datasets(job, info)
@@ -233,7 +238,7 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
         param_space={"overrides": {key: to_tune_domain(*next(iter(d.items()))) for key, d in space.items()}},
         tune_config=tune.TuneConfig(
             metric=tune_metric(job), mode=tune_mode(job), num_samples=job.tune.num_samples, scheduler=scheduler,
-            max_concurrent_trials=concurrency, search_alg=BasicVariantGenerator(random_state=job.seed),
+            search_alg=BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrency),
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out), verbose=1),
     )
@@ -338,7 +343,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
 
     started = time.perf_counter()
     raw = merge(read_job_file(job_path), parse_overrides(overrides))
-    job, info = preflight(build_job(raw, job_path), resume=True)
+    job, info = preflight(build_job(raw, job_path))
     check_tune_output(job, resume)
     base_raw = merge(raw, {"model": {"name": job.model.name}, "output": {"dir": str(job.output_dir)}})
     depth = _depth_or_none(job)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import JobError
 
@@ -76,6 +76,9 @@ class DataSpec(Section):
     """Share of the training rows held out for validation when ``data.validation`` is not given."""
     rows_per_block: int = Field(256, gt=0)
     """Target rows per Ray Data block, so small files still stream as several blocks."""
+    id_column: str | None = None
+    """Optional column of integer sample ids. When set, each worker records the ids it trained on in every
+    checkpoint (``rank-<r>/position.json``), so a resumed run can be audited: no sample skipped or seen twice."""
     audio_column: str = "audio"
     """Speech tasks: column with the audio, as a file path (relative paths are relative to the manifest's
     folder), the encoded file's bytes, or a ``{bytes, path}`` struct as Hugging Face datasets write to parquet."""
@@ -172,8 +175,31 @@ class ScalingSpec(Section):
 
 
 class BackendSpec(Section):
-    name: Literal["ddp"] = "ddp"
-    """Distributed backend wrapping the model: ``ddp`` (torch DistributedDataParallel)."""
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    """Distributed backend wrapping the model: ``ddp`` (torch DistributedDataParallel) or ``deepspeed``
+    (ZeRO; batch sizes, accumulation, clipping and precision still come from ``optim``)."""
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients),
+    3 (+ parameters). Left empty, the stage in ``backend.config``, else 2."""
+    offload_optimizer: bool | None = None
+    """DeepSpeed: keep the optimizer state on the CPU (ZeRO >= 1). Left empty, as ``backend.config`` says, else no."""
+    offload_params: bool | None = None
+    """DeepSpeed: keep the parameters on the CPU between uses (ZeRO-3 only). Left empty, as ``backend.config``
+    says, else no."""
+    config: str | dict[str, Any] | None = None
+    """DeepSpeed: path of an existing DeepSpeed JSON config (or its content inline) for settings the job has no
+    key for. It is merged with the job; a value that contradicts the job (micro-batch size, accumulation,
+    clipping, stage, offload, precision) is an error naming both, and ``optimizer``/``scheduler`` sections are
+    refused (the job builds them). A path is read once at validation and carried inline to the workers."""
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read_config_file(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from engine.backends.ds_config import read_ds_json
+
+            return read_ds_json(value)
+        return value
 
 
 class PerfSpec(Section):
@@ -263,8 +289,9 @@ class TuneSpec(Section):
     """ASHA: share of trials kept at each rung is 1 / reduction_factor."""
     max_concurrent_trials: int | None = Field(None, gt=0)
     """Trials running at once; left empty, computed from the cluster's CPUs/GPUs and each trial's workers."""
-    data_cpus: float = Field(0.5, ge=0)
-    """Logical CPUs kept free for Ray Data reads and preprocessing when computing concurrency."""
+    data_cpus: float = Field(1.0, ge=0)
+    """Logical CPUs kept free for Ray Data reads and preprocessing when computing concurrency; at least 1,
+    since each Ray Data task asks for a whole CPU (lower only if your cluster gives Ray Data its own nodes)."""
     metric: str | None = None
     """Validation metric ranking the trials (without ``val_``); left empty, ``eval.metric``."""
     mode: Literal["max", "min"] | None = None
@@ -389,7 +416,25 @@ class JobSpec(Section):
         unfreezing = self.safeguards.unfreeze_every_steps or self.safeguards.unfreeze_every_epochs
         if unfreezing and self.peft.method != "none":
             raise ValueError("safeguards.unfreeze_every_* (gradual unfreezing) needs peft.method 'none': adapters already train every block")
+        self._check_backend(bool(unfreezing))
         return self
+
+    def _check_backend(self, unfreezing: bool) -> None:
+        backend = self.backend
+        if backend.name != "deepspeed":
+            for key in ("zero_stage", "offload_optimizer", "offload_params", "config"):
+                if getattr(backend, key) not in (None, False):
+                    raise ValueError(f"backend.{key} is set but backend.name is '{backend.name}': set backend.name: deepspeed or remove it")
+            return
+        from engine.backends.ds_config import check_ds_config, zero_stage
+
+        if unfreezing:
+            raise ValueError("safeguards.unfreeze_every_* (gradual unfreezing) is not supported with backend.name 'deepspeed': use ddp")
+        if backend.offload_params and zero_stage(backend) != 3:
+            raise ValueError(f"backend.offload_params needs ZeRO stage 3 but backend.zero_stage is {zero_stage(backend)}")
+        if backend.offload_optimizer and zero_stage(backend) == 0:
+            raise ValueError("backend.offload_optimizer needs ZeRO stage 1, 2 or 3 but backend.zero_stage is 0")
+        check_ds_config(self)
 
     # Derived settings: one place decides them.
     @property

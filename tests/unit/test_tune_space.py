@@ -88,23 +88,24 @@ def test_schema_checks_each_domain(tmp_path, domain, message):
 @pytest.mark.parametrize(
     "cpus, gpus, workers, cpw, gpu, expected",
     [
-        (2, 0, 1, 0.5, False, 2),   # this machine: two 1-worker trials, 0.5 CPU left to Ray Data
-        (2, 0, 2, 0.5, False, 1),   # 2 workers x 0.5 take 1 CPU: a second trial would starve the reads
+        (2, 0, 1, 0.45, False, 2),  # this machine: two 1-worker trials, one whole CPU left to Ray Data
+        (2, 0, 1, 0.5, False, 1),   # 2 x 0.51 would leave 0.98 CPU: Ray Data's 1-CPU tasks never start
         (16, 0, 2, 1.0, False, 7),
         (64, 8, 2, 4.0, True, 4),   # GPUs bound it
         (64, 8, 1, 4.0, True, 8),
     ],
 )
-def test_concurrency_leaves_room_for_ray_data(cpus, gpus, workers, cpw, gpu, expected):
-    n = shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, data_cpus=0.5)
+def test_concurrency_leaves_a_whole_cpu_to_ray_data(cpus, gpus, workers, cpw, gpu, expected):
+    n = shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu)
     assert n == expected
-    assert n * (shtune.TRIAL_CPUS + workers * cpw) <= cpus - 0.5
-    assert shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, data_cpus=0.5, requested=1) == 1
+    assert cpus - n * (shtune.TRIAL_CPUS + workers * cpw) >= 1.0
+    assert shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, requested=1) == 1
 
 
 def test_concurrency_refuses_a_trial_that_cannot_fit():
+    # the plain quickstart's 2 workers x 0.5 CPU fill a 2-CPU machine once a trial's own 0.01 CPU is added
     with pytest.raises(JobError, match="scaling.cpus_per_worker"):
-        shtune.compute_concurrency(2, 0, 2, 1.0, False, data_cpus=0.5)
+        shtune.compute_concurrency(2, 0, 2, 0.5, False)
 
 
 def row(trial, overrides, best, stopped, forgetting=0.1):
