@@ -180,6 +180,8 @@ class ThroughputMeter:
         self.n_params, self.n_trainable = matmul_params(inner)
         self.device, self.world_size = device, world_size
         self.peak = peak_flops(device, peak_tflops)
+        if device.type == "cuda":  # peak memory of training, not of building the model
+            torch.cuda.reset_peak_memory_stats(device)
         self.reset()
 
     def reset(self) -> None:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU run of every benchmark case: peers (shared/bench/peer_baseline.py, copied into .peer/),
+# the engine through `shoulders train`'s path with Ray, the same without Ray (+ profile), FP8 on/off
+# parity, and the DeepSpeed GPU check when it exists. JSON and logs land in $OUT; a short table is last.
+#
+# Here, before the call:   bash ../shared/tools/gpu-pack.sh && mkdir -p .peer && cp ../shared/bench/peer_baseline.py .peer/
+# The call:                run(command="bash benchmarks/gpu_all.sh", carry=[".whl", ".ray", ".peer"], timeout_s=420)
+set -uo pipefail
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && tar -xJf .ray/*.tar.xz -C /tmp/site || { echo "install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import torch, importlib
+print("torch", torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for m in ("ray", "liger_kernel", "triton", "deepspeed", "peft", "transformers"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, str(e)[:120])
+EOF
+python3 -m benchmarks.bench --out "$OUT" --work /tmp/bench --mb "${MB:-16}" --warm "${WARM:-4}" --steps "${STEPS:-12}" \
+  --timeout "${CASE_TIMEOUT:-200}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+mkdir -p "$OUT/logs" && cp /tmp/bench/*.log "$OUT/logs/" 2>/dev/null  # at most 8 files come back
+ls -la "$OUT"

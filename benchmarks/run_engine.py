@@ -1,0 +1,188 @@
+"""One engine case, in its own process: ``ray`` runs the job exactly as ``shoulders train`` does (preflight,
+Ray Data read + tokenize + stream, TorchTrainer, the engine's loop); ``plain`` runs the same model, perf
+settings, optimizer and step on the same tokenized batches in a bare loop without Ray (the Ray-overhead
+reference, the FP8-vs-bf16 loss parity check and the profile).
+
+    python -m benchmarks.run_engine --mode ray|plain --job job.json --out result.json [--warm 4] [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def steady_window(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the reports after the first (warm-up) window: tokens over time, not a mean of rates."""
+    steady = history[1:] or history
+    seconds = sum(h["window_s"] for h in steady)
+    out: dict[str, Any] = {
+        "tokens_per_s": sum(h["tokens_per_s"] * h["window_s"] for h in steady) / seconds,
+        "samples_per_s": sum(h["samples_per_s"] * h["window_s"] for h in steady) / seconds,
+        "steady_s": seconds,
+        "train_loss": [h["train_loss"] for h in history],
+    }
+    if all("mfu_pct" in h for h in steady):
+        out["mfu_pct"] = sum(h["mfu_pct"] * h["window_s"] for h in steady) / seconds
+    mems = [h["peak_mem_gib"] for h in history if "peak_mem_gib" in h]
+    if mems:
+        out["peak_mem_gib"] = max(mems)
+    return out
+
+
+def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    """The job through ``preflight`` and ``run_training``, the code path of ``shoulders train``."""
+    import ray
+
+    from cluster.preflight import preflight
+    from cluster.trainer import run_training
+    from engine.config import build_job
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(os.cpu_count() or 2, 4), num_gpus=1 if gpu else 0, include_dashboard=False, configure_logging=False)
+    ray_init_s = time.perf_counter() - t0
+    try:
+        job, info = preflight(build_job(job_dict, "benchmark"))
+        t1 = time.perf_counter()
+        summary = run_training(job, info)
+        wall = time.perf_counter() - t1
+    finally:
+        ray.shutdown()
+    out = steady_window(summary.history)
+    out.update(ray_init_s=round(ray_init_s, 1), fit_wall_s=round(wall, 1), windows=len(summary.history), ray=ray.__version__)
+    return out
+
+
+def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
+    """The job's training rows tokenized and collated exactly as the Ray path does, in micro-batches."""
+    import pyarrow.parquet as pq
+
+    from engine.loop import Collate
+    from engine.preprocess import cached_tokenizer, tokenize_batch
+
+    tokenizer = cached_tokenizer(job.model.name, job.model.revision)
+    texts = pq.read_table(job.data.train).column(job.data.text_column).to_numpy(zero_copy_only=False)[:rows]
+    packing = job.perf.packing and job.model.task == "causal_lm"
+    collate = Collate(job.data.max_length if packing else None, tokenizer.pad_token_id or 0)
+    bs = job.optim.batch_size
+    out = []
+    for i in range(0, len(texts) - bs + 1, bs):
+        encoded = tokenize_batch({"text": texts[i : i + bs]}, tokenizer=tokenizer, task=job.model.task,
+                                 text_column="text", max_length=job.data.max_length)
+        out.append(collate(encoded))
+    return out
+
+
+def profile_steps(step, batches: list[dict[str, Any]], n: int = 2, top: int = 18) -> dict[str, Any]:
+    """Kernel time by name over ``n`` steps, and shares by kind (matmul, attention, Triton, other)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(batches[i % len(batches)])
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
+        if t > 0 and evt.key and not evt.key.startswith("ProfilerStep"):
+            rows.append((evt.key, t / 1000.0 / n, evt.count // n))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    kinds = {"matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "scaled_mm", "cublas", "matmul"), "attention": ("flash", "fmha", "attention", "sdpa"),
+             "triton": ("triton", "liger", "quantize")}
+    share: dict[str, float] = {k: 0.0 for k in [*kinds, "other"]}
+    for name, ms, _ in rows:
+        kind = next((k for k, keys in kinds.items() if any(key in name.lower() for key in keys)), "other")
+        share[kind] += ms
+    return {
+        "gpu_ms_per_step": round(total, 2),
+        "ms_per_step_by_kind": {k: round(v, 2) for k, v in share.items()},
+        "top_kernels": [{"name": name[:120], "ms_per_step": round(ms, 3), "calls_per_step": calls} for name, ms, calls in rows[:top]],
+    }
+
+
+def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) -> dict[str, Any]:
+    """The same model, perf settings, optimizer and step as the engine's loop, without Ray."""
+    import torch
+
+    from cluster.preflight import with_absolute_paths
+    from engine.config import build_job
+    from engine.loop import autocast_dtype, loss_step
+    from engine.models.prepare import prepare_model
+    from engine.optim import build_optimizer, build_param_groups, build_scheduler
+    from engine.perf import ThroughputMeter, apply_perf
+    from engine.preprocess import cached_tokenizer
+
+    job = with_absolute_paths(build_job(job_dict, "benchmark"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = autocast_dtype(job.optim.precision, device)
+    prepared = prepare_model(job, None, cached_tokenizer(job.model.name, job.model.revision).pad_token_id)
+    model = prepared.model.to(device)
+    plan = apply_perf(model, job.perf, job.model.task, device, amp_dtype)
+    groups = build_param_groups(model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
+                                job.finetune.adapter_lr_ratio, job.optim.weight_decay)
+    optimizer = build_optimizer(groups, job.optim.betas, device)
+    scheduler = build_scheduler(optimizer, warm + steps, 0, job.optim.schedule)
+    batches = tokenized_batches(job, job.optim.batch_size * (warm + steps))
+    model.train()
+    losses: list[torch.Tensor] = []
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        outputs = loss_step(model, batch, amp_dtype, device)
+        outputs.loss.backward()
+        if job.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(outputs.loss.detach().float())
+        return batch
+
+    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops)
+    for i in range(warm + steps):
+        if i == warm:
+            meter.reset()
+        batch = step(batches[i % len(batches)])
+        if i >= warm:
+            meter.add(batch)
+    out: dict[str, Any] = meter.read()
+    out["train_loss"] = [round(float(x), 5) for x in torch.stack(losses).cpu()]
+    out["perf_plan"] = {k: v for k, v in plan.__dict__.items()}
+    if profile and device.type == "cuda":
+        out["profile"] = profile_steps(step, batches)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["ray", "plain"], required=True)
+    parser.add_argument("--job", required=True, help="job JSON (as written by benchmarks.bench)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--warm", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    job_dict = json.loads(Path(args.job).read_text())
+    gpu = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    if args.mode == "ray":
+        result = run_ray(job_dict, gpu)
+    else:
+        result = run_plain(job_dict, args.warm, args.steps, args.profile)
+    result["case_wall_s"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("ENGINE_RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("profile", "train_loss")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

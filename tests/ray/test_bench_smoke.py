@@ -1,0 +1,41 @@
+"""CI smoke test of the benchmark's CPU mode: every case runs on tiny shapes and the JSON is complete.
+
+Not a timed test: on CPU the numbers mean nothing, only that the GPU run's code paths work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_smoke_runs_every_case(tmp_path):
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+           "--warm", "1", "--steps", "2", "--timeout", "400"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "bench-cpu-tiny.json").read_text())
+    rows = {r["case"]: r for r in result["rows"]}
+    logs = {p.name: p.read_text()[-2000:] for p in (tmp_path / "work").glob("*.log")}
+    assert set(rows) >= {"loop_lora", "engine_ray", "engine_plain", "engine_plain_alt"}, logs
+    for name in ("loop_lora", "engine_ray", "engine_plain", "engine_plain_alt"):
+        assert "error" not in rows[name], (name, rows[name].get("error"), logs)
+        assert rows[name]["tokens_per_s"] > 0
+    # The engine's Ray row is the real `shoulders train` path: two report windows (warm-up, then timed).
+    assert rows["engine_ray"]["windows"] == 2 and len(rows["engine_ray"]["train_loss"]) == 2
+    # The alternative run flips FP8 on (emulated on CPU) and trains to the same losses within FP8 error.
+    assert rows["engine_plain_alt"]["perf_plan"]["fp8"] and not rows["engine_plain"]["perf_plan"]["fp8"]
+    assert result["summary"]["fp8_parity"]["max_rel_loss_diff"] < 0.05
+    assert result["summary"]["ray_overhead_pct"]["plain_tokens_per_s"] > 0
+    assert result["machine"]["card"] == "cpu" and result["machine"]["torch"]
+    assert result["model_config"]["num_hidden_layers"] == 2
+    assert "engine_ray" in proc.stdout.splitlines()[-6] or "engine_ray" in proc.stdout
