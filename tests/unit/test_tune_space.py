@@ -148,3 +148,17 @@ def test_results_file_best_job_plots_and_report(tmp_path):
 )
 def test_recommendation_terms(n_frozen, method, name):
     assert tune_report.recommendation(n_frozen, 6, method)[0] == name
+
+
+def test_quickstart_tune_job_searches_valid_keys_two_trials_at_a_time_on_two_cores():
+    from pathlib import Path
+
+    from engine.config import read_job_file
+
+    path = Path(__file__).parents[2] / "jobs" / "quickstart_tune.yaml"
+    job = load_job(path)
+    shtune.check_space(read_job_file(path), shtune.search_space(job, depth=6))
+    assert set(job.tune.space) >= {"finetune.freeze_depth", "finetune.backbone_lr_ratio"}
+    n = shtune.compute_concurrency(2, 0, job.scaling.num_workers, job.scaling.cpus_per_worker, False, job.tune.data_cpus)
+    assert n == 2
+    assert job.tune.scheduler == "asha" and job.optim.epochs == load_job(path.with_name("quickstart.yaml")).optim.epochs

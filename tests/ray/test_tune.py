@@ -1,0 +1,215 @@
+"""``shoulders tune`` and the safeguards on a local Ray with tiny models.
+
+- a 2-trial grid over the backbone LR ratio: results file, best job, report and plots; the forgetting delta
+  rises from ratio 0.01 to 1 (issue item 4);
+- gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule (item 5);
+- a backbone pre-trained on random tokens is flagged against its scratch baseline (item 3);
+- the tune driver killed mid-search and ``--resume``d: finished trials are not rerun, the unfinished one
+  continues from its checkpoint (item 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.tune_report import read_results_csv
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+LABELS = ["food", "sport", "tech"]
+
+
+def tiny_job(model, data, out, **sections):
+    raw = {
+        "name": "tiny-tune",
+        "model": {"name": str(model), "labels": LABELS},
+        "data": {**{k: str(v) for k, v in data.items()}, "max_length": 16, "rows_per_block": 64},
+        "finetune": {"strategy": "full", "head_lr": 1e-2, "backbone_lr_ratio": 0.5},
+        "optim": {"epochs": 3, "batch_size": 16, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.45},
+        "output": {"dir": str(out)},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def write_job(path: Path, raw) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, topic_data, tmp_path):
+    out = tmp_path / "out"
+    raw = tiny_job(tiny_bert, topic_data, out, tune={
+        "space": {"finetune.backbone_lr_ratio": {"grid": [0.01, 1.0]}}, "num_samples": 1, "scheduler": "fifo",
+    })
+    assert main(["tune", write_job(tmp_path / "job.yaml", raw)]) == 0
+    rows = read_results_csv(out / "tune_results.csv")
+    assert len(rows) == 2 and {r["finetune.backbone_lr_ratio"] for r in rows} == {"0.01", "1.0"}
+    assert all(r["iterations"] == "3" and r["stopped_early"] == "False" and not r["error"] for r in rows)
+    forgetting = {float(r["finetune.backbone_lr_ratio"]): float(r["forgetting"]) for r in rows}
+    assert 0.0 <= forgetting[0.01] < forgetting[1.0]  # item 4: the backbone LR ratio drives forgetting
+    for name in ("best_job.yaml", "report.md", "metric_vs_lr_ratio.png", "learning_curves.png"):
+        assert (out / name).stat().st_size > 0
+    from engine.config import load_job
+
+    best = load_job(out / "best_job.yaml")
+    assert best.finetune.backbone_lr_ratio == float(rows[0]["finetune.backbone_lr_ratio"])
+    report = (out / "report.md").read_text()
+    assert "forgetting delta" in report and "train/validation loss gap" in report and "Recommendation" in report
+    assert (out / "model" / "config.json").exists()  # the best trial exported and tested
+
+
+def test_gradual_unfreezing_in_two_worker_ddp_run(ray_local, tiny_bert, topic_data, tmp_path):
+    out = tmp_path / "out"
+    raw = tiny_job(tiny_bert, topic_data, out, finetune={"freeze_depth": "all"},
+                   safeguards={"unfreeze_every_steps": 8}, eval={"every_n_steps": 4},
+                   scaling={"num_workers": 2, "cpus_per_worker": 0.5}, optim={"epochs": 2})
+    raw["finetune"].pop("strategy")
+    assert main(["train", write_job(tmp_path / "job.yaml", raw)]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    frozen = [(h["step"], h["frozen_blocks"], h["trainable_params"]) for h in history]
+    # 2 workers x 120 rows / 16 = 8 steps per epoch: evals at 4, 8, 12, 16; one block unfreezes every 8 steps
+    assert [f[1] for f in frozen] == [2, 1, 1, 0]
+    params = [f[2] for f in frozen]
+    assert params[0] < params[1] == params[2] < params[3]
+
+
+@pytest.fixture(scope="module")
+def random_token_backbone(tmp_path_factory):
+    """A tiny BERT pre-trained with masked-LM on uniformly random tokens: pre-training on unrelated data."""
+    import torch
+    import transformers
+
+    import tiny
+
+    path = tmp_path_factory.mktemp("random-token-bert")
+    tokenizer = tiny.tiny_tokenizer(path)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        ids = torch.randint(6, len(tokenizer), (32, 16), generator=generator)
+        labels = torch.randint(6, len(tokenizer), (32, 16), generator=generator)  # targets unrelated to inputs
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.bert.save_pretrained(path)
+    return path
+
+
+def test_backbone_pretrained_on_random_tokens_is_flagged(ray_local, random_token_backbone, topic_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    raw = tiny_job(random_token_backbone, topic_data, out, safeguards={"compare_scratch": True, "track_forgetting": False},
+                   optim={"epochs": 3}, finetune={"head_lr": 3e-3, "backbone_lr_ratio": 1.0})
+    assert main(["train", write_job(tmp_path / "job.yaml", raw)]) == 0
+    printed = capsys.readouterr().out
+    pretrained = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+    scratch = json.loads((out / "scratch" / "metrics.json").read_text())["test"]["accuracy"]
+    from engine.safeguards import transfer_verdict
+
+    verdict = transfer_verdict("accuracy", pretrained, scratch, "max", num_test=60)
+    assert verdict.flagged, (pretrained, scratch)
+    assert f"transfer verdict: {verdict.verdict}" in printed and "negative transfer" in printed
+
+
+def run_cli(args, env, log):
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).parents[2], start_new_session=True)
+
+
+def checkpoints(trial_dir: Path) -> dict[str, tuple[int, float]]:
+    """Checkpoint folder -> (step, modification time) of a trial's Train run."""
+    found = {}
+    for state in trial_dir.glob("train/checkpoint_*/state.json"):
+        try:
+            found[state.parent.name] = (json.loads(state.read_text())["train"]["step"], state.stat().st_mtime)
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+def kill_session(proc: subprocess.Popen, ray_tmp: Path) -> None:
+    """Kill the driver (SIGKILL, no cleanup), then the Ray processes it started (found by their temp dir)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(ray_tmp).encode() in cmdline:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topic_data, tmp_path):
+    out = tmp_path / "out"
+    raw = tiny_job(tiny_bert, topic_data, out, tune={
+        "space": {"finetune.backbone_lr_ratio": {"grid": [0.05, 0.2, 0.8]}}, "num_samples": 1, "scheduler": "fifo",
+        "max_concurrent_trials": 1,
+    })
+    job_path = write_job(tmp_path / "job.yaml", raw)
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "SHOULDERS_DEBUG": json.dumps({"step_sleep_s": 0.15})}  # room to interrupt between a trial's checkpoints
+    env.pop("RAY_ADDRESS", None)
+    planned = 45  # 240 rows / 16 per step x 3 epochs on one worker
+    with open(tmp_path / "first.log", "w") as log:
+        proc = run_cli(["tune", job_path], env, log)
+        try:
+            deadline = time.time() + 420
+            while time.time() < deadline and proc.poll() is None:
+                trials = {d.name: checkpoints(d) for d in (out / "trials").glob("*")} if (out / "trials").exists() else {}
+                done = [t for t, c in trials.items() if any(step == planned for step, _ in c.values())]
+                partial = [t for t, c in trials.items() if c and t not in done]
+                if done and partial:
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, "the search finished before it could be interrupted"
+            assert done and partial, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            kill_session(proc, ray_tmp)
+    killed_at = time.time()
+    before = {d.name: checkpoints(d) for d in (out / "trials").glob("*")}
+    assert not (out / "tune_results.csv").exists()
+
+    with open(tmp_path / "resume.log", "w") as log:
+        proc = run_cli(["tune", job_path, "--resume"], env, log)
+        try:
+            assert proc.wait(timeout=420) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                kill_session(proc, ray_tmp)
+    rows = read_results_csv(out / "tune_results.csv")
+    assert len(rows) == 3 and all(r["last_step"] == str(planned) and not r["error"] for r in rows)
+    after = {d.name: checkpoints(d) for d in (out / "trials").glob("*")}
+    assert set(before) <= set(after) and len(after) == 3
+    for trial in done:  # finished before the kill: untouched, not rerun
+        assert after[trial] == before[trial]
+    for trial in partial:  # unfinished: its checkpoints kept, continued from the latest, no step trained twice
+        assert set(before[trial]) <= set(after[trial])
+        steps = sorted(step for step, _ in after[trial].values())
+        assert steps == sorted(set(steps)) and steps[-1] == planned
+        first_new = min(mtime for name, (_, mtime) in after[trial].items() if name not in before[trial])
+        assert first_new > killed_at
+        assert min(s for s, _ in before[trial].values()) == steps[0]
+    assert "resumed from step" in (tmp_path / "resume.log").read_text()
