@@ -173,9 +173,9 @@ def check_package_size(package: Package, limit: int = MAX_PACKAGE_BYTES) -> None
     for arcname, path in package.files.items():
         key = arcname.split("/")[1]
         by_key[key] = by_key.get(key, 0) + path.stat().st_size
-    biggest = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(by_key.items(), key=lambda kv: -kv[1]))
+    biggest = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_key.items(), key=lambda kv: -kv[1]))
     raise JobError(
-        f"the job's local files total {package.total_bytes / 2**20:.0f} MiB ({biggest}), over Ray's "
+        f"the job's local files total {package.total_bytes / 2**20:.1f} MiB ({biggest}), over Ray's "
         f"{limit / 2**20:.0f} MiB limit for a runtime_env working_dir. Put the big inputs on storage every node "
         "reaches (s3://..., gs://..., or a shared filesystem path) and name that path in the job, or use a hub id "
         "for the model."
