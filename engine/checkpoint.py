@@ -1,26 +1,62 @@
-"""Checkpoints: trainable weights in safetensors, optimizer state via ``torch.save`` loaded with
-``weights_only=True``, everything else JSON. A manifest written last marks a checkpoint complete."""
+"""Checkpoints that restore everything, written atomically, never half-read.
+
+One checkpoint is one folder that every rank writes into (Ray Train merges the ranks' files):
+
+- ``trainable.safetensors`` (rank 0): the full fp32 trainable weights (ZeRO-3 gathers them first); exports
+  and the DDP backend read these.
+- ``state.json`` / ``job.json`` (rank 0): step, epoch, batches consumed in the epoch, best metric, history,
+  the job.
+- the backend's files: ``optimizer.pt`` + ``schedule.json`` (DDP, rank 0) or DeepSpeed's per-rank files.
+- ``rank-<r>/rng.safetensors`` + ``rank-<r>/position.json``: each rank's torch/numpy/python RNG states and
+  the sample ids it consumed (when ``data.id_column`` is set).
+- ``manifest-rank<r>.json``: written last by each rank; lists its files with their sizes. A checkpoint is
+  complete only when all ``world_size`` manifests are there and every listed file has its size.
+
+No pickle from the checkpoint: weights and RNG states are safetensors, state is JSON, the DDP optimizer
+state is read with ``torch.load(weights_only=True)``. (DeepSpeed's own files are read by DeepSpeed.)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 WEIGHTS = "trainable.safetensors"
-OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 JOB = "job.json"
+RNG = "rng.safetensors"
+POSITION = "position.json"
+NAME_PATTERN = re.compile(r"^checkpoint_(\d+)_(\d+)$")
+
+
+def manifest_name(rank: int) -> str:
+    """The manifest file of ``rank``, written last."""
+    return f"manifest-rank{rank}.json"
+
+
+def rank_dir(rank: int) -> str:
+    """The sub-folder with ``rank``'s own state."""
+    return f"rank-{rank}"
+
+
+def checkpoint_name(step: int, restarts: int) -> str:
+    """Folder name of the checkpoint at ``step``; ``restarts`` keeps a re-run step from reusing a folder."""
+    return f"checkpoint_{step:09d}_{restarts:03d}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -44,50 +80,194 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             params[name].copy_(tensor)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Completeness
+
+
+def _manifest(path: Path, rank: int) -> dict[str, Any]:
+    return json.loads((path / manifest_name(rank)).read_text())
+
+
 def is_complete(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint folder has its manifest and every file the manifest lists, at its size."""
+    """Whether every rank's manifest is there and every file they list exists at its recorded size."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError):
+        world_size = int(_manifest(path, 0)["world_size"])
+        for rank in range(world_size):
+            files = _manifest(path, rank)["files"]
+            if not all((path / name).stat().st_size == size for name, size in files.items()):
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def write_checkpoint(
+def _write_manifest(folder: Path, rank: int, world_size: int) -> None:
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith("manifest-rank")
+    }
+    (folder / manifest_name(rank)).write_text(json.dumps({"format": 2, "rank": rank, "world_size": world_size, "files": files}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's torch (CPU and CUDA), numpy and python RNG states, plus named torch generators."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    for name, generator in (generators or {}).items():
+        tensors[f"generator.{name}"] = generator.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, py_state, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(py_state), gauss]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back the states :func:`capture_rng` took."""
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    for name, generator in (generators or {}).items():
+        if f"generator.{name}" in tensors:
+            generator.set_state(tensors[f"generator.{name}"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().view(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = meta["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing and reading
+
+
+def save_checkpoint(
     path: str | os.PathLike,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    backend: Any,
+    rank: int,
+    world_size: int,
     state: dict[str, Any],
     job: dict[str, Any],
+    rank_state: dict[str, Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
-    """Write a complete checkpoint to ``path`` atomically (a temporary sibling renamed into place)."""
+    """Write this rank's part of a checkpoint to ``path`` (a temporary sibling, renamed into place).
+
+    A collective: every rank calls it (ZeRO-3 gathers weights, DeepSpeed saves its partitions).
+    """
     path = Path(path)
+    trainable = backend.trainable_state()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state_dict(model), tmp / WEIGHTS)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    (tmp / JOB).write_text(json.dumps(job, indent=1))
-    files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    (tmp / rank_dir(rank)).mkdir(parents=True)
+    if rank == 0:
+        save_file(trainable, tmp / WEIGHTS)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        (tmp / JOB).write_text(json.dumps(job, indent=1))
+    backend.save(tmp, rank)
+    tensors, meta = capture_rng(generators)
+    save_file(tensors, tmp / rank_dir(rank) / RNG)
+    (tmp / rank_dir(rank) / POSITION).write_text(json.dumps({"rng": meta, **(rank_state or {})}))
+    _write_manifest(tmp, rank, world_size)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a complete checkpoint: ``weights``, ``optimizer`` (or None), ``state`` and ``job``."""
+    """Read the rank-0 part of a complete checkpoint: ``weights``, ``state`` and ``job``."""
     path = Path(path)
     if not is_complete(path):
-        raise ValueError(f"checkpoint '{path}' is incomplete (no manifest or a file of the wrong size)")
-    optimizer = torch.load(path / OPTIMIZER, weights_only=True) if (path / OPTIMIZER).exists() else None
+        raise ValueError(f"checkpoint '{path}' is incomplete (a manifest is missing or a file has the wrong size)")
     return {
         "weights": load_file(path / WEIGHTS),
-        "optimizer": optimizer,
         "state": json.loads((path / STATE).read_text()),
         "job": json.loads((path / JOB).read_text()),
     }
+
+
+def restore_checkpoint(
+    path: str | os.PathLike,
+    *,
+    backend: Any,
+    rank: int,
+    world_size: int,
+    generators: dict[str, torch.Generator] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore weights, optimizer, schedule (through ``backend``) and this rank's RNG states.
+
+    Returns:
+        (the ``state.json`` dict, this rank's position dict).
+
+    Raises:
+        ValueError: the checkpoint is incomplete or was written by a different number of workers.
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"checkpoint '{path}' is incomplete")
+    saved_world = _manifest(path, 0)["world_size"]
+    if saved_world != world_size:
+        raise ValueError(
+            f"checkpoint '{path}' was written by {saved_world} workers but this run has {world_size}: "
+            f"set scaling.num_workers to {saved_world} to resume it exactly"
+        )
+    backend.load(path)
+    position = json.loads((path / rank_dir(rank) / POSITION).read_text())
+    restore_rng(load_file(path / rank_dir(rank) / RNG), position.pop("rng"), generators)
+    return json.loads((path / STATE).read_text()), position
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the checkpoint to resume from
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, restarts) of a checkpoint folder name, or None for other folders."""
+    match = NAME_PATTERN.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def resume_candidates(latest: str, siblings: list[str]) -> list[str]:
+    """Checkpoint folder names to try, newest first: ``latest``, then older checkpoints of the run."""
+    latest_key = checkpoint_order(Path(latest).name)
+    older = [
+        s for s in siblings
+        if checkpoint_order(Path(s).name) is not None and Path(s).name != Path(latest).name
+        and (latest_key is None or checkpoint_order(Path(s).name) < latest_key)
+    ]
+    return [latest] + sorted(older, key=lambda s: checkpoint_order(Path(s).name), reverse=True)
+
+
+@contextlib.contextmanager
+def open_latest_complete(checkpoint: Any) -> Iterator[Path | None]:
+    """A local folder with the newest *complete* checkpoint at or before Ray Train's ``checkpoint``.
+
+    A checkpoint cut short while it was written (a manifest missing, a file of the wrong size) is
+    skipped with a warning and the previous complete one of the same run is used. ``checkpoint`` is a
+    ``ray.train.Checkpoint`` (duck-typed: ``path``, ``filesystem``, ``as_directory``), or None.
+    """
+    if checkpoint is None:
+        yield None
+        return
+    import pyarrow.fs
+
+    parent = str(Path(checkpoint.path).parent)
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    siblings = [info.path for info in infos if info.type == pyarrow.fs.FileType.Directory]
+    for candidate in resume_candidates(checkpoint.path, siblings):
+        with type(checkpoint)(path=candidate, filesystem=checkpoint.filesystem).as_directory() as folder:
+            if is_complete(folder):
+                yield Path(folder)
+                return
+        log.warning("checkpoint '%s' is incomplete (cut short while written); skipping it", candidate)
+    raise ValueError(f"no complete checkpoint in '{parent}' to resume from")

@@ -1,0 +1,104 @@
+"""Plain data parallelism: torch ``DistributedDataParallel`` (or the bare model on one worker)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.checkpoint import WEIGHTS, load_trainable_state
+from engine.config import JobSpec
+from engine.optim import build_optimizer, build_scheduler
+
+OPTIMIZER = "optimizer.pt"
+SCHEDULE = "schedule.json"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the job's ``optim.precision`` on ``device`` (None: full fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class DDPBackend:
+    """Torch AdamW over the LR-ratio groups, autocast mixed precision, gradient accumulation with
+    ``no_sync``, global-norm clipping. Rank 0 saves the (replicated) optimizer state."""
+
+    def __init__(
+        self, job: JobSpec, model: nn.Module, groups: list[dict[str, Any]], total_steps: int, warmup_steps: int,
+        device: torch.device, world_size: int,
+    ) -> None:
+        self.module, self.device, self.world_size = model, device, world_size
+        self.accum, self.max_grad_norm = job.optim.grad_accum, job.optim.max_grad_norm
+        self.amp_dtype = autocast_dtype(job.optim.precision, device)
+        self.optimizer = build_optimizer(groups, job.optim.betas, device)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, job.optim.schedule)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.micro = 0
+        self.rewrap()
+
+    def rewrap(self) -> None:
+        """Wrap ``module`` in DDP (again, after its trainable set changed); a bare module on one worker."""
+        if self.world_size == 1:
+            self.model = self.module
+        else:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with ctx:
+            return self.model(**batch)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> Any:
+        self.micro += 1
+        boundary = self.micro % self.accum == 0
+        sync = nullcontext() if boundary or self.model is self.module else self.model.no_sync()
+        with sync:
+            outputs = self.forward(batch)
+            self.scaler.scale(outputs.loss / self.accum).backward()
+        return outputs
+
+    def step(self) -> bool:
+        if self.micro % self.accum:
+            return False
+        if self.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def group_lrs(self) -> dict[str, float]:
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu").contiguous() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def save(self, folder: Path, rank: int) -> None:
+        if rank != 0:
+            return
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
+        schedule = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "micro": self.micro}
+        (folder / SCHEDULE).write_text(json.dumps(schedule))
+
+    def load(self, folder: Path) -> None:
+        load_trainable_state(self.module, load_file(folder / WEIGHTS, device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=self.device, weights_only=True))
+        schedule = json.loads((folder / SCHEDULE).read_text())
+        self.scheduler.load_state_dict(schedule["scheduler"])
+        if schedule["scaler"]:
+            self.scaler.load_state_dict(schedule["scaler"])
+        self.micro = schedule["micro"]

@@ -1,0 +1,42 @@
+"""Fault injection for recovery tests: kill a worker or slow the steps down, driven by ``SHOULDERS_DEBUG``.
+
+``SHOULDERS_DEBUG`` is a JSON object read on the driver (:func:`debug_hooks`) and handed to the workers
+in the train-loop config, so it reaches them on any cluster. Keys:
+
+- ``kill_at_step`` / ``kill_rank`` / ``kill_marker``: after optimizer step ``kill_at_step`` the worker of
+  rank ``kill_rank`` SIGKILLs itself, once (it first creates the ``kill_marker`` file; an existing marker
+  disarms the hook, so the restarted worker carries on). ``kill_delay_s`` waits first, so Ray Train's
+  controller (which polls workers every 2 s) has registered the checkpoint reported just before.
+- ``step_sleep_s``: sleep this long after every optimizer step (lets a test kill the driver mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+ENV = "SHOULDERS_DEBUG"
+
+
+def debug_hooks() -> dict[str, Any]:
+    """The fault-injection settings from ``SHOULDERS_DEBUG`` (empty when unset)."""
+    raw = os.environ.get(ENV)
+    return json.loads(raw) if raw else {}
+
+
+def after_step(hooks: dict[str, Any] | None, rank: int, step: int) -> None:
+    """Apply the hooks after optimizer step ``step`` on worker ``rank``."""
+    if not hooks:
+        return
+    if hooks.get("step_sleep_s"):
+        time.sleep(float(hooks["step_sleep_s"]))
+    if hooks.get("kill_at_step") == step and hooks.get("kill_rank", 0) == rank:
+        marker = Path(hooks["kill_marker"])
+        if not marker.exists():
+            time.sleep(float(hooks.get("kill_delay_s", 0)))
+            marker.write_text(f"rank {rank} killed itself after step {step}\n")
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,141 @@
+"""Helpers for the resume and recovery tests: a dataset with sample ids, reading a run's final state."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tiny import FILLER, WORDS
+
+
+def write_id_data(folder: Path, rows: int = 120, seed: int = 3) -> dict[str, str]:
+    """Parquet train/validation splits of (id, text, label); train in 3 files so it streams as several blocks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows_of(n: int, start: int) -> dict[str, list]:
+        labels = [rng.choice(sorted(WORDS)) for _ in range(n)]
+        texts = [" ".join(rng.choice(WORDS[y] if rng.random() < 0.4 else FILLER) for _ in range(10)) for y in labels]
+        return {"id": list(range(start, start + n)), "text": texts, "label": labels}
+
+    train = rows_of(rows, 0)
+    (folder / "train").mkdir(exist_ok=True)
+    step = rows // 3
+    for i in range(3):
+        pq.write_table(pa.table({k: v[i * step:(i + 1) * step] for k, v in train.items()}), folder / "train" / f"part-{i}.parquet")
+    pq.write_table(pa.table(rows_of(rows // 4, 10_000)), folder / "validation.parquet")
+    return {"train": str(folder / "train"), "validation": str(folder / "validation.parquet")}
+
+
+def write_job(path: Path, raw: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def run_dir(out: Path) -> Path:
+    return out / "train"
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first."""
+    return sorted(p for p in run_dir(out).glob("checkpoint_*") if p.is_dir())
+
+
+def final_state(out: Path) -> dict[str, Any]:
+    """Trainable weights, train state and each rank's consumed sample ids of a run's newest checkpoint."""
+    from safetensors.torch import load_file
+
+    last = checkpoints(out)[-1]
+    state = json.loads((last / "state.json").read_text())
+    manifest = json.loads((last / "manifest-rank0.json").read_text())
+    ids = [json.loads((last / f"rank-{r}" / "position.json").read_text())["sample_ids"] for r in range(manifest["world_size"])]
+    return {"folder": last, "weights": load_file(last / "trainable.safetensors"), "state": state, "ids": ids}
+
+
+def assert_same_training(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Bit-for-bit equal weights, equal losses at every evaluation and the same sample ids in the same order."""
+    import torch
+
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+    losses = lambda s: [(h["step"], h["train_loss"], h["val_loss"]) for h in s["state"]["train"]["history"]]  # noqa: E731
+    assert losses(a) == losses(b)
+    assert a["ids"] == b["ids"]
+
+
+def assert_each_id_once_per_epoch(ids_per_rank: list[list[int]], epochs: int, rows_per_rank: int) -> None:
+    """Every rank consumed ``rows_per_rank`` distinct ids per epoch, the same set each epoch, none shared."""
+    seen = set()
+    for ids in ids_per_rank:
+        assert len(ids) == epochs * rows_per_rank
+        per_epoch = [ids[e * rows_per_rank:(e + 1) * rows_per_rank] for e in range(epochs)]
+        assert all(len(set(chunk)) == rows_per_rank for chunk in per_epoch)  # no id twice within an epoch
+        assert all(set(chunk) == set(per_epoch[0]) for chunk in per_epoch)  # none skipped
+        assert not seen & set(per_epoch[0])  # ranks' shards are disjoint
+        seen |= set(per_epoch[0])
+
+
+def start_driver(job_path: str, tmp: Path, debug: dict[str, Any], *args: str) -> subprocess.Popen:
+    """``shoulders train`` in its own process group with its own Ray (so the test can kill all of it)."""
+    env = dict(os.environ, RAY_TMPDIR=str(tmp / "ray-driver"), SHOULDERS_DEBUG=json.dumps(debug), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    (tmp / "ray-driver").mkdir(exist_ok=True)
+    log = open(tmp / "driver.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "train", job_path, *args],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).parents[2],
+    )
+
+
+def kill_driver(proc: subprocess.Popen, ray_tmp: Path) -> None:
+    """SIGKILL the driver's process group, then any Ray process still running from its own temp folder."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    time.sleep(1)
+    for pid in _pids_using(str(ray_tmp)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pids_using(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            environ = (entry / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline or f"RAY_TMPDIR={marker}" in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

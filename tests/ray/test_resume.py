@@ -1,0 +1,96 @@
+"""Exact resume: a worker SIGKILLed mid-epoch, a driver killed and resumed with ``--resume``, and a
+checkpoint cut short while written. Each run must end bit-for-bit where an uninterrupted run ends, having
+trained on every sample id exactly once per epoch.
+
+2 CPU workers x 0.5 CPU, tiny BERT (dropout on), 120 training rows -> 60 per worker, 8 micro-batches of 8
+per epoch, 2 micro-batches per optimizer step -> 4 steps per epoch, 2 epochs; a checkpoint every 2 steps,
+so step 2 and step 6 checkpoints are in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from resume_helpers import (
+    assert_each_id_once_per_epoch, assert_same_training, checkpoints, final_state, kill_driver, start_driver, wait_for,
+    write_id_data, write_job,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+EPOCHS, ROWS_PER_RANK = 2, 60
+
+
+@pytest.fixture(scope="module")
+def id_data(tmp_path_factory):
+    return write_id_data(tmp_path_factory.mktemp("id-data"))
+
+
+def resume_job(model, data, out, **scaling) -> dict:
+    return {
+        "name": "resume",
+        "model": {"name": str(model), "labels": ["food", "sport", "tech"]},
+        "data": {**data, "max_length": 16, "rows_per_block": 20, "id_column": "id"},
+        "finetune": {"freeze_depth": 1, "head_lr": 5e-3, "backbone_lr_ratio": 0.5},
+        "optim": {"epochs": EPOCHS, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.25},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, **scaling},
+        "eval": {"every_n_steps": 2},
+        "output": {"dir": str(out), "keep_checkpoints": 10, "export": "none"},
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tiny_bert, id_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    assert main(["train", write_job(tmp / "job.yaml", resume_job(tiny_bert, id_data, tmp / "out"))]) == 0
+    return final_state(tmp / "out")
+
+
+def test_uninterrupted_run_sees_each_id_once_per_epoch(uninterrupted):
+    assert uninterrupted["state"]["train"]["step"] == 8
+    assert_each_id_once_per_epoch(uninterrupted["ids"], EPOCHS, ROWS_PER_RANK)
+
+
+def test_worker_sigkilled_mid_epoch_recovers_exactly(ray_local, tiny_bert, id_data, uninterrupted, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("SHOULDERS_DEBUG", json.dumps({"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6}))
+    job = resume_job(tiny_bert, id_data, tmp_path / "out", max_failures=1)
+    assert main(["train", write_job(tmp_path / "job.yaml", job)]) == 0
+    assert marker.exists()  # the worker really died after step 3 ...
+    restarted = [p.name for p in checkpoints(tmp_path / "out") if p.name.endswith("_001")]
+    assert restarted and restarted[0] == "checkpoint_000000004_001"  # ... and the run went on from step 2
+    recovered = final_state(tmp_path / "out")
+    assert recovered["state"]["train"]["restarts"] == 1
+    assert_same_training(recovered, uninterrupted)
+    assert_each_id_once_per_epoch(recovered["ids"], EPOCHS, ROWS_PER_RANK)
+
+
+def test_killed_driver_resumes_exactly_past_a_truncated_checkpoint(ray_local, tiny_bert, id_data, uninterrupted, tmp_path, caplog):
+    out = tmp_path / "out"
+    job_path = write_job(tmp_path / "job.yaml", resume_job(tiny_bert, id_data, out))
+    proc = start_driver(job_path, tmp_path, {"step_sleep_s": 1.0})
+    try:
+        done = lambda: (out / "train" / "checkpoint_000000004_000" / "manifest-rank1.json").exists()  # noqa: E731
+        wait_for(done, timeout=240, proc=proc, what="the step-4 checkpoint")
+        snapshot = out / "train" / "checkpoint_manager_snapshot.json"
+        wait_for(lambda: "checkpoint_000000004_000" in snapshot.read_text(), timeout=30, what="Ray to register it")
+    finally:
+        kill_driver(proc, tmp_path / "ray-driver")
+    assert not (out / "metrics.json").exists()
+    # Without --resume the unfinished run is refused; with it, training continues.
+    assert main(["train", job_path]) == 2
+    # Cut the newest checkpoint short, as a crash while writing it would: the resume must skip it.
+    newest = checkpoints(out)[-1]
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["train", job_path, "--resume"]) == 0
+    names = [p.name for p in checkpoints(out)]
+    step = int(newest.name.split("_")[1])
+    assert f"checkpoint_{step:09d}_001" in names  # the truncated step was trained again from the one before
+    resumed = final_state(out)
+    assert resumed["state"]["train"]["restarts"] == 1
+    assert_same_training(resumed, uninterrupted)
+    assert_each_id_once_per_epoch(resumed["ids"], EPOCHS, ROWS_PER_RANK)

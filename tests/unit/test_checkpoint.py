@@ -1,0 +1,151 @@
+"""Checkpoints: complete only with every rank's manifest, RNG states round-trip, a truncated checkpoint is
+skipped for the previous complete one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs
+import pytest
+import torch
+from torch import nn
+
+from engine.backends.ddp import DDPBackend
+from engine.checkpoint import (
+    WEIGHTS, capture_rng, checkpoint_name, is_complete, open_latest_complete, read_checkpoint, restore_checkpoint,
+    restore_rng, resume_candidates, save_checkpoint,
+)
+from engine.config import build_job
+
+
+class TinyOut:
+    def __init__(self, loss):
+        self.loss = loss
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x, labels):
+        return TinyOut(nn.functional.cross_entropy(self.head(torch.relu(self.frozen(x))), labels))
+
+
+def make_backend(seed: int = 0) -> DDPBackend:
+    torch.manual_seed(seed)
+    model = Tiny()
+    job = build_job({"model": {"name": "x"}, "data": {"train": "t"}, "optim": {"grad_accum": 2}})
+    groups = [{"name": "head", "params": list(model.head.parameters()), "lr": 0.1, "initial_lr": 0.1, "weight_decay": 0.0}]
+    return DDPBackend(job, model, groups, total_steps=10, warmup_steps=2, device=torch.device("cpu"), world_size=1)
+
+
+def train_steps(backend: DDPBackend, n: int) -> None:
+    for _ in range(n * 2):
+        x = torch.randn(8, 4)
+        backend.forward_backward({"x": x, "labels": (x.sum(1) > 0).long()})
+        backend.step()
+
+
+def write(tmp_path: Path, name: str, backend: DDPBackend, step: int) -> Path:
+    return save_checkpoint(
+        tmp_path / name, backend=backend, rank=0, world_size=1, state={"train": {"step": step}},
+        job={"name": "t"}, rank_state={"sample_ids": [1, 2]},
+    )
+
+
+def test_save_restore_continues_bit_for_bit(tmp_path):
+    a = make_backend()
+    train_steps(a, 3)
+    folder = write(tmp_path, checkpoint_name(3, 0), a, 3)
+    assert is_complete(folder)
+    train_steps(a, 2)  # the uninterrupted continuation
+
+    b = make_backend()  # the same pre-trained (frozen) weights, a different head and RNG state
+    with torch.no_grad():
+        b.module.head.weight.add_(1.0)
+    torch.manual_seed(123)
+    state, position = restore_checkpoint(folder, backend=b, rank=0, world_size=1)
+    assert state == {"train": {"step": 3}} and position == {"sample_ids": [1, 2]}
+    train_steps(b, 2)
+    for (name, pa), (_, pb) in zip(a.module.named_parameters(), b.module.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert b.group_lrs() == a.group_lrs() and b.scheduler.last_epoch == a.scheduler.last_epoch == 5
+
+
+def test_frozen_weights_stay_out_of_the_checkpoint(tmp_path):
+    folder = write(tmp_path, "c", make_backend(), 0)
+    assert set(read_checkpoint(folder)["weights"]) == {"head.weight", "head.bias"}
+
+
+def test_rng_states_round_trip():
+    generator = torch.Generator().manual_seed(5)
+    tensors, meta = capture_rng({"g": generator})
+    expected = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=generator))
+    torch.manual_seed(99), np.random.seed(99), random.seed(99), generator.manual_seed(99)
+    restore_rng(tensors, json.loads(json.dumps(meta)), {"g": generator})
+    again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=generator))
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+
+
+def test_checkpoint_is_incomplete_without_every_rank_or_with_a_short_file(tmp_path):
+    folder = write(tmp_path, "c", make_backend(), 0)
+    manifest = json.loads((folder / "manifest-rank0.json").read_text())
+    manifest["world_size"] = 2  # rank 1's part never arrived
+    (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
+    assert not is_complete(folder)
+    manifest["world_size"] = 1
+    (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
+    assert is_complete(folder)
+    weights = folder / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert not is_complete(folder)
+    with pytest.raises(ValueError, match="incomplete"):
+        read_checkpoint(folder)
+
+
+def test_restore_refuses_another_world_size(tmp_path):
+    folder = write(tmp_path, "c", make_backend(), 0)
+    with pytest.raises(ValueError, match="scaling.num_workers to 1"):
+        restore_checkpoint(folder, backend=make_backend(), rank=0, world_size=2)
+
+
+def test_resume_candidates_newest_first_and_never_newer():
+    names = [checkpoint_name(s, r) for s, r in [(2, 0), (4, 0), (6, 0), (4, 1)]] + ["other"]
+    assert resume_candidates(checkpoint_name(4, 1), names) == [checkpoint_name(4, 1), checkpoint_name(4, 0), checkpoint_name(2, 0)]
+
+
+class FakeCheckpoint:
+    """What ``ray.train.Checkpoint`` offers the resume logic: ``path``, ``filesystem``, ``as_directory``."""
+
+    def __init__(self, path, filesystem):
+        self.path, self.filesystem = path, filesystem
+
+    @contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complete_one(tmp_path, caplog):
+    backend = make_backend()
+    older = write(tmp_path, checkpoint_name(2, 0), backend, 2)
+    newest = write(tmp_path, checkpoint_name(4, 0), backend, 4)
+    (newest / "manifest-rank0.json").unlink()  # the write was cut short before the manifest
+    with caplog.at_level(logging.WARNING), open_latest_complete(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) as folder:
+        assert folder == older
+    assert "incomplete" in caplog.text and checkpoint_name(4, 0) in caplog.text
+
+    with open_latest_complete(None) as folder:
+        assert folder is None
+    (older / WEIGHTS).write_bytes(b"")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        with open_latest_complete(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())):
+            pass
