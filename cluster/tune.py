@@ -356,7 +356,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
         test = test_best(outcome, info)
         if job.safeguards.compare_scratch and test:
             verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch")
-    write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started)
+    write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started, job_path)
     return outcome
 
 
@@ -401,7 +401,7 @@ def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float], o
 
 
 def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: dict[str, float] | None, verdict: Any,
-                  elapsed_s: float) -> None:
+                  elapsed_s: float, job_path: str = "JOB.yaml") -> None:
     """tune_results.csv, best_job.yaml, the plots and report.md; then the ranked table on the terminal."""
     from cluster.tune_report import plot_results, print_ranked, write_best_job, write_report, write_results_csv
 
@@ -410,7 +410,7 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
     if outcome.best_job is not None:
         write_best_job(out / "best_job.yaml", outcome.best_job, out)
     plots = plot_results(out, outcome.trials, outcome.histories, tune_metric(job), depth)
-    report = write_report(out, job, outcome, depth, test, verdict, plots, elapsed_s)
+    report = write_report(out, job, outcome, depth, test, verdict, plots, elapsed_s, job_path)
     print_ranked(outcome.trials, tune_metric(job))
     if verdict is not None:
         print(f"transfer gain on test {verdict.metric}: {verdict.gain:+.4f} ({verdict.verdict})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))

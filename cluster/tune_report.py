@@ -131,7 +131,7 @@ def resolve_value(key: str, value: Any, depth: int | None) -> float | None:
 
 def write_report(
     out_dir: Path, job: JobSpec, outcome: Any, depth: int | None, test: dict[str, float] | None,
-    verdict: Any | None, plots: list[Path], elapsed_s: float | None = None,
+    verdict: Any | None, plots: list[Path], elapsed_s: float | None = None, job_path: str = "JOB.yaml",
 ) -> Path:
     """``report.md``: the chosen strategy, freeze depth and LR ratio, gain over scratch, forgetting, train/val
     gap, the recommendation and the ranked trials."""
@@ -153,7 +153,7 @@ def write_report(
         name, advice = recommendation(n_frozen, depth, best_job.peft.method) if depth else ("?", "")
         lines += [
             "## Best trial", "",
-            f"- trial `{best['trial_id']}`: `shoulders train {job.name}.yaml {best['command']}` (or `shoulders train best_job.yaml`)",
+            f"- trial `{best['trial_id']}`: `shoulders train {job_path} {best['command']}` (or `shoulders train best_job.yaml`)",
             f"- strategy: **{name}** (finetune.strategy `{best_job.finetune.strategy}`, peft `{best_job.peft.method}`)",
             f"- freeze depth: {best_job.finetune.freeze_depth}" + (f" = {n_frozen} of {depth} blocks frozen" if depth else ""),
             f"- backbone LR ratio: {best_job.finetune.backbone_lr_ratio:.4g} (head LR {best_job.finetune.head_lr:.3g})",
@@ -162,7 +162,11 @@ def write_report(
         if test:
             lines.append("- test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         if best.get("forgetting") is not None:
-            lines.append(f"- forgetting delta (retention set, last evaluation vs step 0): {best['forgetting']:.4f}")
+            from engine.safeguards import forgetting_measure
+
+            unit = {"cka": "1 - linear CKA of pooled backbone features vs the pre-trained model; 0 = unchanged, 1 = unrelated",
+                    "lm_loss": "increase of the source LM loss in nats"}[forgetting_measure(best_job)]
+            lines.append(f"- forgetting delta (retention set, last evaluation vs step 0; {unit}): {best['forgetting']:.4f}")
         if best.get("train_val_gap") is not None:
             lines.append(f"- train/validation loss gap (last evaluation): {best['train_val_gap']:.4f}")
         if verdict is not None:
@@ -200,4 +204,4 @@ def print_ranked(rows: list[dict[str, Any]], metric: str) -> None:
         table.add_row(str(rank), r["trial_id"], r["command"], "-" if r["best"] is None else f"{r['best']:.4f}",
                       str(r["iterations"]), "yes" if r["stopped_early"] else "no",
                       "-" if r["forgetting"] is None else f"{r['forgetting']:.4f}")
-    Console().print(table)
+    Console(width=160).print(table)
