@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("RAY_TMPDIR", str(work / "ray"))
+    if args.tiny:
+        env.setdefault("OMP_NUM_THREADS", "1")  # CPU smoke: one thread per process, as Ray's workers have
+    env.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="sb-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     cases = args.cases.split(",")
     t0 = time.perf_counter()
     info = versions()

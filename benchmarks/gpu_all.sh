@@ -14,8 +14,8 @@ if [ -d .whl ]; then
     && tar -xJf .ray/*.tar.xz -C /tmp/site || { echo "install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee "$OUT/bench.log"
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
 import torch, importlib
 print("torch", torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())
 for m in ("ray", "liger_kernel", "triton", "deepspeed", "peft", "transformers"):
@@ -25,6 +25,8 @@ for m in ("ray", "liger_kernel", "triton", "deepspeed", "peft", "transformers"):
         print(m, "MISSING", type(e).__name__, str(e)[:120])
 EOF
 python3 -m benchmarks.bench --out "$OUT" --work /tmp/bench --mb "${MB:-16}" --warm "${WARM:-4}" --steps "${STEPS:-12}" \
-  --timeout "${CASE_TIMEOUT:-200}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  --timeout "${CASE_TIMEOUT:-200}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+# Ray Data ingest on this machine's CPUs: a dataset larger than the object store (no GPU involved).
+RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --out "$OUT" --cpus 8 --store-mib 200 --files 24 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
 mkdir -p "$OUT/logs" && cp /tmp/bench/*.log "$OUT/logs/" 2>/dev/null  # at most 8 files come back
-ls -la "$OUT"
+echo "=== table ==="; awk '/^case /{p=1} p' "$OUT/bench.log"

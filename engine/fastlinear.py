@@ -87,7 +87,7 @@ def _triton_agrees(x: torch.Tensor) -> bool:
         q0, s0 = _quantize_rowwise_torch(sample)
         try:
             q1, s1 = quantize_rowwise_triton(sample)
-            ok = torch.allclose(s1, s0, rtol=1e-5) and bool((q1.float() - q0.float()).abs().le(q0.float().abs() * 0.126 + 1e-6).all())
+            ok = torch.allclose(s1, s0, rtol=1e-5) and bool((q1.float() - q0.float()).abs().le(q0.float().abs() * 0.126 + 0.02).all())
         except Exception as exc:  # a Triton that cannot compile here
             log.warning("Triton FP8 quantization failed (%s); using the torch path", exc)
             ok = False
