@@ -40,7 +40,8 @@ def pack_batch(batch: dict[str, np.ndarray], max_length: int, pad_token_id: int 
         pad_token_id: id written into the unused tail of a packed row (never attended, never a target).
 
     Returns:
-        ``input_ids``, ``labels`` and ``position_ids`` of shape (packed rows, longest packed row).
+        ``input_ids``, ``labels`` and ``position_ids`` of shape (packed rows, longest packed row), and the
+        batch's 1-D per-example columns as they were.
     """
     mask = batch["attention_mask"].astype(bool)
     lengths = [max(int(n), 1) for n in mask.sum(axis=1)]
@@ -62,7 +63,12 @@ def pack_batch(batch: dict[str, np.ndarray], max_length: int, pad_token_id: int 
             at += n
         # The tail restarts at position 0: a segment of its own that nothing attends to.
         positions[row, at:] = np.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+    packed = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    # Per-example columns (e.g. the sample ids that resume uses) pass through unchanged.
+    for key, value in batch.items():
+        if key not in packed and key != "attention_mask" and np.ndim(value) == 1:
+            packed[key] = value
+    return packed
 
 
 def group_by_length(batch: dict[str, np.ndarray], micro_batch: int, seed: int) -> list[dict[str, np.ndarray]]:

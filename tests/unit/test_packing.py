@@ -27,8 +27,11 @@ def test_first_fit_decreasing_respects_capacity_and_keeps_every_example():
 
 
 def test_pack_batch_layout():
-    packed = pack_batch(padded_batch([5, 3, 2, 6], width=8), max_length=8)
+    batch = padded_batch([5, 3, 2, 6], width=8)
+    batch["sample_id"] = np.array([10, 11, 12, 13])
+    packed = pack_batch(batch, max_length=8)
     assert packed["input_ids"].shape == (2, 8)
+    assert packed["sample_id"].tolist() == [10, 11, 12, 13] and "attention_mask" not in packed
     pos = packed["position_ids"]
     assert sorted(int(x) for x in (pos == 0).sum(axis=1)) == [2, 2]  # two examples start in each row
     assert (packed["labels"][pos == 0] == IGNORE_INDEX).all()  # no example's first token is a target
