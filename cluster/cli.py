@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("job", help="job YAML file (its tune: section sets the search)")
     tune.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search in the job's output folder")
+    tune.add_argument("--address", help="submit the search to this Ray cluster's Jobs API (like `shoulders submit --command tune`)")
 
     data = sub.add_parser("data", help="build offline datasets")
     data.add_argument(
@@ -150,6 +151,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.address:
+        from cluster.cli_remote import submit_command
+
+        return submit_command(args.job, args.overrides, args.address, command="tune")
     from cluster.tune import run_tune
 
     run_tune(args.job, args.overrides, resume=args.resume)

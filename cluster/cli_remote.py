@@ -21,6 +21,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit with its state")
     submit.add_argument("--pip", action="store_true", help="declare the Python packages in the runtime env (the cluster installs them)")
     submit.add_argument("--no-ship-code", action="store_true", help="use the shoulders installed on the cluster instead of this checkout")
+    submit.add_argument("--command", choices=["train", "tune"], default="train", help="what the cluster runs: a training run or a search")
 
     for name, text in (("status", "state of a submitted job"), ("logs", "logs of a submitted job"), ("stop", "stop a submitted job")):
         command = sub.add_parser(name, help=text)
@@ -48,13 +49,19 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    return submit_command(args.job, args.overrides, args.address, args.command, args.wait, not args.no_ship_code, args.pip)
+
+
+def submit_command(job: str, overrides: list[str], address: str | None, command: str = "train", wait: bool = False,
+                   ship_code: bool = True, pip: bool = False) -> int:
+    """Submit ``shoulders <command> job`` to the cluster and print the job id (``shoulders tune --address`` too)."""
     from cluster import submit as remote
 
-    job_id = remote.submit(args.job, args.overrides, args.address, ship_code=not args.no_ship_code, pip=args.pip)
+    job_id = remote.submit(job, overrides, address, command=command, ship_code=ship_code, pip=pip)
     print(job_id)
-    if not args.wait:
+    if not wait:
         return 0
-    state = remote.follow_logs(remote.connect(args.address), job_id)
+    state = remote.follow_logs(remote.connect(address), job_id)
     print(f"job {job_id}: {state}", file=sys.stderr)
     return remote.exit_code(state)
 

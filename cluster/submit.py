@@ -230,11 +230,22 @@ def submission_id(job: JobSpec) -> str:
 # Submit, watch, stop
 
 
+def local_splits_only(job: JobSpec) -> JobSpec | None:
+    """The job with its remote (URI) validation/test splits dropped, for checking here; ``None`` when the training
+    data itself is remote (the cluster may hold credentials this machine lacks; the job driver checks it there)."""
+    if is_uri(job.data.train):
+        return None
+    remote = {k: None for k in ("validation", "test") if getattr(job.data, k) and is_uri(getattr(job.data, k))}
+    return job.model_copy(update={"data": job.data.model_copy(update=remote)}) if remote else job
+
+
 def prepare_submission(job_path: str, overrides: list[str] | None = None) -> Package:
     """Everything checked here before the cluster is contacted: schema, model, data files, package size."""
     job = load_job(job_path, overrides)
     check_model(job)
-    check_data(job)
+    local = local_splits_only(job)
+    if local is not None:
+        check_data(local)
     package = plan_package(job)
     check_package_size(package)
     return package

@@ -132,3 +132,31 @@ def test_submit_module_does_not_import_torch():
     code = "import sys, cluster.submit, cluster.cli_remote, cluster.local_cluster; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class FakeClient:
+    """Records what would be sent to the Jobs API, and checks the working_dir while it still exists."""
+
+    def __init__(self):
+        self.calls = []
+
+    def submit_job(self, **kwargs):
+        folder = Path(kwargs["runtime_env"]["working_dir"])
+        kwargs["packed"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        kwargs["job_yaml"] = (folder / submit.JOB_FILE).read_text()
+        self.calls.append(kwargs)
+        return kwargs["submission_id"]
+
+
+def test_tune_with_address_submits_the_search(job_file, monkeypatch, capsys):
+    from cluster.cli import main
+
+    client = FakeClient()
+    monkeypatch.setattr(submit, "connect", lambda address=None: client)
+    assert main(["tune", str(job_file), "optim.batch_size=4", "--address", "http://127.0.0.1:1"]) == 0
+    (call,) = client.calls
+    assert call["entrypoint"] == "python -m cluster.cli tune job.yaml"
+    assert call["submission_id"].startswith("packed-") and capsys.readouterr().out.strip() == call["submission_id"]
+    assert "inputs/data.train/part-0.parquet" in call["packed"] and "inputs/model.name/config.json" in call["packed"]
+    assert "batch_size: 4" in call["job_yaml"] and "train: inputs/data.train" in call["job_yaml"]
+    assert call["metadata"] == {"shoulders_job": "packed", "shoulders_command": "tune"}
