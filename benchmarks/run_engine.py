@@ -108,14 +108,16 @@ def profile_steps(step, batches: list[dict[str, Any]], n: int = 2, top: int = 18
 
 
 def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) -> dict[str, Any]:
-    """The same model, perf settings, optimizer and step as the engine's loop, without Ray."""
+    """The same model, perf settings, backend (optimizer, autocast, clipping) and step as the engine's loop,
+    without Ray: no Ray Data, no Ray Train worker, batches tokenized up front."""
     import torch
 
     from cluster.preflight import with_absolute_paths
+    from engine.backends import build_backend
+    from engine.backends.ddp import autocast_dtype
     from engine.config import build_job
-    from engine.loop import autocast_dtype, loss_step
     from engine.models.prepare import prepare_model
-    from engine.optim import build_optimizer, build_param_groups, build_scheduler
+    from engine.optim import build_param_groups
     from engine.perf import ThroughputMeter, apply_perf
     from engine.preprocess import cached_tokenizer
 
@@ -127,21 +129,16 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     plan = apply_perf(model, job.perf, job.model.task, device, amp_dtype)
     groups = build_param_groups(model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
                                 job.finetune.adapter_lr_ratio, job.optim.weight_decay)
-    optimizer = build_optimizer(groups, job.optim.betas, device)
-    scheduler = build_scheduler(optimizer, warm + steps, 0, job.optim.schedule)
+    # The loop's own backend (DDP on one worker = the bare model): same autocast, clipping, optimizer, schedule.
+    backend = build_backend(job, model, groups, warm + steps, 0, device, 1)
     batches = tokenized_batches(job, job.optim.batch_size * (warm + steps))
-    model.train()
+    backend.train()
     losses: list[torch.Tensor] = []
 
-    def step(batch: dict[str, torch.Tensor]) -> None:
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        outputs = loss_step(model, batch, amp_dtype, device)
-        outputs.loss.backward()
-        if job.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        outputs = backend.forward_backward(batch)
+        backend.step()
         losses.append(outputs.loss.detach().float())
         return batch
 
