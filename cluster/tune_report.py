@@ -143,7 +143,9 @@ def write_report(
     lines = [f"# Transfer report: {job.name}", ""]
     stopped = sum(1 for r in rows if r["stopped_early"])
     timing = f" in {elapsed_s / 60:.1f} min" if elapsed_s else ""
-    lines += [f"{len(rows)} trials{timing}; the scheduler ({job.tune.scheduler}) stopped {stopped} of them early.", ""]
+    errored = sum(1 for r in rows if r["error"])
+    lines += [f"{len(rows)} trials{timing}; the scheduler ({job.tune.scheduler}) stopped {stopped} of them early"
+              + (f"; {errored} failed (see the error column of tune_results.csv)." if errored else "."), ""]
     best_job = outcome.best_job
     if best_job is None:
         lines += ["No trial reported a metric; see the errors in tune_results.csv.", ""]
