@@ -135,3 +135,17 @@ def test_text_tasks_keep_their_metrics(tiny_wav2vec2):
     from engine.metrics import TaskMetrics
 
     assert isinstance(build_metrics(job(tiny_wav2vec2, "audio_classification"), 3, torch.device("cpu")), TaskMetrics)
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wavlm"])
+def test_hubert_and_wavlm_take_the_same_path(tmp_path, kind):
+    import tiny_speech
+
+    folder = tiny_speech.save_tiny_wav2vec2(tmp_path / kind, kind=kind)
+    prepared = prepare_model(job(folder, "audio_classification", finetune={"freeze_depth": 1}), ["a", "b"])
+    assert prepared.stack.path == f"{kind}.encoder.layers" and prepared.head_names == ["projector", "classifier"]
+    names = trainable(prepared.model)
+    assert not any(n.startswith((f"{kind}.feature_extractor.", f"{kind}.encoder.layers.0.")) for n in names)
+    assert any(n.startswith(f"{kind}.encoder.layers.1.") for n in names)
+    out = prepared.model(input_values=torch.randn(2, 8000), labels=torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 2) and out.loss.requires_grad
