@@ -15,6 +15,7 @@ import ray.data
 
 from cluster.preflight import DataInfo, SplitInfo
 from engine.config import SPEECH_TASKS, JobSpec
+from engine.packing import group_rows_by_length, length_grouping_window
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
@@ -86,7 +87,12 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         train = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=False), batch_format="numpy")
         num_train_rows = train.count()
     datasets = {"train": train.randomize_block_order(seed=job.seed), "validation": validation}
-    return {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}, num_train_rows
+    datasets = {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}
+    if window := length_grouping_window(job):  # perf.group_by_length: similar lengths in each micro-batch
+        datasets["train"] = datasets["train"].map_batches(
+            group_rows_by_length, fn_kwargs=dict(micro_batch=job.optim.batch_size, seed=job.seed), batch_format="numpy", batch_size=window
+        )
+    return datasets, num_train_rows
 
 
 def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:

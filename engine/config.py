@@ -222,9 +222,11 @@ class PerfSpec(Section):
     packing: bool = True
     """Causal LM: pack several examples into one ``data.max_length`` row, with position ids restarting at
     every example so no token attends across examples and no padding is computed."""
-    group_by_length: bool = True
-    """Classification: sort each window of ``group_window`` micro-batches by length before batching, so
-    batches are trimmed to similar lengths and carry little padding."""
+    group_by_length: bool = False
+    """Text classification: sort each window of ``group_window`` micro-batches by length before batching,
+    so batches are trimmed to similar lengths and carry little padding. Off by default: rows are then not
+    shuffled within the stream (the window order is deterministic, the same every epoch), which changes
+    the optimisation order; turn it on for long, ragged inputs."""
     group_window: int = Field(8, gt=0)
     """Micro-batches per length-grouping window (larger: less padding, less randomness)."""
     compile: bool = False

@@ -28,9 +28,9 @@ from engine.checkpoint import checkpoint_name, open_latest_complete, restore_che
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
 from engine.models.prepare import prepare_model
-from engine.faults import after_step
+from engine.faults import after_step, audit
 from engine.optim import build_param_groups
-from engine.packing import pack_batch
+from engine.packing import length_grouping_window, pack_batch
 from engine.perf import ThroughputMeter, apply_perf
 from engine.preprocess import SAMPLE_ID, cached_tokenizer, trim_batch
 from engine.safeguards import Safeguards
@@ -178,6 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     backend.train()
     packing = job.perf.packing and job.model.task == "causal_lm"
+    grouped = length_grouping_window(job) is not None  # rows arrive grouped by length: no row shuffle
     train_collate = Collate(job.data.max_length if packing else None, config.get("pad_token_id") or 0)
     meter = ThroughputMeter(model, device, world_size, job.perf.peak_tflops)
     micro, loss_sum = 0, torch.zeros((), device=device)
@@ -186,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while not stop and state["step"] < total_steps:
         batches = train_shard.iter_torch_batches(
             batch_size=job.optim.batch_size, collate_fn=train_collate, prefetch_batches=job.perf.prefetch_batches,
-            local_shuffle_buffer_size=4 * job.optim.batch_size, local_shuffle_seed=job.seed + state["epoch"],
+            local_shuffle_buffer_size=None if grouped else 4 * job.optim.batch_size, local_shuffle_seed=job.seed + state["epoch"],
         )
         # The epoch's order is deterministic: on resume, skip the batches the checkpoint already trained on.
         for batch in itertools.islice(batches, state["batches_in_epoch"], None):
@@ -238,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if stop and state["step"] < total_steps and rank == 0:
                     log.info("early stopping at step %d: %s did not improve for %d evaluations", state["step"], metric_key, patience)
                 state["history"].append(metrics)
-                report(metrics, backend, state, position, job, rank, world_size, generators)
+                report(metrics, backend, state, {**position, **audit(config.get("debug"), backend)}, job, rank, world_size, generators)
                 if rank == 0:
                     log.info("eval @ step %d: %s", state["step"], "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
                 micro, loss_sum = 0, torch.zeros((), device=device)

@@ -10,6 +10,8 @@ the same examples, so the optimisation is unchanged; only the padding is gone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 IGNORE_INDEX = -100
@@ -69,6 +71,26 @@ def pack_batch(batch: dict[str, np.ndarray], max_length: int, pad_token_id: int 
         if key not in packed and key != "attention_mask" and np.ndim(value) == 1:
             packed[key] = value
     return packed
+
+
+def length_grouping_window(job: Any) -> int | None:
+    """Rows per length-grouping window of the job's training data, or None when grouping does not apply
+    (``perf.group_by_length`` off, or causal LM, which packs instead)."""
+    if not job.perf.group_by_length or job.model.task == "causal_lm":
+        return None
+    return job.optim.batch_size * job.perf.group_window
+
+
+def group_rows_by_length(batch: dict[str, np.ndarray], micro_batch: int, seed: int) -> dict[str, np.ndarray]:
+    """One window of rows reordered so that every consecutive ``micro_batch`` rows have similar lengths.
+
+    The slice order is shuffled with a generator seeded by ``seed`` and the window's content, so the same
+    data gives the same order on every run and every restart (deterministic resume).
+    """
+    mask = batch.get("attention_mask")
+    content = int(mask.sum()) if mask is not None else len(next(iter(batch.values())))
+    groups = group_by_length(batch, micro_batch, seed * 1_000_003 + content)
+    return {k: np.concatenate([g[k] for g in groups]) for k in batch} if groups else batch
 
 
 def group_by_length(batch: dict[str, np.ndarray], micro_batch: int, seed: int) -> list[dict[str, np.ndarray]]:

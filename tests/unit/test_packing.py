@@ -83,3 +83,21 @@ def test_group_by_length_makes_homogeneous_micro_batches():
     spreads = [int(np.ptp(g["attention_mask"].sum(axis=1))) for g in groups]
     assert max(spreads) <= 1
     assert sorted(int(n) for g in groups for n in g["attention_mask"].sum(axis=1)) == sorted(lengths)
+
+
+def test_group_rows_by_length_is_deterministic_and_applies_only_to_classification():
+    from engine.config import build_job
+    from engine.packing import group_rows_by_length, length_grouping_window
+
+    batch = padded_batch([2, 15, 3, 14, 4, 13, 5, 12], width=16)
+    a = group_rows_by_length(batch, micro_batch=2, seed=7)
+    b = group_rows_by_length(batch, micro_batch=2, seed=7)
+    assert all(np.array_equal(a[k], b[k]) for k in batch)  # same data, same order: resume stays exact
+    lengths = a["attention_mask"].sum(axis=1)
+    assert all(abs(int(lengths[i]) - int(lengths[i + 1])) <= 1 for i in range(0, 8, 2))
+    base = {"model": {"name": "m"}, "data": {"train": "t"}, "optim": {"batch_size": 4}}
+    assert length_grouping_window(build_job(base)) is None  # off by default
+    on = {**base, "perf": {"group_by_length": True, "group_window": 3}}
+    assert length_grouping_window(build_job(on)) == 12
+    lm = {**on, "model": {"name": "m", "task": "causal_lm"}}
+    assert length_grouping_window(build_job(lm)) is None  # causal LM packs instead
