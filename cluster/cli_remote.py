@@ -21,7 +21,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit with its state")
     submit.add_argument("--pip", action="store_true", help="declare the Python packages in the runtime env (the cluster installs them)")
     submit.add_argument("--no-ship-code", action="store_true", help="use the shoulders installed on the cluster instead of this checkout")
-    submit.add_argument("--command", choices=["train", "tune"], default="train", help="what the cluster runs: a training run or a search")
+    submit.add_argument("--command", dest="run_command", choices=["train", "tune"], default="train", help="what the cluster runs: a training run or a search")
 
     for name, text in (("status", "state of a submitted job"), ("logs", "logs of a submitted job"), ("stop", "stop a submitted job")):
         command = sub.add_parser(name, help=text)
@@ -49,7 +49,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    return submit_command(args.job, args.overrides, args.address, args.command, args.wait, not args.no_ship_code, args.pip)
+    return submit_command(args.job, args.overrides, args.address, args.run_command, args.wait, not args.no_ship_code, args.pip)
 
 
 def submit_command(job: str, overrides: list[str], address: str | None, command: str = "train", wait: bool = False,

@@ -160,3 +160,13 @@ def test_tune_with_address_submits_the_search(job_file, monkeypatch, capsys):
     assert "inputs/data.train/part-0.parquet" in call["packed"] and "inputs/model.name/config.json" in call["packed"]
     assert "batch_size: 4" in call["job_yaml"] and "train: inputs/data.train" in call["job_yaml"]
     assert call["metadata"] == {"shoulders_job": "packed", "shoulders_command": "tune"}
+
+
+def test_submit_command_line_dispatches_to_submit(job_file, monkeypatch, capsys):
+    from cluster.cli import main
+
+    client = FakeClient()
+    monkeypatch.setattr(submit, "connect", lambda address=None: client)
+    assert main(["submit", str(job_file), "--address", "http://127.0.0.1:1"]) == 0
+    assert main(["submit", str(job_file), "--command", "tune", "--address", "http://127.0.0.1:1"]) == 0
+    assert [c["entrypoint"] for c in client.calls] == ["python -m cluster.cli train job.yaml", "python -m cluster.cli tune job.yaml"]
