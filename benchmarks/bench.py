@@ -8,6 +8,7 @@ Runs, each in its own process so that peak memory and failures stay separate:
 * ``engine_plain``: the same model, settings and step without Ray (the Ray-overhead reference) + a profile;
 * ``engine_plain_alt``: the same with FP8 flipped (off on GPUs, on (emulated) on CPU): FP8's share and the
   FP8-vs-bf16 loss parity on the same batches;
+* ``engine_whisper_full`` / ``engine_w2v2_ctc``: the engine's step (perf + backend) on the peer's speech shapes;
 * ``deepspeed``: ``benchmarks/deepspeed_gpu_check.py`` when it exists (GPU only).
 
 Writes ``bench-<card>.json`` (card, versions, every job and result, targets and ratios) and prints a table.
@@ -98,7 +99,7 @@ def run_engine(name: str, mode: str, job: dict[str, Any], args: argparse.Namespa
     job_file.write_text(json.dumps(job, indent=1))
     out_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.run_engine", "--mode", mode, "--job", str(job_file), "--out", str(out_file),
-           "--warm", str(args.warm), "--steps", str(args.steps)] + (["--profile"] if profile else [])
+           "--warm", str(args.warm), "--steps", str(args.steps)] + (["--profile"] if profile else []) + (["--tiny"] if args.tiny else [])
     code, text = run_process(cmd, args.timeout, env, work / f"{name}.log")
     if code != 0 or not out_file.is_file():
         return {"case": name, "error": f"exit {code}: {text[-1500:]}", "job": job}
@@ -135,11 +136,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["fp8_parity"] = {"max_rel_loss_diff": round(max(diffs), 5), "fp8_loss": fp8_row["train_loss"], "bf16_loss": bf16_row["train_loss"],
                              "fp8_tokens_per_s": round(fp8_row.get("tokens_per_s", 0)), "bf16_tokens_per_s": round(bf16_row.get("tokens_per_s", 0))}
     for speech in ("whisper_full", "w2v2_ctc"):
-        if speech in by:
-            engine_speech = by.get(f"engine_{speech}")
-            out[f"{speech}_speedup"] = {"peer_samples_per_s": by[speech].get("samples_per_s"), "target": TARGETS["speech_speedup"],
-                                        "engine_samples_per_s": engine_speech.get("samples_per_s") if engine_speech else None,
-                                        "met": False, "note": "engine speech row not measured in this run" if not engine_speech else ""}
+        peer_sps = by.get(speech, {}).get("samples_per_s")
+        engine_sps = by.get(f"engine_{speech}", {}).get("samples_per_s")
+        if peer_sps and engine_sps:
+            ratio = engine_sps / peer_sps
+            out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "engine_samples_per_s": round(engine_sps, 1), "ratio": round(ratio, 3),
+                                        "target": TARGETS["speech_speedup"], "met": ratio >= TARGETS["speech_speedup"],
+                                        "short_by_pct": round(max(0.0, 100 * (TARGETS["speech_speedup"] - ratio) / TARGETS["speech_speedup"]), 1),
+                                        "engine_peak_mem_gib": by[f"engine_{speech}"].get("peak_mem_gib"), "peer_peak_mem_gib": by[speech].get("peak_mem_gib")}
+        elif peer_sps:
+            out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "target": TARGETS["speech_speedup"], "met": False,
+                                        "note": "engine speech row not measured in this run"}
     return out
 
 
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peer-cases", default=None, help="peer_baseline.py cases (default: best peer + speech on GPU, loop_lora on CPU)")
-    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,deepspeed")
+    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_whisper_full,engine_w2v2_ctc,deepspeed")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per case")
     args = parser.parse_args(argv)
     import torch
@@ -199,37 +206,52 @@ def main(argv: list[str] | None = None) -> int:
     if "peers" in cases:
         default_peers = "hf_lora_liger,whisper_full,w2v2_ctc" if gpu else "loop_lora"
         rows += run_peers(args.peer_cases or default_peers, args, env, work)
+        save(rows, info, workload, args, out, t0)
     alt = json.loads(json.dumps(job))
     alt["perf"]["fp8_frozen"] = "off" if gpu else "on"
     plain = alt_row = None
     if "engine_plain" in cases:
         plain = run_engine("engine_plain", "plain", job, args, env, work, profile=gpu)
         rows.append(plain)
+        save(rows, info, workload, args, out, t0)
     if "engine_plain_alt" in cases:
         alt_row = run_engine("engine_plain_alt", "plain", alt, args, env, work)
         rows.append(alt_row)
+        save(rows, info, workload, args, out, t0)
     if "engine_ray" in cases:
         # If the default settings crashed without Ray and the alternative ran, measure Ray with that one.
         fallback = plain is not None and "error" in plain and alt_row is not None and "error" not in alt_row
         rows.append(run_engine("engine_ray", "ray", alt if fallback else job, args, env, work))
         if fallback:
             rows[-1]["note"] = "default perf settings failed without Ray; this row uses engine_plain_alt's"
+        save(rows, info, workload, args, out, t0)
+    for speech in ("whisper_full", "w2v2_ctc"):
+        if f"engine_{speech}" in cases:
+            rows.append(run_engine(f"engine_{speech}", speech, {"perf": {}}, args, env, work))
+            save(rows, info, workload, args, out, t0)
     ds_check = ROOT / "benchmarks" / "deepspeed_gpu_check.py"
     if "deepspeed" in cases and gpu and ds_check.is_file():
         code, text = run_process([sys.executable, str(ds_check)], min(args.timeout, 150), env, work / "deepspeed.log")
         rows.append({"case": "deepspeed_gpu_check", "exit_code": code, "output_tail": text[-1500:]})
 
-    summary = summarize(rows)
+    path = save(rows, info, workload, args, out, t0)
+    print(f"wrote {path}")
+    print(table(rows, summarize(rows)))
+    return 0
+
+
+def save(rows: list[dict[str, Any]], info: dict[str, Any], workload: dict[str, Any], args: argparse.Namespace, out: Path, t0: float) -> Path:
+    """Write the JSON (after every case, so a run cut short still leaves what it measured)."""
     card = re.sub(r"[^A-Za-z0-9]+", "-", info["card"]).strip("-").lower()
     result = {"machine": info, "mode": "tiny-cpu-smoke" if args.tiny else "full", "micro_batch": workload["micro_batch"],
               "seq": workload["seq"], "warm_steps": args.warm, "timed_steps": args.steps, "flops_per_token": workload["flops_per_token"],
-              "params_compute": workload["params_compute"], "model_config": workload["model_config"], "summary": summary,
-              "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+              "params_compute": workload["params_compute"], "model_config": workload["model_config"], "targets": TARGETS,
+              "summary": summarize(rows), "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
     path = out / f"bench-{card}{'-tiny' if args.tiny else ''}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {path}")
-    print(table(rows, summary))
-    return 0
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 if __name__ == "__main__":

@@ -27,6 +27,6 @@ EOF
 python3 -m benchmarks.bench --out "$OUT" --work /tmp/bench --mb "${MB:-16}" --warm "${WARM:-4}" --steps "${STEPS:-12}" \
   --timeout "${CASE_TIMEOUT:-200}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
 # Ray Data ingest on this machine's CPUs: a dataset larger than the object store (no GPU involved).
-RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --out "$OUT" --cpus 8 --store-mib 200 --files 24 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
+[ -n "${SKIP_INGEST:-}" ] || RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --out "$OUT" --cpus 8 --store-mib 200 --files 24 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
 mkdir -p "$OUT/logs" && cp /tmp/bench/*.log "$OUT/logs/" 2>/dev/null  # at most 8 files come back
 echo "=== table ==="; awk '/^case /{p=1} p' "$OUT/bench.log"

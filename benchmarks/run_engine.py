@@ -3,7 +3,7 @@ Ray Data read + tokenize + stream, TorchTrainer, the engine's loop); ``plain`` r
 settings, optimizer and step on the same tokenized batches in a bare loop without Ray (the Ray-overhead
 reference, the FP8-vs-bf16 loss parity check and the profile).
 
-    python -m benchmarks.run_engine --mode ray|plain --job job.json --out result.json [--warm 4] [--steps 12]
+    python -m benchmarks.run_engine --mode ray|plain|whisper_full|w2v2_ctc --job job.json --out result.json [--warm 4] [--steps 12]
 """
 
 from __future__ import annotations
@@ -162,10 +162,64 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     return out
 
 
+def run_speech(kind: str, tiny: bool, warm: int, steps: int, perf: dict[str, Any]) -> dict[str, Any]:
+    """The engine's step (``apply_perf`` + the loop's backend: autocast, fused AdamW, clipping, schedule) on
+    the peer's speech shapes, full fine-tune, random batches as the peer draws them. Model loading and the
+    Ray Data audio path are not in this row (they do not run per step)."""
+    import torch
+
+    from benchmarks.workload import speech_model
+    from engine.backends import build_backend
+    from engine.config import build_job
+    from engine.optim import build_param_groups
+    from engine.perf import ThroughputMeter, apply_perf
+
+    task = "speech_seq2seq" if kind == "whisper_full" else "ctc"
+    job = build_job({"model": {"name": f"bench-{kind}", "task": task}, "data": {"train": "random"},
+                     "finetune": {"strategy": "full", "head_lr": 1e-5, "backbone_lr_ratio": 1.0},
+                     "optim": {"precision": "auto", "max_steps": warm + steps, "warmup_ratio": 0.0}, "perf": perf}, "benchmark")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model, batch_size, shapes = speech_model(kind, tiny)
+    model.to(device)
+    from engine.backends.ddp import autocast_dtype
+
+    plan = apply_perf(model, job.perf, task, device, autocast_dtype(job.optim.precision, device))
+    groups = build_param_groups(model, [], job.finetune.head_lr, job.finetune.backbone_lr_ratio, job.finetune.adapter_lr_ratio, job.optim.weight_decay)
+    backend = build_backend(job, model, groups, warm + steps, 0, device, 1)
+    backend.train()
+
+    def draw() -> dict[str, torch.Tensor]:
+        out = {}
+        for key, shape in shapes.items():
+            if key == "labels":
+                out[key] = torch.randint(1, shape[2], shape[:2], device=device)
+            else:
+                out[key] = torch.randn(*shape, device=device)
+        return out
+
+    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops)
+    losses = []
+    for i in range(warm + steps):
+        if i == warm:
+            meter.reset()
+        batch = draw()
+        outputs = backend.forward_backward(batch)
+        backend.step()
+        losses.append(outputs.loss.detach().float())
+        if i >= warm:
+            meter.add(batch, samples=batch_size)
+    out = meter.read()
+    out.pop("tokens_per_s", None)
+    out.update(train_loss=[round(float(x), 4) for x in torch.stack(losses).cpu()], perf_plan=dict(plan.__dict__), batch=batch_size)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["ray", "plain"], required=True)
-    parser.add_argument("--job", required=True, help="job JSON (as written by benchmarks.bench)")
+    parser.add_argument("--mode", choices=["ray", "plain", "whisper_full", "w2v2_ctc"], required=True)
+    parser.add_argument("--job", required=True, help="job JSON (as written by benchmarks.bench); speech modes read only its perf")
+    parser.add_argument("--tiny", action="store_true", help="speech modes: tiny shapes")
     parser.add_argument("--out", required=True)
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
@@ -178,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.mode == "ray":
         result = run_ray(job_dict, gpu)
-    else:
+    elif args.mode == "plain":
         result = run_plain(job_dict, args.warm, args.steps, args.profile)
+    else:
+        result = run_speech(args.mode, args.tiny, args.warm, args.steps, job_dict.get("perf", {}))
     result["case_wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("ENGINE_RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("profile", "train_loss")}), flush=True)

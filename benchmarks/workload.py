@@ -107,3 +107,36 @@ def lm_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, gpu: 
         "output": {"dir": str(out_dir), "export": "none", "keep_checkpoints": 1},
         "perf": perf or {},
     }
+
+
+def speech_model(kind: str, tiny: bool) -> tuple[Any, int, dict[str, Any]]:
+    """(model, batch size, one random batch's shapes) for the peer's speech cases.
+
+    The shapes mirror ``peer_baseline.py``'s ``case_whisper_full`` and ``case_w2v2_ctc`` (their configs are
+    built inside those functions, so they cannot be imported): Whisper-small, 30 s log-mel windows,
+    96 target tokens, batch 32; wav2vec2-base CTC, 10 s raw audio, 120 targets, batch 16, feature
+    encoder frozen.
+    """
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, WhisperConfig, WhisperForConditionalGeneration
+
+    if kind == "whisper_full":
+        if tiny:
+            cfg = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000, num_mel_bins=80, max_source_positions=1500,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
+        else:
+            cfg = WhisperConfig(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
+                                decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=51865,
+                                num_mel_bins=80, max_source_positions=1500)
+        cfg._attn_implementation = "sdpa"
+        batch = 2 if tiny else 32
+        return WhisperForConditionalGeneration(cfg), batch, {"input_features": (batch, 80, 3000), "labels": (batch, 96, cfg.vocab_size)}
+    if tiny:
+        cfg = Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=32, conv_dim=(32,) * 7)
+    else:
+        cfg = Wav2Vec2Config(vocab_size=32)
+    cfg._attn_implementation = "sdpa"
+    batch, samples = (2, 16000) if tiny else (16, 160000)
+    model = Wav2Vec2ForCTC(cfg)
+    model.freeze_feature_encoder()
+    return model, batch, {"input_values": (batch, samples), "labels": (batch, 120, 32)}
