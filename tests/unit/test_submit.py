@@ -170,3 +170,11 @@ def test_submit_command_line_dispatches_to_submit(job_file, monkeypatch, capsys)
     assert main(["submit", str(job_file), "--address", "http://127.0.0.1:1"]) == 0
     assert main(["submit", str(job_file), "--command", "tune", "--address", "http://127.0.0.1:1"]) == 0
     assert [c["entrypoint"] for c in client.calls] == ["python -m cluster.cli train job.yaml", "python -m cluster.cli tune job.yaml"]
+
+
+def test_cluster_up_refuses_open_binding_without_auth(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["cluster", "up", "--host", "0.0.0.0", "--auth", "disabled", "--dir", str(tmp_path)]) == 2
+    assert "refusing to start a Ray cluster bound to '0.0.0.0'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
