@@ -96,6 +96,33 @@ def trial_job(base_raw: dict[str, Any], overrides: dict[str, Any], name: str | N
     return build_job(raw, f"trial {override_args(overrides)}")
 
 
+def trial_spec(base_raw: dict[str, Any], overrides: dict[str, Any], trial_id: str, trials_root: str | os.PathLike) -> JobSpec:
+    """The job trial ``trial_id`` runs, with its own name and output folder (where its Train run lives)."""
+    return trial_job(base_raw, overrides, f"{base_raw.get('name', 'job')}-{trial_id}", os.path.join(trials_root, trial_id))
+
+
+def train_history(job: JobSpec) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """A trial's evaluations from its Train run (all of them, also those from before a resume) and the kept
+    checkpoint of each step: the newest complete checkpoint's ``state.json`` holds the full history."""
+    from cluster.trainer import storage_location
+
+    storage, name = storage_location(job)
+    run_dir = Path(storage) / name
+    if "://" in storage or not run_dir.is_dir():
+        return [], {}
+    by_step: dict[int, str] = {}
+    newest: tuple[int, list[dict[str, Any]]] = (-1, [])
+    for state_file in run_dir.glob("checkpoint_*/state.json"):
+        try:
+            train = json.loads(state_file.read_text())["train"]
+        except (OSError, ValueError, KeyError):
+            continue
+        by_step[int(train["step"])] = str(state_file.parent)
+        if train["step"] > newest[0]:
+            newest = (int(train["step"]), list(train.get("history", [])))
+    return newest[1], by_step
+
+
 def sample_point(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     """One point of the space (the first value or the low end of each domain), to validate keys early."""
     return {key: next(iter(domain.values()))[0] for key, domain in space.items()}
@@ -175,8 +202,7 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from cluster.trainer import ensure_ray
 
     ensure_ray()  # inside the trial: only quiets Ray Data like the driver
-    trial_id = tune.get_context().get_trial_id()
-    job = trial_job(base_raw, config["overrides"], f"{base_raw.get('name', 'job')}-{trial_id}", os.path.join(trials_root, trial_id))
+    job = trial_spec(base_raw, config["overrides"], tune.get_context().get_trial_id(), trials_root)
     datasets, num_train_rows = build_datasets(job, info)
     pad_token_id = cached_tokenizer(job.model.name, job.model.revision).pad_token_id
     trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback()])
@@ -272,10 +298,13 @@ def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -
     rows, histories = [], {}
     for result in grid:
         overrides = dict((result.config or {}).get("overrides", {}))
-        trial_id = Path(result.path).name.split("_")[-2] if result.path else "?"
+        trial_id = str((result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path))
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and len(frame) else []
-        trial_id = str(history[-1].get("trial_id", trial_id)) if history else trial_id
+        # Tune forgets a restored trial's reports from before the restart; its Train run remembers them.
+        from_train, checkpoints = train_history(trial_spec(base_raw, overrides, trial_id, job.output_dir / TRIALS_DIR))
+        if len(from_train) > len(history):
+            history = [{**h, "checkpoint_path": checkpoints.get(int(h.get("step", -1)))} for h in from_train]
         histories[trial_id] = history
         rows.append(trial_row(trial_id, overrides, history, metric, mode, trial_job(base_raw, overrides), info, result.error))
     sign = 1 if mode == "max" else -1
@@ -286,6 +315,13 @@ def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -
         outcome.best_job = trial_job(base_raw, best["overrides"])
         outcome.best_checkpoint = best["best_checkpoint"]
     return outcome
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    import re
+
+    found = re.search(r"run_trial_([0-9a-f]+_\d+)", path or "")
+    return found.group(1) if found else "?"
 
 
 def trial_row(

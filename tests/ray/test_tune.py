@@ -205,6 +205,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
                 kill_session(proc, ray_tmp)
     rows = read_results_csv(out / "tune_results.csv")
     assert len(rows) == 3 and all(r["last_step"] == str(planned) and not r["error"] for r in rows)
+    assert all(r["iterations"] == "3" for r in rows)  # the resumed trial's evaluations from before the kill count too
     after = {d.name: checkpoints(d) for d in (out / "trials").glob("*")}
     assert set(before) <= set(after) and len(after) == 3
     for trial in done:  # finished before the kill: untouched, not rerun

@@ -162,3 +162,37 @@ def test_quickstart_tune_job_searches_valid_keys_two_trials_at_a_time_on_two_cor
     n = shtune.compute_concurrency(2, 0, job.scaling.num_workers, job.scaling.cpus_per_worker, False, job.tune.data_cpus)
     assert n == 2
     assert job.tune.scheduler == "asha" and job.optim.epochs == load_job(path.with_name("quickstart.yaml")).optim.epochs
+
+
+def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_path):
+    """Tune forgets the reports a restored trial made before the restart; the rows use the Train run's history."""
+    import json
+
+    import pandas as pd
+
+    from cluster.preflight import DataInfo, SplitInfo
+
+    raw = base_raw(tmp_path, optim={"epochs": 3, "batch_size": 10}, scaling={"num_workers": 1})
+    job = build_job(raw)
+    evals = [{"step": s, "val_accuracy": a, "forgetting": f} for s, a, f in ((10, 0.9, 0.1), (20, 0.6, 0.2), (30, 0.7, 0.3))]
+    run = tmp_path / "out" / "trials" / "abc_00001" / "train"
+    for i, ev in enumerate(evals):
+        folder = run / f"checkpoint_{i}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"train": {"step": ev["step"], "history": evals[: i + 1]}}))
+
+    class Result:  # what a ResultGrid yields for the restored trial: only the reports after the restart
+        config = {"overrides": {"finetune.backbone_lr_ratio": 0.5}}
+        metrics = {"trial_id": "abc_00001"}
+        path = "/x/run_trial_abc_00001_1_finetune"
+        error = None
+        metrics_dataframe = pd.DataFrame([{**e, "trial_id": "abc_00001"} for e in evals[1:]])
+
+    info = DataInfo(splits={"train": SplitInfo("train", ["train.parquet"], "parquet", 100)}, labels=["a", "b"])
+    outcome = shtune.collect(job, info, raw, [Result()])
+    (row,) = outcome.trials
+    assert row["iterations"] == 3 and row["best"] == 0.9 and row["best_step"] == 10
+    assert row["best_checkpoint"] == str(run / "checkpoint_0") and row["last_step"] == 30 == row["planned_steps"]
+    assert not row["stopped_early"] and row["forgetting"] == 0.3
+    assert outcome.best_job.finetune.backbone_lr_ratio == 0.5 and outcome.best_checkpoint == row["best_checkpoint"]
+    assert shtune._trial_id_from_path(Result.path) == "abc_00001"
