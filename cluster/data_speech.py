@@ -15,7 +15,7 @@ import numpy as np
 import ray.data
 
 from cluster.preflight import DataInfo, SplitInfo
-from engine.config import JobSpec
+from engine.config import ASR_TASKS, JobSpec
 
 
 def manifest_dir(split: SplitInfo) -> str | None:
@@ -41,7 +41,7 @@ def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base
     from engine.models.loading import read_config_json
 
     task = job.model.task
-    asr = task in ("ctc", "speech_seq2seq")
+    asr = task in ASR_TASKS
     source = model_name or job.model.name
     tokenizer_name = (model_name or job.model.tokenizer or job.model.name) if asr else None
     start = read_config_json(source, job.model.revision).get("decoder_start_token_id") if task == "speech_seq2seq" else None

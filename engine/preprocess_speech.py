@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from engine.audio import load_clip
+from engine.config import ASR_TASKS
 from engine.preprocess import IGNORE_INDEX, encode_labels
 
 PADDING_MASK = "padding_mask"
@@ -77,7 +78,7 @@ def featurize_batch(
         out = {"input_values": np.asarray(encoded["input_values"], dtype=np.float32), mask_key: np.asarray(encoded["attention_mask"], dtype=np.int64)}
     if task == "audio_classification" and label_column is not None and labels is not None:
         out["labels"] = encode_labels(batch[label_column][order], labels)
-    elif task in ("ctc", "speech_seq2seq") and transcript_column is not None:
+    elif task in ASR_TASKS and transcript_column is not None:
         texts = [str(batch[transcript_column][i]).strip() for i in order]
         out["labels"] = encode_transcripts(texts, tokenizer, max_label_length, decoder_start_token_id)
     return out

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from engine.config import ASR_TASKS, SPEECH_TASKS
 from engine.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def tokenizer_name(job: Any) -> str:
 
 def job_tokenizer(job: Any) -> Any:
     """The target tokenizer of an ASR job (None for audio classification)."""
-    if job.model.task not in ("ctc", "speech_seq2seq"):
+    if job.model.task not in ASR_TASKS:
         return None
     return load_target_tokenizer(tokenizer_name(job), job.model.revision, job.model.language, job.model.asr_task)
 
@@ -138,7 +139,7 @@ def job_preprocessors(job: Any) -> tuple[list[Any], int | None]:
     """
     from engine.models.loading import load_tokenizer
 
-    if job.model.task not in ("audio_classification", "ctc", "speech_seq2seq"):
+    if job.model.task not in SPEECH_TASKS:
         tokenizer = load_tokenizer(job.model.name, job.model.revision)
         return [tokenizer], tokenizer.pad_token_id
     tokenizer = job_tokenizer(job)
