@@ -7,6 +7,7 @@ materialised on the driver.
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from typing import Any
 
@@ -21,12 +22,25 @@ from engine.preprocess import cached_tokenizer, tokenize_batch
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
-def read_split(split: SplitInfo, rows_per_block: int) -> ray.data.Dataset:
-    """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming, no shuffle).
+def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming).
 
     Small files otherwise arrive as a single block, which starves all but one worker and Ray Data task.
+    ``shuffle_seed`` reads the files in a seeded random order (the same on every execution, for resume).
     """
-    return READERS[split.format](split.files).repartition(target_num_rows_per_block=rows_per_block)
+    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if shuffle_seed is not None else None
+    return READERS[split.format](split.files, shuffle=shuffle).repartition(target_num_rows_per_block=rows_per_block)
+
+
+def fits_in_object_store(split: SplitInfo, share: float = 0.2, expansion: float = 4.0) -> bool:
+    """Whether a split (its files' bytes x ``expansion`` for decompression) fits in ``share`` of the object
+    store. Such a split's blocks are shuffled in memory; a larger one is shuffled by file order at read time,
+    because shuffling blocks materialises the whole split (it would spill to disk instead of streaming)."""
+    try:
+        size = sum(os.path.getsize(f) for f in split.files)
+    except OSError:  # remote files: treat as large
+        return False
+    return size * expansion <= share * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def holdout_mask(texts: np.ndarray, fraction: float) -> np.ndarray:
@@ -75,7 +89,8 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         from cluster.data_speech import build_speech_datasets
 
         return build_speech_datasets(job, info)
-    train = read_split(info.splits["train"], job.data.rows_per_block)
+    in_memory_shuffle = fits_in_object_store(info.splits["train"])
+    train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = info.splits["train"].num_rows
     if "validation" in info.splits:
         validation = read_split(info.splits["validation"], job.data.rows_per_block)
@@ -86,7 +101,7 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         validation = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=True), batch_format="numpy")
         train = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=False), batch_format="numpy")
         num_train_rows = train.count()
-    datasets = {"train": train.randomize_block_order(seed=job.seed), "validation": validation}
+    datasets = {"train": train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, "validation": validation}
     datasets = {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}
     if window := length_grouping_window(job):  # perf.group_by_length: similar lengths in each micro-batch
         datasets["train"] = datasets["train"].map_batches(

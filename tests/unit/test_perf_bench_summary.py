@@ -1,0 +1,49 @@
+"""The benchmark's verdicts: ratios against the targets, memory condition, Ray overhead, FP8 parity."""
+
+from __future__ import annotations
+
+from benchmarks.bench import summarize
+
+
+def rows(engine_tps=97_000.0, engine_mem=42.0, plain_tps=98_500.0):
+    return [
+        {"case": "hf_lora", "tokens_per_s": 45_000, "peak_mem_gib": 54.6},
+        {"case": "hf_lora_liger", "tokens_per_s": 63_000, "peak_mem_gib": 49.7},
+        {"case": "whisper_full", "samples_per_s": 180.0},
+        {"case": "engine_ray", "tokens_per_s": engine_tps, "peak_mem_gib": engine_mem},
+        {"case": "engine_plain", "tokens_per_s": plain_tps, "train_loss": [12.0, 11.0], "perf_plan": {"fp8": True}},
+        {"case": "engine_plain_alt", "tokens_per_s": 84_000, "train_loss": [12.0, 11.011], "perf_plan": {"fp8": False}},
+        {"case": "engine_whisper_full", "samples_per_s": 179.0},
+    ]
+
+
+def test_summary_against_best_peer_and_targets():
+    s = summarize(rows())
+    lora = s["lora_speedup"]
+    assert lora["best_peer"] == "hf_lora_liger" and lora["ratio"] == round(97_000 / 63_000, 3) and lora["met"]
+    assert abs(s["ray_overhead_pct"]["overhead_pct"] - 100 * (1 - 97 / 98.5)) < 0.01 and s["ray_overhead_pct"]["met"]
+    assert s["fp8_parity"]["max_rel_loss_diff"] == 0.001
+    whisper = s["whisper_full_speedup"]
+    assert not whisper["met"] and whisper["short_by_pct"] == round(100 * (1.5 - 179 / 180) / 1.5, 1)
+
+
+def test_more_memory_than_the_peer_fails_the_lora_target_and_overhead_over_two_percent_fails():
+    s = summarize(rows(engine_tps=95_000.0, engine_mem=50.0, plain_tps=99_000.0))
+    assert s["lora_speedup"]["ratio"] > 1.4 and not s["lora_speedup"]["memory_ok"] and not s["lora_speedup"]["met"]
+    assert not s["ray_overhead_pct"]["met"]
+
+
+def test_fits_in_object_store_decides_in_memory_shuffle(tmp_path, monkeypatch):
+    import ray
+
+    from cluster.data import fits_in_object_store
+    from cluster.preflight import SplitInfo
+
+    path = tmp_path / "a.parquet"
+    path.write_bytes(b"x" * 1000)
+    split = SplitInfo(name="train", files=[str(path)], format="parquet", num_rows=10)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": 100_000})
+    assert fits_in_object_store(split)  # 4 kB expanded vs 20 kB
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": 10_000})
+    assert not fits_in_object_store(split)
+    assert not fits_in_object_store(SplitInfo(name="train", files=["s3://bucket/x.parquet"], format="parquet", num_rows=10))
