@@ -8,10 +8,13 @@ in the train-loop config, so it reaches them on any cluster. Keys:
   disarms the hook, so the restarted worker carries on). ``kill_delay_s`` waits first, so Ray Train's
   controller (which polls workers every 2 s) has registered the checkpoint reported just before.
 - ``step_sleep_s``: sleep this long after every optimizer step (lets a test kill the driver mid-run).
+- ``frozen_digest``: record a SHA-256 of the frozen weights in every checkpoint (``rank-<r>/position.json``),
+  gathered first under ZeRO-3, so a test can check they are still the pre-trained ones after a resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -40,3 +43,21 @@ def after_step(hooks: dict[str, Any] | None, rank: int, step: int) -> None:
             time.sleep(float(hooks.get("kill_delay_s", 0)))
             marker.write_text(f"rank {rank} killed itself after step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def frozen_digest(model: Any) -> str:
+    """SHA-256 over the names and fp32 bytes of ``model``'s frozen parameters (call with them gathered)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if not param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def audit(hooks: dict[str, Any] | None, backend: Any) -> dict[str, Any]:
+    """Extra per-rank checkpoint entries the hooks ask for (a collective under ZeRO-3: every rank calls it)."""
+    if not hooks or not hooks.get("frozen_digest"):
+        return {}
+    with backend.gathered():
+        return {"frozen_digest": frozen_digest(backend.module)}

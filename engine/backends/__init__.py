@@ -9,6 +9,7 @@ Only ``engine/backends/deepspeed.py`` imports ``deepspeed``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +52,9 @@ class Backend(Protocol):
 
     def rewrap(self) -> None:
         """Re-wrap the model after its trainable set changed (gradual unfreezing)."""
+
+    def gathered(self) -> AbstractContextManager[None]:
+        """Context in which every parameter of ``module`` is whole on every rank (ZeRO-3 gathers; a collective)."""
 
 
 def build_backend(

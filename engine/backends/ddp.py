@@ -55,6 +55,9 @@ class DDPBackend:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
+    def gathered(self) -> nullcontext:
+        return nullcontext()
+
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with ctx:

@@ -16,6 +16,7 @@ Design against known upstream traps:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -73,6 +74,7 @@ class DeepSpeedBackend:
         )
         self.module = self.engine.module
         self.model = self.engine
+        self.amp_dtype = None  # DeepSpeed casts the model itself (bf16/fp16 sections)
         log.info("DeepSpeed ZeRO-%d on %d worker(s), offload optimizer %s", self.stage, world_size, offload)
 
     def rewrap(self) -> None:
@@ -80,6 +82,11 @@ class DeepSpeedBackend:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def gathered(self) -> Any:
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        return self._deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.engine(**batch)

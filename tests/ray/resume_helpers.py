@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,17 +92,19 @@ def assert_each_id_once_per_epoch(ids_per_rank: list[list[int]], epochs: int, ro
 
 def start_driver(job_path: str, tmp: Path, debug: dict[str, Any], *args: str) -> subprocess.Popen:
     """``shoulders train`` in its own process group with its own Ray (so the test can kill all of it)."""
-    env = dict(os.environ, RAY_TMPDIR=str(tmp / "ray-driver"), SHOULDERS_DEBUG=json.dumps(debug), RAY_USAGE_STATS_ENABLED="0")
+    ray_tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, SHOULDERS_DEBUG=json.dumps(debug), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    (tmp / "ray-driver").mkdir(exist_ok=True)
     log = open(tmp / "driver.log", "w")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "train", job_path, *args],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).parents[2],
     )
+    proc.log_path, proc.ray_tmp = tmp / "driver.log", ray_tmp
+    return proc
 
 
-def kill_driver(proc: subprocess.Popen, ray_tmp: Path) -> None:
+def kill_driver(proc: subprocess.Popen) -> None:
     """SIGKILL the driver's process group, then any Ray process still running from its own temp folder."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -108,11 +112,12 @@ def kill_driver(proc: subprocess.Popen, ray_tmp: Path) -> None:
         pass
     proc.wait(timeout=30)
     time.sleep(1)
-    for pid in _pids_using(str(ray_tmp)):
+    for pid in _pids_using(proc.ray_tmp):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    shutil.rmtree(proc.ray_tmp, ignore_errors=True)
 
 
 def _pids_using(marker: str) -> list[int]:
@@ -136,6 +141,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+            tail = Path(proc.log_path).read_text()[-3000:]
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n{tail}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
