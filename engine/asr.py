@@ -42,7 +42,8 @@ def generation_kwargs(model: Any, job: Any) -> dict[str, Any]:
     if job.model.language and getattr(generation, "lang_to_id", None):
         kwargs["language"] = job.model.language
     max_target = getattr(config, "max_target_positions", None)
-    kwargs["max_new_tokens"] = min(job.data.max_length, max_target - PREFIX_TOKENS) if max_target else job.data.max_length
+    # a length (prefix included) rather than max_new_tokens, which clashes with the checkpoint's max_length
+    kwargs["max_length"] = min(job.data.max_length + PREFIX_TOKENS, max_target) if max_target else job.data.max_length + 1
     backend = getattr(job, "backend", None)
     if backend is not None and backend.name == "deepspeed" and backend.zero_stage == 3 and torch.distributed.is_initialized():
         kwargs["synced_gpus"] = True  # ZeRO-3 gathers parameters in every forward: all ranks decode in step
