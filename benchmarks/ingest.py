@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = time.perf_counter() - t1
         sampler.stop.set()
         sampler.join(timeout=5)
+        stats = datasets["train"].stats()  # Ray Data's per-operator report of that execution (memory, spill)
     finally:
         ray.shutdown()
     tokenized_bytes = rows * args.max_length * 8 * 3  # input_ids, attention_mask, labels as int64 before trimming
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_per_s_per_cpu": round(rows / seconds / args.cpus), "tokens_per_s_per_cpu": round(tokens / seconds / args.cpus),
         "peak_object_store_mib": sampler.peak_mib, "spilled_mib": sampler.spilled_mib, "store_samples": sampler.samples,
         "bounded": sampler.peak_mib <= args.store_mib and rows == dataset["rows"], "write_dataset_s": round(write_s, 1),
-        "settings": vars(args), "load_average": os.getloadavg(),
+        "settings": vars(args), "load_average": os.getloadavg(), "ray_data_stats": stats.splitlines(),
     }
 
 
