@@ -115,7 +115,7 @@ def ray_executable() -> str:
     return str(sibling) if sibling.is_file() else (shutil.which("ray") or "ray")
 
 
-def node_command(head: bool, host: str, gcs_port: int, cpus: float, temp_dir: str, object_store_mb: int,
+def node_command(head: bool, host: str, gcs_port: int, cpus: int, temp_dir: str, object_store_mb: int,
                  dashboard_port: int | None = None) -> list[str]:
     """The ``ray start --block`` command of one node; every port this node opens is chosen free, not Ray's default.
 
@@ -150,7 +150,7 @@ def node_env(auth: str, token_path: Path | None, gcs_address: str) -> dict[str, 
 
 
 def start_cluster(
-    workers: int = 2, cpus_per_node: float = 1, head_cpus: float | None = None, host: str = "127.0.0.1",
+    workers: int = 2, cpus_per_node: int = 1, head_cpus: int | None = None, host: str = "127.0.0.1",
     auth: str = "token", folder: str | os.PathLike | None = None, object_store_mb: int = 256, timeout_s: float = 180,
 ) -> LocalCluster:
     """Start a head and ``workers`` worker nodes as separate ``ray start`` processes and wait until all are alive."""
