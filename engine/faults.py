@@ -46,12 +46,15 @@ def after_step(hooks: dict[str, Any] | None, rank: int, step: int) -> None:
 
 
 def frozen_digest(model: Any) -> str:
-    """SHA-256 over the names and fp32 bytes of ``model``'s frozen parameters (call with them gathered)."""
+    """SHA-256 over the names and bytes of ``model``'s frozen parameters and its buffers (where frozen
+    weights may live after ``perf`` rewrites a layer); call with the parameters gathered."""
+    import torch
+
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if not param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    for name, tensor in sorted(frozen + list(model.named_buffers()), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

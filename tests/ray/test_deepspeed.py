@@ -42,12 +42,19 @@ def ds_job(model, data, out, stage: int) -> dict:
 
 
 def pretrained_frozen_digest(job_raw: dict) -> str:
+    """The frozen weights as a worker holds them before its first step: prepared, then the job's perf
+    settings applied (which may move frozen linear weights into buffers)."""
+    import torch
+
     from engine.config import build_job
     from engine.faults import frozen_digest
     from engine.models.prepare import prepare_model
+    from engine.perf import apply_perf
 
     job = build_job(job_raw)
-    return frozen_digest(prepare_model(job, job.model.labels, 0).model)
+    model = prepare_model(job, job.model.labels, 0).model
+    apply_perf(model, job.perf, job.model.task, torch.device("cpu"), None)
+    return frozen_digest(model)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

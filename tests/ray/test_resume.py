@@ -68,7 +68,7 @@ def test_worker_sigkilled_mid_epoch_recovers_exactly(ray_local, tiny_bert, id_da
     assert_each_id_once_per_epoch(recovered["ids"], EPOCHS, ROWS_PER_RANK)
 
 
-def test_killed_driver_resumes_exactly_past_a_truncated_checkpoint(ray_local, tiny_bert, id_data, uninterrupted, tmp_path, caplog):
+def test_killed_driver_resumes_exactly_past_a_truncated_checkpoint(ray_local, tiny_bert, id_data, uninterrupted, tmp_path):
     out = tmp_path / "out"
     job_path = write_job(tmp_path / "job.yaml", resume_job(tiny_bert, id_data, out))
     proc = start_driver(job_path, tmp_path, {"step_sleep_s": 0.5})
@@ -82,14 +82,14 @@ def test_killed_driver_resumes_exactly_past_a_truncated_checkpoint(ray_local, ti
     assert not (out / "metrics.json").exists()
     # Without --resume the unfinished run is refused; with it, training continues.
     assert main(["train", job_path]) == 2
-    # Cut the newest checkpoint short, as a crash while writing it would: the resume must skip it.
-    newest = checkpoints(out)[-1]
-    weights = newest / "trainable.safetensors"
+    # Cut the checkpoint Ray will resume from short, as a crash while writing it would: it must be skipped.
+    latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    step = int(latest.split("_")[1])
+    assert 4 <= step < 8
+    weights = out / "train" / latest / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert main(["train", job_path, "--resume"]) == 0
-    names = [p.name for p in checkpoints(out)]
-    step = int(newest.name.split("_")[1])
-    assert f"checkpoint_{step:09d}_001" in names  # the truncated step was trained again from the one before
+    assert main(["train", job_path, "--resume"]) == 0  # the workers log the skipped checkpoint
+    assert f"checkpoint_{step:09d}_001" in [p.name for p in checkpoints(out)]  # step trained again from the one before
     resumed = final_state(out)
     assert resumed["state"]["train"]["restarts"] == 1
     assert_same_training(resumed, uninterrupted)

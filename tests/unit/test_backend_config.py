@@ -96,3 +96,28 @@ def test_shipped_deepspeed_job_validates():
 
     spec = load_job(Path(__file__).parents[2] / "jobs" / "deepspeed_zero2_lora.yaml")
     assert spec.backend.name == "deepspeed" and spec.peft.method == "lora"
+
+
+def test_only_the_deepspeed_backend_imports_deepspeed():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    pattern = re.compile(r"^\s*(import deepspeed|from deepspeed)", re.M)
+    importers = sorted(str(p.relative_to(root)) for d in ("engine", "cluster") for p in (root / d).rglob("*.py") if pattern.search(p.read_text()))
+    assert importers == ["engine/backends/deepspeed.py"]
+
+
+def test_validating_a_deepspeed_job_needs_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    path = ds_file(tmp_path, {"train_micro_batch_size_per_gpu": 4})
+    code = (
+        "import sys; from engine.config import build_job; "
+        f"build_job({{'model': {{'name': 'm'}}, 'data': {{'train': 't'}}, 'optim': {{'batch_size': 4}}, "
+        f"'backend': {{'name': 'deepspeed', 'config': {path!r}}}}}); "
+        "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
