@@ -68,10 +68,11 @@ def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base
 
 def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
     """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows."""
-    from cluster.data import _select_rows, read_split
+    from cluster.data import _select_rows, fits_in_object_store, read_split
 
     train_split = info.splits["train"]
-    train = read_split(train_split, job.data.rows_per_block)
+    in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
+    train = read_split(train_split, job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = train_split.num_rows
     if "validation" in info.splits:
         validation, val_dir = read_split(info.splits["validation"], job.data.rows_per_block), manifest_dir(info.splits["validation"])
@@ -81,7 +82,7 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
         train = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": False}, batch_format="numpy")
         num_train_rows = train.count()
     datasets = {
-        "train": featurize(train.randomize_block_order(seed=job.seed), job, info.labels, manifest_dir(train_split)),
+        "train": featurize(train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, job, info.labels, manifest_dir(train_split)),
         "validation": featurize(validation, job, info.labels, val_dir),
     }
     return datasets, num_train_rows
