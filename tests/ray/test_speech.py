@@ -34,10 +34,23 @@ def splits(tones) -> dict:
     return {"train": str(tones["train"]), "validation": str(tones["validation"]), "test": str(tones["test"]), "audio_column": "path"}
 
 
+def as_parquet_bytes(manifest, out):
+    """The manifest's clips as a parquet file of {bytes, path} structs, as Hugging Face datasets write audio."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = pacsv.read_csv(manifest).to_pydict()
+    audio = [{"bytes": (manifest.parent / p).read_bytes(), "path": p} for p in rows["path"]]
+    pq.write_table(pa.table({"path": audio, "label": rows["label"]}), out)
+    return out
+
+
 def test_keyword_classification_learns_from_resampled_audio(ray_local, tmp_path, tiny_wav2vec2, tones):
+    train = as_parquet_bytes(tones["train"], tmp_path / "train.parquet")  # training audio inside parquet, the rest as files
     metrics = run_job(tmp_path, "kw", {
         "model": {"name": str(tiny_wav2vec2), "task": "audio_classification"},
-        "data": {**splits(tones), "max_audio_seconds": 0.5, "rows_per_block": 16},
+        "data": {**splits(tones), "train": str(train), "max_audio_seconds": 0.5, "rows_per_block": 16},
         "finetune": {"strategy": "full", "freeze_feature_encoder": False, "head_lr": 3e-3, "backbone_lr_ratio": 1.0},
         "optim": {"epochs": 6, "batch_size": 8},
     })
