@@ -197,14 +197,14 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
 
     from cluster.data import build_datasets
     from cluster.trainer import build_trainer
-    from engine.preprocess import cached_tokenizer
+    from engine.models.speech import job_preprocessors
 
     from cluster.trainer import ensure_ray
 
     ensure_ray()  # inside the trial: only quiets Ray Data like the driver
     job = trial_spec(base_raw, config["overrides"], tune.get_context().get_trial_id(), trials_root)
     datasets, num_train_rows = build_datasets(job, info)
-    pad_token_id = cached_tokenizer(job.model.name, job.model.revision).pad_token_id
+    pad_token_id = job_preprocessors(job)[1]  # text: the tokenizer's; speech: the CTC blank or none
     trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error:
