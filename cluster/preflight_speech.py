@@ -70,6 +70,11 @@ def check_speech(job: JobSpec, splits: dict[str, Any]) -> None:
     from engine.audio import SamplingRateError, check_rate
 
     settings = check_feature_options(job)
+    if job.model.task == "speech_seq2seq" and job.finetune.freeze_depth == "all":
+        raise JobError(
+            "finetune.freeze_depth is 'all' for speech_seq2seq: it counts the encoder's blocks, and with all of them frozen "
+            "the decoder above them freezes too, so nothing would train. Use a negative depth (e.g. -2) or 0 with peft.method: lora."
+        )
     rate = int(settings.get("sampling_rate") or 16000)
     for split in splits.values():
         for found in sorted(probe_rates(job, split)):

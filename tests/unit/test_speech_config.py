@@ -93,3 +93,9 @@ def test_parquet_with_audio_bytes_is_checked_like_files(tiny_wav2vec2, tones_8k,
         check_data(job)
     job.data.resample = True
     assert check_data(job).labels == ["no", "up", "yes"]
+
+
+def test_whisper_with_every_encoder_block_frozen_is_refused(tiny_whisper, tones_8k):
+    job = speech_job(tiny_whisper, {"train": str(tones_8k["train"])}, task="speech_seq2seq", finetune={"strategy": "feature_extraction"})
+    with pytest.raises(JobError, match="freeze_depth is 'all' for speech_seq2seq"):
+        check_data(job)
