@@ -32,6 +32,25 @@ def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None =
     return READERS[split.format](split.files, shuffle=shuffle).repartition(target_num_rows_per_block=rows_per_block)
 
 
+MAX_BLOCK_BYTES = 16 * 2**20
+"""Largest Ray Data block (Ray's default is 128 MiB): the parquet reader packs small files into one read
+task, and with 128 MiB blocks a dataset of a few small files became one block larger than a small object
+store, which then spilled instead of streaming."""
+
+
+PARQUET_READ_UNIT_BYTES = 2 * 2**20
+"""On-disk parquet bytes per read task (Ray packs row groups up to 128 MiB into one task by default: a
+few small files became one task that read the whole split ahead of tokenization, into the store)."""
+
+
+def limit_block_size(max_bytes: int = MAX_BLOCK_BYTES) -> None:
+    """Cap ``DataContext.target_max_block_size`` and the parquet read unit (for executions this driver
+    plans), so Ray Data can pace reads by task and the store holds a few blocks, not the split."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = min(ctx.target_max_block_size or max_bytes, max_bytes)
+    os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(PARQUET_READ_UNIT_BYTES))
+
+
 def fits_in_object_store(split: SplitInfo, share: float = 0.2, expansion: float = 4.0) -> bool:
     """Whether a split (its files' bytes x ``expansion`` for decompression) fits in ``share`` of the object
     store. Such a split's blocks are shuffled in memory; a larger one is shuffled by file order at read time,
@@ -89,6 +108,7 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         from cluster.data_speech import build_speech_datasets
 
         return build_speech_datasets(job, info)
+    limit_block_size()
     in_memory_shuffle = fits_in_object_store(info.splits["train"])
     train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = info.splits["train"].num_rows
