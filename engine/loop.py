@@ -22,7 +22,7 @@ import ray.train.torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
-from engine.backends import Backend, build_backend
+from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
 from engine.checkpoint import checkpoint_name, open_latest_complete, restore_checkpoint, save_checkpoint
 from engine.config import SPEECH_TASKS, JobSpec
@@ -139,8 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Model: load -> replace head -> freeze -> adapters; then groups at their LR ratios.
     prepared = prepare_model(job, labels, config.get("pad_token_id"))
     model = prepared.model.to(device)
+    # Frozen linears stay plain parameters when gradual unfreezing trains them later or ZeRO-3 partitions them.
     apply_perf(model, job.perf, job.model.task, device, amp_dtype, keep_frozen_weights=bool(
-        job.safeguards.unfreeze_every_steps or job.safeguards.unfreeze_every_epochs))
+        job.safeguards.unfreeze_every_steps or job.safeguards.unfreeze_every_epochs) or partitions_parameters(job))
     steps_per_epoch, total_steps = plan_steps(job, config["num_train_rows"], world_size)
     # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)

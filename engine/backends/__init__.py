@@ -57,6 +57,16 @@ class Backend(Protocol):
         """Context in which every parameter of ``module`` is whole on every rank (ZeRO-3 gathers; a collective)."""
 
 
+def partitions_parameters(job: JobSpec) -> bool:
+    """Whether the backend shards the parameters themselves (DeepSpeed ZeRO-3): model rewrites that read
+    frozen weights directly (``perf``'s fused LoRA / FP8 frozen linears) must then stay off."""
+    if job.backend.name != "deepspeed":
+        return False
+    from engine.backends.ds_config import zero_stage
+
+    return zero_stage(job.backend) == 3
+
+
 def build_backend(
     job: JobSpec,
     model: nn.Module,

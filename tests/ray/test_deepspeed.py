@@ -46,6 +46,7 @@ def pretrained_frozen_digest(job_raw: dict) -> str:
     settings applied (which may move frozen linear weights into buffers)."""
     import torch
 
+    from engine.backends import partitions_parameters
     from engine.config import build_job
     from engine.faults import frozen_digest
     from engine.models.prepare import prepare_model
@@ -53,7 +54,7 @@ def pretrained_frozen_digest(job_raw: dict) -> str:
 
     job = build_job(job_raw)
     model = prepare_model(job, job.model.labels, 0).model
-    apply_perf(model, job.perf, job.model.task, torch.device("cpu"), None)
+    apply_perf(model, job.perf, job.model.task, torch.device("cpu"), None, keep_frozen_weights=partitions_parameters(job))
     return frozen_digest(model)
 
 
