@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.preflight import DataInfo
+from cluster.tune_space import (
+    TRIAL_CPUS, check_space, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
+    override_args, trial_job, tune_metric, tune_mode,
+)
 from engine.config import JobSpec, build_job, merge, parse_overrides
 from engine.errors import JobError
 
@@ -25,75 +29,7 @@ log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-TRIAL_CPUS = 0.01
-"""CPUs reserved by each trial's driver function (0 is refused by Ray; the workers hold the real CPUs)."""
 RESULTS_FILE = "tune_results.csv"
-DEFAULT_STRATEGIES = ["full", "lora"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The search space (pure functions)
-
-
-def model_depth(job: JobSpec) -> int:
-    """Number of transformer blocks of the job's model, from its config.json (no torch)."""
-    from engine.models.loading import read_config_json
-
-    config = read_config_json(job.model.name, job.model.revision)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    raise JobError(f"model.name '{job.model.name}': cannot tell its number of blocks; give tune.space explicitly.")
-
-
-def default_space(job: JobSpec, depth: int) -> dict[str, dict[str, list[Any]]]:
-    """The space searched when ``tune.space`` is empty: how deep to freeze and how fast the backbone learns."""
-    lr = job.finetune.head_lr
-    return {
-        "finetune.freeze_depth": {"randint": [0, depth]},
-        "finetune.backbone_lr_ratio": {"loguniform": [0.01, 1.0]},
-        "finetune.head_lr": {"loguniform": [lr / 3, lr * 3]},
-        "finetune.strategy": {"choice": DEFAULT_STRATEGIES},
-    }
-
-
-def search_space(job: JobSpec, depth: int | None = None) -> dict[str, dict[str, list[Any]]]:
-    """The job's ``tune.space``, or the default space (``depth`` is read from the model when not given)."""
-    if job.tune.space:
-        return dict(job.tune.space)
-    return default_space(job, model_depth(job) if depth is None else depth)
-
-
-def to_tune_domain(kind: str, values: list[Any]) -> Any:
-    """One ``tune.space`` entry as a Ray Tune domain (``randint`` is inclusive here, exclusive in Tune)."""
-    from ray import tune
-
-    if kind == "choice":
-        return tune.choice(values)
-    if kind == "grid":
-        return tune.grid_search(values)
-    if kind == "uniform":
-        return tune.uniform(*values)
-    if kind == "loguniform":
-        return tune.loguniform(*values)
-    if kind == "randint":
-        return tune.randint(values[0], values[1] + 1)
-    raise ValueError(f"unknown search domain {kind}")
-
-
-def override_args(overrides: dict[str, Any]) -> list[str]:
-    """``{"finetune.freeze_depth": 2}`` -> ``["finetune.freeze_depth=2"]``, as typed on the command line."""
-    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in sorted(overrides.items())]
-
-
-def trial_job(base_raw: dict[str, Any], overrides: dict[str, Any], name: str | None = None, out_dir: str | None = None) -> JobSpec:
-    """The job a trial runs: base job + overrides (and its own name and output folder)."""
-    raw = merge(base_raw, parse_overrides(override_args(overrides)))
-    if name:
-        raw["name"] = name
-    if out_dir:
-        raw = merge(raw, {"output": {"dir": out_dir}})
-    return build_job(raw, f"trial {override_args(overrides)}")
 
 
 def trial_spec(base_raw: dict[str, Any], overrides: dict[str, Any], trial_id: str, trials_root: str | os.PathLike) -> JobSpec:
@@ -121,65 +57,6 @@ def train_history(job: JobSpec) -> tuple[list[dict[str, Any]], dict[int, str]]:
         if train["step"] > newest[0]:
             newest = (int(train["step"]), list(train.get("history", [])))
     return newest[1], by_step
-
-
-def sample_point(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
-    """One point of the space (the first value or the low end of each domain), to validate keys early."""
-    return {key: next(iter(domain.values()))[0] for key, domain in space.items()}
-
-
-def check_space(base_raw: dict[str, Any], space: dict[str, dict[str, list[Any]]]) -> None:
-    """Every searched key is a job key whose values the schema accepts; raised before Ray starts."""
-    for key in space:
-        if key.split(".")[0] in ("tune", "output", "name"):
-            raise JobError(f"tune.space.{key}: '{key.split('.')[0]}' cannot be searched; search model/data/finetune/peft/optim/... keys.")
-    for key, domain in space.items():
-        for value in next(iter(domain.values()))[:8]:
-            try:
-                trial_job(base_raw, {key: value})
-            except JobError as exc:
-                raise JobError(f"tune.space.{key}: value {value!r} does not make a valid job: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Resources and scheduling (pure functions)
-
-
-def compute_concurrency(
-    cluster_cpus: float, cluster_gpus: float, num_workers: int, cpus_per_worker: float, use_gpu: bool,
-    data_cpus: float = 1.0, trial_cpus: float = TRIAL_CPUS, requested: int | None = None,
-) -> int:
-    """How many trials can run at once without starving each other or Ray Data.
-
-    Every running trial holds ``trial_cpus`` plus its workers' CPUs (and one GPU per worker); ``data_cpus``
-    stay free for Ray Data's read and preprocessing tasks, which otherwise wait forever behind the workers
-    (each of those tasks asks for a whole CPU, so with fractional workers 2 x 0.5 on 2 CPUs leave exactly
-    one, and 2 x 0.51 leave 0.98: a deadlock).
-
-    Raises:
-        JobError: not even one trial fits.
-    """
-    per_trial = trial_cpus + num_workers * cpus_per_worker
-    fits = math.floor((cluster_cpus - data_cpus) / per_trial + 1e-9)
-    if use_gpu:
-        fits = min(fits, math.floor(cluster_gpus / num_workers + 1e-9))
-    if fits < 1:
-        raise JobError(
-            f"one trial needs {per_trial:g} CPUs ({num_workers} workers x scaling.cpus_per_worker {cpus_per_worker:g})"
-            + (f" and {num_workers} GPUs" if use_gpu else "")
-            + f" plus tune.data_cpus {data_cpus:g} for Ray Data, but the cluster has {cluster_cpus:g} CPUs"
-            + (f" and {cluster_gpus:g} GPUs" if use_gpu else "")
-            + ". Lower scaling.num_workers or scaling.cpus_per_worker, or tune.data_cpus."
-        )
-    return min(fits, requested) if requested else fits
-
-
-def step_budget(job: JobSpec, num_train_rows: int) -> tuple[int, int]:
-    """(optimizer steps between evaluations, total optimizer steps) of a job: ASHA's time unit and ``max_t``."""
-    from engine.loop import plan_steps
-
-    steps_per_epoch, total = plan_steps(job, num_train_rows, job.scaling.num_workers)
-    return job.eval.every_n_steps or steps_per_epoch, total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,19 +145,6 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out), verbose=1),
     )
-
-
-def tune_metric(job: JobSpec) -> str:
-    return f"val_{job.tune.metric or job.eval_metric}"
-
-
-def tune_mode(job: JobSpec) -> str:
-    if job.tune.mode:
-        return job.tune.mode
-    if job.tune.metric:
-        probe = job.model_copy(update={"eval": job.eval.model_copy(update={"metric": job.tune.metric, "mode": None})})
-        return probe.eval_mode
-    return job.eval_mode
 
 
 def run_search(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool = False) -> TuneOutcome:
@@ -389,7 +253,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     outcome = run_search(job, info, base_raw, resume)
     test, verdict = None, None
     if outcome.best_job is not None and outcome.best_checkpoint:
-        test = test_best(outcome, info)
+        test = evaluate_best(outcome, info)
         if job.safeguards.compare_scratch and test:
             verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch")
     write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started, job_path)
@@ -405,7 +269,7 @@ def _depth_or_none(job: JobSpec) -> int | None:
         return None
 
 
-def test_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
+def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
     """Export the best trial's best checkpoint to ``output.dir/model`` and evaluate it on the test split."""
     from cluster.trainer import EXPORT_DIR, evaluate_export
     from engine.export import export_checkpoint

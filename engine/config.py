@@ -292,8 +292,8 @@ class TuneSpec(Section):
     max_concurrent_trials: int | None = Field(None, gt=0)
     """Trials running at once; left empty, computed from the cluster's CPUs/GPUs and each trial's workers."""
     data_cpus: float = Field(1.0, ge=0)
-    """Logical CPUs kept free for Ray Data reads and preprocessing when computing concurrency; at least 1,
-    since each Ray Data task asks for a whole CPU (lower only if your cluster gives Ray Data its own nodes)."""
+    """Logical CPUs kept free per running trial for its Ray Data reads and preprocessing when computing
+    concurrency; at least 1, since each Ray Data execution reserves whole CPUs for its tasks."""
     metric: str | None = None
     """Validation metric ranking the trials (without ``val_``); left empty, ``eval.metric``."""
     mode: Literal["max", "min"] | None = None

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from cluster import tune as shtune
+from cluster import tune
+from cluster import tune_space as shtune
 from cluster import tune_report
 from engine.config import build_job, load_job
 from engine.errors import JobError
@@ -88,17 +89,18 @@ def test_schema_checks_each_domain(tmp_path, domain, message):
 @pytest.mark.parametrize(
     "cpus, gpus, workers, cpw, gpu, expected",
     [
-        (2, 0, 1, 0.45, False, 2),  # this machine: two 1-worker trials, one whole CPU left to Ray Data
-        (2, 0, 1, 0.5, False, 1),   # 2 x 0.51 would leave 0.98 CPU: Ray Data's 1-CPU tasks never start
-        (16, 0, 2, 1.0, False, 7),
+        (2, 0, 2, 0.45, False, 1),  # this machine: one 2-worker trial, one whole CPU left to its Ray Data
+        (2, 0, 1, 0.45, False, 1),  # a second trial's pipelines would starve (seen: ReadFiles never scheduled)
+        (4, 0, 1, 0.45, False, 2),  # the test session's 4 logical CPUs
+        (16, 0, 2, 1.0, False, 5),
         (64, 8, 2, 4.0, True, 4),   # GPUs bound it
         (64, 8, 1, 4.0, True, 8),
     ],
 )
-def test_concurrency_leaves_a_whole_cpu_to_ray_data(cpus, gpus, workers, cpw, gpu, expected):
+def test_concurrency_leaves_each_trial_a_whole_cpu_for_ray_data(cpus, gpus, workers, cpw, gpu, expected):
     n = shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu)
     assert n == expected
-    assert cpus - n * (shtune.TRIAL_CPUS + workers * cpw) >= 1.0
+    assert cpus - n * (shtune.TRIAL_CPUS + workers * cpw) >= n * 1.0
     assert shtune.compute_concurrency(cpus, gpus, workers, cpw, gpu, requested=1) == 1
 
 
@@ -106,6 +108,8 @@ def test_concurrency_refuses_a_trial_that_cannot_fit():
     # the plain quickstart's 2 workers x 0.5 CPU fill a 2-CPU machine once a trial's own 0.01 CPU is added
     with pytest.raises(JobError, match="scaling.cpus_per_worker"):
         shtune.compute_concurrency(2, 0, 2, 0.5, False)
+    with pytest.raises(JobError, match="2 GPUs"):
+        shtune.compute_concurrency(64, 1, 2, 1.0, True)
 
 
 def row(trial, overrides, best, stopped, forgetting=0.1):
@@ -123,7 +127,7 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     histories = {"a1": [{"step": 5, "val_accuracy": 0.6}, {"step": 10, "val_accuracy": 0.8}], "b2": [{"step": 5, "val_accuracy": 0.5}]}
     job = build_job(raw)
     best_job = shtune.trial_job(raw, rows[0]["overrides"])
-    outcome = shtune.TuneOutcome(out_dir=tmp_path, trials=rows, histories=histories, best_job=best_job)
+    outcome = tune.TuneOutcome(out_dir=tmp_path, trials=rows, histories=histories, best_job=best_job)
     tune_report.write_results_csv(tmp_path / "tune_results.csv", rows)
     read = tune_report.read_results_csv(tmp_path / "tune_results.csv")
     assert [r["trial_id"] for r in read] == ["a1", "b2"]
@@ -150,7 +154,7 @@ def test_recommendation_terms(n_frozen, method, name):
     assert tune_report.recommendation(n_frozen, 6, method)[0] == name
 
 
-def test_quickstart_tune_job_searches_valid_keys_two_trials_at_a_time_on_two_cores():
+def test_quickstart_tune_job_searches_valid_keys_one_trial_at_a_time_on_two_cores():
     from pathlib import Path
 
     from engine.config import read_job_file
@@ -160,7 +164,7 @@ def test_quickstart_tune_job_searches_valid_keys_two_trials_at_a_time_on_two_cor
     shtune.check_space(read_job_file(path), shtune.search_space(job, depth=6))
     assert set(job.tune.space) >= {"finetune.freeze_depth", "finetune.backbone_lr_ratio"}
     n = shtune.compute_concurrency(2, 0, job.scaling.num_workers, job.scaling.cpus_per_worker, False, job.tune.data_cpus)
-    assert n == 2
+    assert n == 1
     assert job.tune.scheduler == "asha" and job.optim.epochs == load_job(path.with_name("quickstart.yaml")).optim.epochs
 
 
@@ -189,10 +193,10 @@ def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_pat
         metrics_dataframe = pd.DataFrame([{**e, "trial_id": "abc_00001"} for e in evals[1:]])
 
     info = DataInfo(splits={"train": SplitInfo("train", ["train.parquet"], "parquet", 100)}, labels=["a", "b"])
-    outcome = shtune.collect(job, info, raw, [Result()])
+    outcome = tune.collect(job, info, raw, [Result()])
     (row,) = outcome.trials
     assert row["iterations"] == 3 and row["best"] == 0.9 and row["best_step"] == 10
     assert row["best_checkpoint"] == str(run / "checkpoint_0") and row["last_step"] == 30 == row["planned_steps"]
     assert not row["stopped_early"] and row["forgetting"] == 0.3
     assert outcome.best_job.finetune.backbone_lr_ratio == 0.5 and outcome.best_checkpoint == row["best_checkpoint"]
-    assert shtune._trial_id_from_path(Result.path) == "abc_00001"
+    assert tune._trial_id_from_path(Result.path) == "abc_00001"
