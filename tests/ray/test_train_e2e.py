@@ -76,7 +76,7 @@ def test_two_worker_classification_trains_exports_and_reproduces(ray_local, clas
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)  # metric is float32
 
 
 def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_data, tmp_path):
