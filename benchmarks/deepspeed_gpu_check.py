@@ -55,7 +55,7 @@ def job_for(stage: int, model: Path, data: dict[str, Path], out: Path, gpu: bool
         "name": f"ds-zero{stage}-lora",
         "model": {"name": str(model), "labels": ["food", "sport", "tech"]},
         "data": {k: str(v) for k, v in data.items()} | {"max_length": 32, "rows_per_block": 64},
-        "finetune": {"freeze_depth": 1, "head_lr": 2e-3, "adapter_lr_ratio": 0.5, "backbone_lr_ratio": 0.1},
+        "finetune": {"freeze_depth": 1, "head_lr": 1e-2, "adapter_lr_ratio": 0.5, "backbone_lr_ratio": 0.1},
         "peft": {"method": "lora", "r": 8, "target_modules": ["query", "value"]},
         "optim": {"epochs": 2, "batch_size": 16, "grad_accum": 2, "warmup_ratio": 0.1},
         "scaling": {"num_workers": 1 if gpu else 2, "cpus_per_worker": 1 if gpu else 0.5, "use_gpu": gpu},
@@ -82,7 +82,8 @@ def run_case(stage: int, model: Path, data: dict[str, Path], work: Path, gpu: bo
     from engine.config import build_job
 
     start = time.perf_counter()
-    job, info = preflight(build_job(job_for(stage, model, data, work / f"zero{stage}", gpu)))
+    raw = job_for(stage, model, data, work / f"zero{stage}", gpu)
+    job, info = preflight(build_job(raw))
     summary = run_training(job, info)
     last = summary.history[-1]
     return {
@@ -95,6 +96,7 @@ def run_case(stage: int, model: Path, data: dict[str, Path], work: Path, gpu: bo
         "lrs_at_end": {k: v for k, v in last.items() if k.startswith("lr_")},
         "peak_mem_gib": max((h.get("peak_mem_gib", 0) for h in summary.history), default=None),
         "export_loads_with_peft": export_loads(summary.export_dir, model),
+        "job": job.model_dump(mode="json"),
     }
 
 

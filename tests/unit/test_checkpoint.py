@@ -149,3 +149,18 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complet
     with pytest.raises(ValueError, match="no complete checkpoint"):
         with open_latest_complete(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())):
             pass
+
+
+def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    from cluster.preflight import RAY_RUN_SNAPSHOT, check_output
+    from engine.errors import JobError
+
+    spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})
+    check_output(spec)  # a fresh folder: fine
+    with pytest.raises(JobError, match="no run to resume"):
+        check_output(spec, resume=True)
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "train" / RAY_RUN_SNAPSHOT).write_text("{}")
+    with pytest.raises(JobError, match="Pass --resume"):
+        check_output(spec)
+    check_output(spec, resume=True)
