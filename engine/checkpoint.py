@@ -248,6 +248,22 @@ def resume_candidates(latest: str, siblings: list[str]) -> list[str]:
     return [latest] + sorted(older, key=lambda s: checkpoint_order(Path(s).name), reverse=True)
 
 
+def _run_checkpoints(checkpoint: Any) -> list[str]:
+    """Paths of the folders beside Ray Train's ``checkpoint`` in its run folder (any filesystem)."""
+    import pyarrow.fs
+
+    parent = str(Path(checkpoint.path).parent)
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    return [info.path for info in infos if info.type == pyarrow.fs.FileType.Directory]
+
+
+def next_restart_index(checkpoint: Any) -> int:
+    """One more than the highest restart index among the run's checkpoint folders, so a restarted run's
+    checkpoints never reuse a folder name (even one left incomplete by an earlier attempt)."""
+    orders = [checkpoint_order(Path(p).name) for p in _run_checkpoints(checkpoint) + [checkpoint.path]]
+    return max(order[1] for order in orders if order is not None) + 1 if any(orders) else 1
+
+
 @contextlib.contextmanager
 def open_latest_complete(checkpoint: Any) -> Iterator[Path | None]:
     """A local folder with the newest *complete* checkpoint at or before Ray Train's ``checkpoint``.
@@ -259,15 +275,10 @@ def open_latest_complete(checkpoint: Any) -> Iterator[Path | None]:
     if checkpoint is None:
         yield None
         return
-    import pyarrow.fs
-
-    parent = str(Path(checkpoint.path).parent)
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
-    siblings = [info.path for info in infos if info.type == pyarrow.fs.FileType.Directory]
-    for candidate in resume_candidates(checkpoint.path, siblings):
+    for candidate in resume_candidates(checkpoint.path, _run_checkpoints(checkpoint)):
         with type(checkpoint)(path=candidate, filesystem=checkpoint.filesystem).as_directory() as folder:
             if is_complete(folder):
                 yield Path(folder)
                 return
         log.warning("checkpoint '%s' is incomplete (cut short while written); skipping it", candidate)
-    raise ValueError(f"no complete checkpoint in '{parent}' to resume from")
+    raise ValueError(f"no complete checkpoint in '{Path(checkpoint.path).parent}' to resume from")

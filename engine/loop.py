@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
-from engine.checkpoint import checkpoint_name, open_latest_complete, restore_checkpoint, save_checkpoint
+from engine.checkpoint import checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
 from engine.models.prepare import prepare_model
@@ -163,8 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with open_latest_complete(ray.train.get_checkpoint()) as folder:
         if folder is not None:
             saved, position = restore_checkpoint(folder, backend=backend, rank=rank, world_size=world_size, generators=generators)
-            state.update(saved["train"])
-            state["restarts"] += 1
+            state.update(saved["train"], restarts=next_restart_index(ray.train.get_checkpoint()))
             log.info("resumed from step %d (epoch %d, %d batches into it)", state["step"], state["epoch"], state["batches_in_epoch"])
     if guard.unfreeze_due(state["step"]):
         guard.unfreeze(backend.module, state["step"])

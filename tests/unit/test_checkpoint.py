@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.backends.ddp import DDPBackend
 from engine.checkpoint import (
-    WEIGHTS, capture_rng, checkpoint_name, is_complete, open_latest_complete, read_checkpoint, restore_checkpoint,
+    WEIGHTS, capture_rng, checkpoint_name, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
     restore_rng, resume_candidates, save_checkpoint,
 )
 from engine.config import build_job
@@ -143,6 +143,9 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complet
         assert folder == older
     assert "incomplete" in caplog.text and checkpoint_name(4, 0) in caplog.text
 
+    assert next_restart_index(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) == 1
+    write(tmp_path, checkpoint_name(6, 3), backend, 6)
+    assert next_restart_index(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) == 4
     with open_latest_complete(None) as folder:
         assert folder is None
     (older / WEIGHTS).write_bytes(b"")
