@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -128,27 +128,38 @@ class RetentionProbe:
         for start in range(0, n, self.batch_size):
             yield {k: v[start:start + self.batch_size].to(self.device) for k, v in self.inputs.items()}
 
+    def _autocast(self):
+        """Mixed precision on GPUs, as in training (frozen weights may be kept in bf16 or FP8 there)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
     @torch.no_grad()
     def _measure(self, model: nn.Module) -> torch.Tensor | float:
         was_training = model.training
         model.eval()
         try:
-            if self.measure == "lm_loss":
-                total, tokens = 0.0, 0
-                for batch in self._batches():
-                    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-                    out = model(**batch, labels=labels)
-                    count = int((labels[:, 1:] != -100).sum())
-                    total, tokens = total + float(out.loss) * count, tokens + count
-                return total / max(tokens, 1)
-            pooled = []
-            for batch in self._batches():
-                hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
-            return torch.cat(pooled).cpu()
+            with self._autocast():
+                return self._forward(model)
         finally:
             model.train(was_training)
+
+    def _forward(self, model: nn.Module) -> torch.Tensor | float:
+        """LM loss on the retention set, or its mean-pooled last hidden states (for CKA)."""
+        if self.measure == "lm_loss":
+            total, tokens = 0.0, 0
+            for batch in self._batches():
+                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+                out = model(**batch, labels=labels)
+                count = int((labels[:, 1:] != -100).sum())
+                total, tokens = total + float(out.loss) * count, tokens + count
+            return total / max(tokens, 1)
+        pooled = []
+        for batch in self._batches():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        return torch.cat(pooled).cpu()
 
     def start(self, model: nn.Module) -> None:
         """Measure the pre-trained model (step 0)."""
