@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.perf import ThroughputMeter, cast_for_mixed_precision, flops_per_token, matmul_params
 
-PEER = Path(__file__).resolve().parents[3] / "shared" / "bench" / "peer_baseline.py"
-
-
 def load_peer(monkeypatch):
-    if not PEER.is_file():
-        pytest.skip("shared/bench/peer_baseline.py is not beside the checkout")
-    monkeypatch.setattr(sys, "argv", ["peer_baseline.py", "--tiny"])
-    spec = importlib.util.spec_from_file_location("peer_baseline", PEER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The peer benchmark module (../shared/bench beside the checkout, or the vendored copy in benchmarks/)."""
+    from benchmarks.workload import load_peer as load_peer_module
+
+    return load_peer_module(tiny=True)
 
 
 def test_flops_per_token_matches_peer_formula(monkeypatch):
