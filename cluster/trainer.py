@@ -24,8 +24,9 @@ TRAIN_DIR = "train"
 EXPORT_DIR = "model"
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray (with
+    ``num_cpus`` logical CPUs when given)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
@@ -35,7 +36,7 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(include_dashboard=False, configure_logging=False, num_cpus=num_cpus)
 
 
 def use_gpu(job: JobSpec) -> bool:
