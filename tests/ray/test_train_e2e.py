@@ -52,7 +52,8 @@ def test_two_worker_classification_trains_exports_and_reproduces(ray_local, clas
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     history = metrics["history"]
     assert len(history) == 4 and history[-1]["step"] == history[0]["step"] * 4
-    assert history[-1]["val_accuracy"] > 0.6 > history[0]["val_accuracy"] - 0.3  # well above chance (1/3)
+    assert history[-1]["val_accuracy"] > 0.6  # well above chance (1/3)
+    assert history[-1]["val_accuracy"] >= history[0]["val_accuracy"]
     assert metrics["test"]["accuracy"] > 0.6
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # the export loads with plain transformers in a new process and reproduces the test accuracy
