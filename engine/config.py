@@ -44,6 +44,17 @@ class ModelSpec(Section):
     from_scratch: bool = False
     """Initialise the same architecture with random weights instead of the pre-trained ones (the baseline
     that tells whether transfer helped)."""
+    head: Literal["auto", "new", "keep"] = "auto"
+    """The task head: ``new`` gives it fresh seeded weights; ``keep`` continues from the checkpoint's head
+    (refused when the checkpoint has none of that shape); ``auto`` keeps it exactly when it fits: the
+    checkpoint holds every head weight at the right shape and was trained for the same outputs (its
+    ``id2label`` equals ``model.labels``; for ``ctc``, the targets use the checkpoint's own tokenizer)."""
+
+    @model_validator(mode="after")
+    def _check_head(self) -> ModelSpec:
+        if self.head == "keep" and self.from_scratch:
+            raise ValueError("model.head: keep needs the checkpoint's weights, but model.from_scratch is true; use head: auto or new")
+        return self
     tokenizer: str | None = None
     """Tokenizer of the targets (hub id or folder); left empty, the checkpoint's own. For ``ctc`` from a
     checkpoint that has no vocabulary (e.g. a pre-trained-only wav2vec2), a character vocabulary is built
@@ -283,6 +294,9 @@ class TuneSpec(Section):
     around the job's value (/3..x3) and ``finetune.strategy`` in full / lora."""
     num_samples: int = Field(8, gt=0)
     """Trials to sample from the space (with ``grid`` domains: samples per grid point)."""
+    include_base: bool = True
+    """Run the job's own values of the searched keys as the first trial (counted in ``num_samples``) when
+    each lies inside its domain, so the search starts from the job as written."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """Trial scheduler: ``asha`` stops the worst trials early at rungs; ``fifo`` runs every trial to the end."""
     grace_period: int = Field(1, gt=0)
@@ -291,9 +305,9 @@ class TuneSpec(Section):
     """ASHA: share of trials kept at each rung is 1 / reduction_factor."""
     max_concurrent_trials: int | None = Field(None, gt=0)
     """Trials running at once; left empty, computed from the cluster's CPUs/GPUs and each trial's workers."""
-    data_cpus: float = Field(1.0, ge=0)
-    """Logical CPUs kept free per running trial for its Ray Data reads and preprocessing when computing
-    concurrency; at least 1, since each Ray Data execution reserves whole CPUs for its tasks."""
+    data_cpus: float = Field(1.0, ge=1)
+    """Logical CPUs each running trial reserves (in its placement group) for its Ray Data reads and
+    preprocessing; at least 1, the CPU of one Ray Data task. Counted when computing concurrency."""
     metric: str | None = None
     """Validation metric ranking the trials (without ``val_``); left empty, ``eval.metric``."""
     mode: Literal["max", "min"] | None = None

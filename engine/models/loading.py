@@ -138,7 +138,7 @@ def load_pretrained(
     from_scratch: bool = False,
     pad_token_id: int | None = None,
     config_overrides: dict[str, Any] | None = None,
-) -> Any:
+) -> tuple[Any, set[str]]:
     """Load ``name`` with the head for ``task``.
 
     Args:
@@ -149,6 +149,10 @@ def load_pretrained(
         from_scratch: build the architecture from its config with random weights.
         pad_token_id: the tokenizer's pad id, needed by decoder classifiers to find the last token.
         config_overrides: config attributes to set before building (see ``engine.models.speech``).
+
+    Returns:
+        The model, and the names of its parameters that did not come from the checkpoint (missing there or
+        of another shape, so freshly initialised; all of them with ``from_scratch``).
     """
     import transformers
 
@@ -170,9 +174,37 @@ def load_pretrained(
     if from_scratch:
         model = auto_class.from_config(config)
         log.info("built %s from its config with random weights (from_scratch)", type(model).__name__)
-        return model
-    model = auto_class.from_pretrained(name, config=config, revision=revision, ignore_mismatched_sizes=True)
-    return model
+        return model, {name for name, _ in model.named_parameters()}
+    model, info = auto_class.from_pretrained(
+        name, config=config, revision=revision, ignore_mismatched_sizes=True, output_loading_info=True,
+    )
+    return model, set(info["missing_keys"]) | {key[0] for key in info["mismatched_keys"]}
+
+
+def checkpoint_head_fits(
+    name: str, task: str, labels: list[str] | None, head_names: list[str], fresh_keys: set[str], model: Any,
+    *, revision: str | None = None, own_tokenizer: bool = True,
+) -> tuple[bool, str]:
+    """Whether the checkpoint's task head can be kept as it is, and why (or why not).
+
+    It fits when every head parameter came from the checkpoint at its shape (none in ``fresh_keys``, the
+    missing and mismatched keys of the load) and it was trained for the same outputs: the same ``id2label``
+    as ``labels`` for classification, the checkpoint's own tokenizer for ``ctc``.
+    """
+    params = [n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in head_names)]
+    if not params:
+        return False, f"the model has no {task} head"
+    fresh = sorted(p for p in params if p in fresh_keys)
+    if fresh:
+        return False, f"the checkpoint has no weights of that shape for {', '.join(fresh[:3])}"
+    if labels is not None:
+        saved = read_config_json(name, revision).get("id2label") or {}
+        ordered = [saved.get(str(i), saved.get(i)) for i in range(len(saved))]
+        if ordered != list(labels):
+            return False, f"its labels {ordered} are not model.labels {list(labels)}"
+    if task == "ctc" and not own_tokenizer:
+        return False, "the targets use another tokenizer (model.tokenizer) than the one its output layer was trained on"
+    return True, "the checkpoint was trained for the same outputs"
 
 
 def head_module_names(model: Any, task: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +12,12 @@ from torch import nn
 from engine.adapters import apply_adapters
 from engine.config import JobSpec
 from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_depth
-from engine.models.loading import BLOCK_STACK_PREFER, head_module_names, load_pretrained
+from engine.errors import JobError
+from engine.models.loading import BLOCK_STACK_PREFER, checkpoint_head_fits, head_module_names, load_pretrained
 from engine.models.speech import model_config_overrides
 from engine.models.surgery import freeze_bottom_blocks, freeze_feature_encoder, replace_head, trainable_summary
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +40,9 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
         model: an already-loaded model to prepare instead of loading ``job.model.name``.
     """
     torch.manual_seed(job.seed)
+    fresh_keys: set[str] = set()
     if model is None:
-        model = load_pretrained(
+        model, fresh_keys = load_pretrained(
             job.model.name,
             job.model.task,
             labels,
@@ -47,7 +52,8 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
             config_overrides=model_config_overrides(job),
         )
     head_names = head_module_names(model, job.model.task)
-    replace_head(model, head_names, job.seed)
+    if not keep_checkpoint_head(job, labels, head_names, fresh_keys, model):
+        replace_head(model, head_names, job.seed)
     stack = find_block_stack(model, prefer=BLOCK_STACK_PREFER.get(job.model.task))
     n_frozen = resolve_freeze_depth(job.finetune.freeze_depth, stack.depth)
     freeze_bottom_blocks(model, stack, n_frozen, head_names, job.finetune.freeze_embeddings)
@@ -56,3 +62,30 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
     model = apply_adapters(model, job.peft, job.model.task, stack, n_frozen, head_names)
     trainable_summary(model)
     return PreparedModel(model=model, stack=stack, n_frozen=n_frozen, head_names=head_names)
+
+
+def keep_checkpoint_head(job: JobSpec, labels: list[str] | None, head_names: list[str], fresh_keys: set[str], model: Any) -> bool:
+    """``model.head``: keep the checkpoint's task head (``keep``, or ``auto`` when it fits) or make a new one.
+
+    Raises:
+        JobError: ``keep`` on a checkpoint whose head does not fit.
+    """
+    if job.model.head == "new" or job.model.from_scratch or not head_names:
+        return False
+    from engine.models.speech import tokenizer_name
+
+    fits, why = checkpoint_head_fits(
+        job.model.name, job.model.task, labels, head_names, fresh_keys, model,
+        revision=job.model.revision, own_tokenizer=_same_place(tokenizer_name(job), job.model.name),
+    )
+    if job.model.head == "keep" and not fits:
+        raise JobError(f"model.head is keep, but the head of '{job.model.name}' cannot be kept: {why}. Use model.head: new (or auto).")
+    log.info("task head %s: %s", "kept from the checkpoint" if fits else "new", why)
+    return fits
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two model references name the same hub id or local folder."""
+    import os
+
+    return a == b or os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
