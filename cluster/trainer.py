@@ -26,7 +26,13 @@ EXPORT_DIR = "model"
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray (with
-    ``num_cpus`` logical CPUs when given)."""
+    ``num_cpus`` logical CPUs when given).
+
+    The embedded Ray runs its dashboard: Ray Train v2 frees the worker placement group of a controller
+    that died (a Tune trial stopped by ASHA, or one that just finished) through a cleaner actor that asks
+    the dashboard's state API; without it the groups leaked, each holding its workers' CPUs until the
+    driver exited, and on 2 cores the next trial's workers waited forever for theirs.
+    """
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
@@ -36,7 +42,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, configure_logging=False, num_cpus=num_cpus)
+        ray.init(include_dashboard=True, configure_logging=False, num_cpus=num_cpus)
 
 
 def use_gpu(job: JobSpec) -> bool:

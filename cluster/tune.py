@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.preflight import DataInfo
 from cluster.tune_space import (
-    TRIAL_CPUS, check_space, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
+    TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
     override_args, trial_job, tune_metric, tune_mode,
 )
 from engine.config import JobSpec, build_job, merge, parse_overrides
@@ -79,6 +79,7 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from cluster.trainer import ensure_ray
 
     ensure_ray()  # inside the trial: only quiets Ray Data like the driver
+    pin_data_to_trial_bundle()
     job = trial_spec(base_raw, config["overrides"], tune.get_context().get_trial_id(), trials_root)
     datasets, num_train_rows = build_datasets(job, info)
     pad_token_id = job_preprocessors(job)[1]  # text: the tokenizer's; speech: the CTC blank or none
@@ -86,6 +87,50 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     result = trainer.fit()
     if result.error:
         raise result.error
+
+
+DATA_BUNDLE = 1
+"""Index of the bundle in each trial's placement group that runs the trial's Ray Data tasks (bundle 0 holds
+the trial function itself)."""
+
+
+def trial_resources(data_cpus: float) -> Any:
+    """Each trial's placement group: its function (``TRIAL_CPUS``) and ``data_cpus`` for its Ray Data tasks.
+
+    The trial's TorchTrainer places its workers in a placement group of its own; the data bundle is what
+    keeps trials from starving each other's Ray Data. Without it every Ray Data execution on the cluster
+    (train and validation streams of every trial, and the requests of stopped trials for up to 180 s) splits
+    the CPUs the trainers leave in whole units through Ray Data's cluster-wide autoscaling coordinator:
+    with more executions than free CPUs each gets 0 and all of them wait forever ("Cluster resources are
+    not enough to run any task from ReadFilesParquetV2"; upstream ray #54305, #38505).
+    """
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS}, {"CPU": data_cpus}], strategy="PACK")
+
+
+def pin_data_to_trial_bundle() -> None:
+    """Run the Ray Data tasks of datasets built from now on in this trial's data bundle.
+
+    With a placement-group scheduling strategy, Ray Data sizes an execution by the group's bundles instead
+    of asking the coordinator for a share of the cluster, so the trial's reads always have their CPU.
+    (``DataContext.scheduling_strategy`` is deprecated for after January 2027; Ray 2.60 still honours it.)
+    """
+    import warnings
+
+    import ray.data
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()
+    if group is None or len(group.bundle_specs) <= DATA_BUNDLE:
+        return
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=DATA_BUNDLE)
+    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx.scheduling_strategy = strategy
+        ctx.scheduling_strategy_large_args = strategy
 
 
 @dataclass
@@ -99,6 +144,8 @@ class TuneOutcome:
     """Trial id -> its reported metrics, in order."""
     best_job: JobSpec | None = None
     best_checkpoint: str | None = None
+    note: str | None = None
+    """Why the chosen trial (the first row) is not the highest-scoring one, when it is not."""
 
 
 def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool) -> Any:
@@ -113,7 +160,7 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
     out = job.output_dir
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=base_raw, info=info, trials_root=str(out / TRIALS_DIR)),
-        {"CPU": TRIAL_CPUS},
+        trial_resources(job.tune.data_cpus),
     )
     if resume:
         path = out / TUNE_DIR
@@ -135,35 +182,27 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
     else:
         scheduler = FIFOScheduler()
     space = search_space(job)
-    log.info("tune: %d samples over %s, %d trial(s) at once, scheduler %s", job.tune.num_samples, list(space), concurrency, job.tune.scheduler)
+    first = _base_point_or_none(job)
+    log.info("tune: %d samples over %s, %d trial(s) at once, scheduler %s%s", job.tune.num_samples, list(space), concurrency,
+             job.tune.scheduler, f", first the job's own values {first}" if first else "")
     return tune.Tuner(
         trainable,
         param_space={"overrides": {key: to_tune_domain(*next(iter(d.items()))) for key, d in space.items()}},
         tune_config=tune.TuneConfig(
             metric=tune_metric(job), mode=tune_mode(job), num_samples=job.tune.num_samples, scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrency),
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[{"overrides": first}] if first else None, random_state=job.seed, max_concurrent=concurrency,
+            ),
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out), verbose=1),
     )
-
-
-LOCAL_TUNE_MIN_CPUS = 4
-"""Logical CPUs of the embedded local Ray that ``shoulders tune`` starts on a small machine. Ray 2.60's
-Data reserves whole logical CPUs per execution through a cluster-wide coordinator, minus the trainers'
-CPUs; with 2 logical CPUs the second trial's reads waited forever ("Cluster resources are not enough to
-run any task from ReadFilesParquetV2"), with 4 a 3-trial search ran through in 3 minutes on 2 cores."""
-
-
-def local_tune_cpus() -> int:
-    """Logical CPUs for an embedded local Ray: the machine's, but at least :data:`LOCAL_TUNE_MIN_CPUS`."""
-    return max(os.cpu_count() or 1, LOCAL_TUNE_MIN_CPUS)
 
 
 def run_search(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool = False) -> TuneOutcome:
     """Run (or continue) the search and collect one row per trial."""
     from cluster.trainer import ensure_ray
 
-    ensure_ray(num_cpus=local_tune_cpus())
+    ensure_ray()
     grid = build_tuner(job, info, base_raw, resume).fit()
     return collect(job, info, base_raw, grid)
 
@@ -185,12 +224,32 @@ def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -
         rows.append(trial_row(trial_id, overrides, history, metric, mode, trial_job(base_raw, overrides), info, result.error))
     sign = 1 if mode == "max" else -1
     rows.sort(key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
-    outcome = TuneOutcome(out_dir=job.output_dir, trials=rows, histories=histories)
+    rows, note = keep_incumbent(rows, _base_point_or_none(job), mode, validation_rows(job, info))
+    outcome = TuneOutcome(out_dir=job.output_dir, trials=rows, histories=histories, note=note)
     if rows and rows[0]["best"] is not None:
         best = rows[0]
         outcome.best_job = trial_job(base_raw, best["overrides"])
         outcome.best_checkpoint = best["best_checkpoint"]
     return outcome
+
+
+def _base_point_or_none(job: JobSpec) -> dict[str, Any] | None:
+    """The base job's own point of the space when ``tune.include_base`` ran it as a trial."""
+    if not job.tune.include_base:
+        return None
+    try:
+        depth = _depth_or_none(job)
+    except JobError:  # no readable model config and no explicit space: nothing was searched from it
+        return None
+    return base_point(job, search_space(job, depth) if depth is not None else dict(job.tune.space), depth)
+
+
+def validation_rows(job: JobSpec, info: DataInfo) -> int | None:
+    """Rows the trials are ranked on: the validation split, or the share held out of the training rows."""
+    if "validation" in info.splits:
+        return info.splits["validation"].num_rows
+    train = info.splits["train"].num_rows
+    return round(train * job.data.validation_fraction) if train else None
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -297,14 +356,9 @@ def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | No
 def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float], out_dir: Path) -> Any:
     """Train the best trial's job from random weights (same architecture and budget) and judge the gain."""
     from cluster.trainer import run_training
-    from engine.safeguards import transfer_verdict
+    from engine.safeguards import scratch_job, transfer_verdict
 
-    scratch_job = best_job.model_copy(update={
-        "name": f"{best_job.name}-scratch",
-        "model": best_job.model.model_copy(update={"from_scratch": True}),
-        "output": best_job.output.model_copy(update={"dir": str(out_dir)}),
-    })
-    scratch = run_training(scratch_job, info)
+    scratch = run_training(scratch_job(best_job, str(out_dir)), info)
     metric = best_job.eval_metric
     return transfer_verdict(
         metric, test[metric], (scratch.test or {}).get(metric, float("nan")), best_job.eval_mode,
@@ -324,6 +378,8 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
     plots = plot_results(out, outcome.trials, outcome.histories, tune_metric(job), depth)
     report = write_report(out, job, outcome, depth, test, verdict, plots, elapsed_s, job_path)
     print_ranked(outcome.trials, tune_metric(job))
+    if outcome.note:
+        print(outcome.note)
     if verdict is not None:
         print(f"transfer gain on test {verdict.metric}: {verdict.gain:+.4f} ({verdict.verdict})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))
     print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

@@ -155,6 +155,7 @@ def write_report(
         name, advice = recommendation(n_frozen, depth, best_job.peft.method) if depth else ("?", "")
         lines += [
             "## Best trial", "",
+            *([f"- {outcome.note}"] if getattr(outcome, "note", None) else []),
             f"- trial `{best['trial_id']}`: `shoulders train {job_path} {best['command']}` (or `shoulders train best_job.yaml`)",
             f"- strategy: **{name}** (finetune.strategy `{best_job.finetune.strategy}`, peft `{best_job.peft.method}`)",
             f"- freeze depth: {best_job.finetune.freeze_depth}" + (f" = {n_frozen} of {depth} blocks frozen" if depth else ""),
@@ -183,7 +184,7 @@ def write_report(
         lines += ["", "## Recommendation", "", f"**{name}**: {advice}", ""]
         if verdict is not None and verdict.flagged:
             lines += [f"But transfer did not pay off here: {verdict.advice}", ""]
-    lines += ["## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting |",
+    lines += ["## Trials (chosen first, then best first)" if getattr(outcome, "note", None) else "## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting |",
               "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(rows, 1):
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

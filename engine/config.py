@@ -263,6 +263,10 @@ class EvalSpec(Section):
     """Stop after this many evaluations without improvement of the metric."""
     batch_size: int | None = Field(None, gt=0)
     """Evaluation batch size; left empty, twice ``optim.batch_size``."""
+    cache_mib: int = Field(256, ge=0)
+    """Each worker keeps its validation batches in memory after the first evaluation when they take at most
+    this many MiB, so later evaluations skip the Ray Data pass (the split does not change); 0 streams them
+    every time."""
 
 
 class OutputSpec(Section):

@@ -64,7 +64,7 @@ def ray_local(tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False)  # Train's placement-group cleaner needs the state API
     try:
         yield ray
     finally:

@@ -200,3 +200,42 @@ def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_pat
     assert not row["stopped_early"] and row["forgetting"] == 0.3
     assert outcome.best_job.finetune.backbone_lr_ratio == 0.5 and outcome.best_checkpoint == row["best_checkpoint"]
     assert tune._trial_id_from_path(Result.path) == "abc_00001"
+
+
+def test_base_point_is_the_jobs_own_values_when_inside_the_space(tmp_path):
+    job = build_job(base_raw(tmp_path, finetune={"strategy": "full", "head_lr": 1e-3, "backbone_lr_ratio": 0.1}))
+    space = {
+        "finetune.freeze_depth": {"randint": [0, 6]},
+        "finetune.backbone_lr_ratio": {"loguniform": [0.03, 1.0]},
+        "finetune.head_lr": {"loguniform": [5e-4, 3e-3]},
+        "finetune.strategy": {"choice": ["full", "lora"]},
+    }
+    # freeze_depth left empty freezes no block: the point says 0, a value `shoulders train` accepts
+    assert shtune.base_point(job, space, depth=6) == {
+        "finetune.freeze_depth": 0, "finetune.backbone_lr_ratio": 0.1, "finetune.head_lr": 1e-3, "finetune.strategy": "full",
+    }
+    shtune.trial_job(base_raw(tmp_path), shtune.base_point(job, space, depth=6))
+    # any key outside its domain (or a grid) drops the point: the search samples every trial
+    assert shtune.base_point(job, {**space, "finetune.head_lr": {"loguniform": [2e-3, 3e-3]}}, depth=6) is None
+    assert shtune.base_point(job, {**space, "finetune.strategy": {"choice": ["lora"]}}, depth=6) is None
+    assert shtune.base_point(job, {"optim.batch_size": {"grid": [8, 16]}}, depth=6) is None
+    assert shtune.base_point(job, {"optim.no_such_key": {"choice": [1]}}, depth=6) is None
+
+
+def test_the_jobs_own_trial_is_kept_unless_beaten_beyond_validation_noise():
+    base = {"finetune.freeze_depth": 0, "finetune.backbone_lr_ratio": 0.1}
+    lucky = row("t1", {"finetune.freeze_depth": 0, "finetune.backbone_lr_ratio": 0.14}, 0.797, False)
+    own = row("t0", dict(base), 0.757, False)
+    rows = [lucky, own, row("t2", {"finetune.freeze_depth": 6, "finetune.backbone_lr_ratio": 0.05}, 0.30, True)]
+    # 3 rows of 75 ahead (0.04) is within one standard error of the difference (~0.068): keep the job's own
+    kept, note = shtune.keep_incumbent(rows, base, "max", 75)
+    assert [r["trial_id"] for r in kept] == ["t0", "t1", "t2"]
+    assert "kept the job's own values (trial t0)" in note and "t1 is ahead by 0.0400" in note and "75 validation rows" in note
+    # on 3,000 validation rows the same lead is real (noise ~0.011): the best trial stays first
+    assert shtune.keep_incumbent(rows, base, "max", 3000) == (rows, None)
+    # a clear lead, a metric better lower, no base trial, or the base already first: nothing changes
+    clear = [row("t1", lucky["overrides"], 0.90, False), own]
+    assert shtune.keep_incumbent(clear, base, "max", 75) == (clear, None)
+    assert shtune.keep_incumbent(rows, base, "min", 75) == (rows, None)
+    assert shtune.keep_incumbent(rows, {"finetune.freeze_depth": 3}, "max", 75) == (rows, None)
+    assert shtune.keep_incumbent([own, lucky], base, "max", 75) == ([own, lucky], None)
