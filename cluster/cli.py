@@ -96,9 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_training(job, info)
     scratch = None
     if args.compare_scratch or job.safeguards.compare_scratch:
-        scratch_job = job.model_copy(update={"name": f"{job.name}-scratch", "model": job.model.model_copy(update={"from_scratch": True})})
-        scratch_job = scratch_job.model_copy(update={"output": job.output.model_copy(update={"dir": str(job.output_dir / "scratch")})})
-        scratch = run_training(scratch_job, info)
+        from engine.safeguards import scratch_job
+
+        scratch = run_training(scratch_job(job, str(job.output_dir / "scratch")), info)
     print_summary(job, summary, scratch)
     if scratch and summary.test and scratch.test:
         from engine.safeguards import transfer_verdict

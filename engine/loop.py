@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -91,13 +91,35 @@ def loss_step(model: nn.Module, batch: dict[str, torch.Tensor], amp_dtype: torch
         return model(**batch)
 
 
+class ValidationBatches:
+    """This worker's validation batches: streamed from its Ray Data shard on the first pass and kept in
+    memory when they take at most ``max_bytes``, so later evaluations skip the Ray Data execution (on 2
+    cores that was ~2.5 of the 3.2 s an evaluation of 75 rows took). Iterating yields fresh dicts."""
+
+    def __init__(self, shard: Any, batch_size: int, max_bytes: int):
+        self.shard, self.batch_size, self.max_bytes = shard, batch_size, max_bytes
+        self.cached: list[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.cached is not None:
+            yield from (dict(batch) for batch in self.cached)
+            return
+        kept: list[dict[str, torch.Tensor]] | None = [] if self.max_bytes > 0 else None
+        size = 0
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate):
+            if kept is not None:
+                size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+                kept = kept + [dict(batch)] if size <= self.max_bytes else None
+            yield batch
+        self.cached = kept
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, shard: Any, job: JobSpec, num_labels: int | None, device: torch.device, amp_dtype) -> dict[str, float]:
-    """One pass over this worker's validation shard; metrics reduced across workers."""
+def evaluate(model: nn.Module, batches: Any, job: JobSpec, num_labels: int | None, device: torch.device, amp_dtype) -> dict[str, float]:
+    """One pass over this worker's validation batches; metrics reduced across workers."""
     model.eval()
     metrics = build_metrics(job, num_labels, device, model, amp_dtype)
-    batch_size = job.eval.batch_size or 2 * job.optim.batch_size
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+    for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         metrics.update(loss_step(model, batch, amp_dtype, device), batch)
     model.train()
@@ -171,7 +193,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state["worker_nodes"] = worker_node_ids(world_size)  # where each rank runs; ends up in metrics.json
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    val_batches = ValidationBatches(
+        ray.train.get_dataset_shard("validation"), job.eval.batch_size or 2 * job.optim.batch_size, job.eval.cache_mib * 2**20,
+    )
     metric_key = f"val_{job.eval_metric}"
     if rank == 0:
         log.info("training %d steps (%d per epoch) on %d worker(s), eval every %d", total_steps, steps_per_epoch, world_size, eval_every)
@@ -217,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                 throughput = meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
                 train_loss = (loss_sum / micro).item()
-                val = evaluate(backend.model, val_shard, job, len(labels) if labels else None, device, backend.amp_dtype)
+                val = evaluate(backend.model, val_batches, job, len(labels) if labels else None, device, backend.amp_dtype)
                 metrics = {
                     "step": state["step"],
                     "epoch": state["epoch"],

@@ -63,6 +63,16 @@ class TransferVerdict:
         )
 
 
+def scratch_job(job: JobSpec, out_dir: str) -> JobSpec:
+    """The from-scratch baseline of ``job``: the same architecture, data and budget from random weights, in
+    ``out_dir`` under the name ``<name>-scratch``."""
+    return job.model_copy(update={
+        "name": f"{job.name}-scratch",
+        "model": job.model.model_copy(update={"from_scratch": True, "head": "new"}),
+        "output": job.output.model_copy(update={"dir": str(out_dir)}),
+    })
+
+
 def transfer_verdict(
     metric: str, pretrained: float, scratch: float, mode: str, num_test: int | None = None, min_gain: float = 0.0
 ) -> TransferVerdict:
@@ -115,18 +125,21 @@ class RetentionProbe:
     features (``cka``); 0 at step 0, rising as the model drifts from what it was pre-trained to do.
     """
 
-    def __init__(self, texts: list[str], tokenizer: Any, measure: str, max_length: int, device: torch.device, batch_size: int = 32):
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        self.inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    def __init__(self, texts: list[str], tokenizer: Any, measure: str, max_length: int, device: torch.device, batch_size: int = 16):
+        # Texts sorted by length and padded per batch: a fixed order, and little padding to compute.
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        ordered = [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
+        self.batches = []
+        for start in range(0, len(ordered), batch_size):
+            encoded = tokenizer(ordered[start:start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            self.batches.append({k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
         self.measure = measure
         self.device = device
-        self.batch_size = batch_size
         self.reference: torch.Tensor | float | None = None
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        n = self.inputs["input_ids"].shape[0]
-        for start in range(0, n, self.batch_size):
-            yield {k: v[start:start + self.batch_size].to(self.device) for k, v in self.inputs.items()}
+        for batch in self.batches:
+            yield {k: v.to(self.device) for k, v in batch.items()}
 
     def _autocast(self):
         """Mixed precision on GPUs, as in training (frozen weights may be kept in bf16 or FP8 there)."""
