@@ -239,3 +239,11 @@ def test_the_jobs_own_trial_is_kept_unless_beaten_beyond_validation_noise():
     assert shtune.keep_incumbent(rows, base, "min", 75) == (rows, None)
     assert shtune.keep_incumbent(rows, {"finetune.freeze_depth": 3}, "max", 75) == (rows, None)
     assert shtune.keep_incumbent([own, lucky], base, "max", 75) == ([own, lucky], None)
+
+
+def test_each_trial_reserves_a_cpu_bundle_for_its_ray_data():
+    factory = tune.trial_resources(1.5)
+    assert factory.bundles == [{"CPU": shtune.TRIAL_CPUS}, {"CPU": 1.5}]
+    assert tune.DATA_BUNDLE == 1
+    with pytest.raises(JobError, match="tune.data_cpus"):
+        build_job({"model": {"name": "m"}, "data": {"train": "t.parquet"}, "tune": {"data_cpus": 0.5}})
