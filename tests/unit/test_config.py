@@ -107,3 +107,12 @@ def test_validate_cli_exits_2_fast_without_importing_torch(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "optim.batchsize" in proc.stderr and "optim.batch_size" in proc.stderr
     assert elapsed < 2.0, f"validate took {elapsed:.2f}s"
+
+
+def test_overrides_may_follow_the_options():
+    from cluster.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "job.yaml", "optim.epochs=2", "--compare-scratch", "output.dir=/tmp/x"])
+    assert args.compare_scratch and args.overrides == ["optim.epochs=2", "output.dir=/tmp/x"]
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["train", "job.yaml", "--no-such-flag"])
