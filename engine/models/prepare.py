@@ -1,4 +1,4 @@
-"""The fixed preparation order: load -> replace head -> freeze bottom blocks -> adapters."""
+"""The fixed preparation order: load -> new (or kept, ``model.head``) head -> freeze bottom blocks -> adapters."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
         model: an already-loaded model to prepare instead of loading ``job.model.name``.
     """
     torch.manual_seed(job.seed)
-    fresh_keys: set[str] = set()
-    if model is None:
+    if model is not None:  # nothing tells which of its weights came from a checkpoint: auto makes a new head
+        fresh_keys = set() if job.model.head == "keep" else {name for name, _ in model.named_parameters()}
+    else:
         model, fresh_keys = load_pretrained(
             job.model.name,
             job.model.task,
