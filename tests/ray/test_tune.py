@@ -217,5 +217,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
         first_new = min(mtime for name, (_, mtime) in after[trial].items() if name not in before[trial])
         assert first_new > killed_at
         assert min(s for s, _ in before[trial].values()) == steps[0]
-    assert "resumed from step" in (tmp_path / "resume.log").read_text()
+        # written by a run restored from a checkpoint (a fresh start would number its folders _000); the
+        # workers' "resumed from step" log line is not asserted: Ray's log forwarding may drop it
+        assert all(not name.endswith("_000") for name in set(after[trial]) - set(before[trial]))
     shutil.rmtree(ray_tmp, ignore_errors=True)
