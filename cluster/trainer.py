@@ -24,9 +24,8 @@ TRAIN_DIR = "train"
 EXPORT_DIR = "model"
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray (with
-    ``num_cpus`` logical CPUs when given).
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
 
     The embedded Ray runs its dashboard: Ray Train v2 frees the worker placement group of a controller
     that died (a Tune trial stopped by ASHA, or one that just finished) through a cleaner actor that asks
@@ -42,7 +41,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=True, configure_logging=False, num_cpus=num_cpus)
+        ray.init(include_dashboard=True, configure_logging=False)
 
 
 def use_gpu(job: JobSpec) -> bool:

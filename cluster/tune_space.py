@@ -99,17 +99,15 @@ def base_point(job: JobSpec, space: dict[str, dict[str, list[Any]]], depth: int 
             from engine.models.blocks import resolve_freeze_depth
 
             value = resolve_freeze_depth(value, depth)
-        inside = {
-            "choice": lambda: value in bounds,
-            "grid": lambda: False,
-            "randint": lambda: isinstance(value, int) and bounds[0] <= value <= bounds[1],
-            "uniform": lambda: isinstance(value, (int, float)) and bounds[0] <= value <= bounds[1],
-            "loguniform": lambda: isinstance(value, (int, float)) and bounds[0] <= value <= bounds[1],
-        }[kind]()
-        if not inside:
+        if kind == "grid" or not (value in bounds if kind == "choice" else _in_range(value, bounds, integer=kind == "randint")):
             return None
         point[key] = value
     return point
+
+
+def _in_range(value: Any, bounds: list[Any], integer: bool) -> bool:
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    return number and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]
 
 
 def sample_point(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:

@@ -109,7 +109,10 @@ class ValidationBatches:
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, collate_fn=collate):
             if kept is not None:
                 size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
-                kept = kept + [dict(batch)] if size <= self.max_bytes else None
+                if size <= self.max_bytes:
+                    kept.append(dict(batch))
+                else:
+                    kept = None
             yield batch
         self.cached = kept
 
