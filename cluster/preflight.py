@@ -179,6 +179,16 @@ def local_run_dir(job: JobSpec) -> Path | None:
     return None if is_uri(job.run.storage_path) else Path(job.run.storage_path).expanduser().resolve() / job.name
 
 
+def run_started(run_dir: Path) -> bool:
+    """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
+    workers may have written one that a killed driver never registered; resume starts from it)."""
+    from engine.checkpoint import checkpoint_order
+
+    return (run_dir / RAY_RUN_SNAPSHOT).exists() or (
+        run_dir.is_dir() and any(p.is_dir() and checkpoint_order(p.name) is not None for p in run_dir.iterdir())
+    )
+
+
 def check_output(job: JobSpec, resume: bool = False) -> None:
     """Refuse to overwrite a finished run's output folder unless resuming, and to silently continue an
     unfinished one: Ray Train resumes a run whose folder it finds, so that must be asked for (``--resume``)."""
@@ -189,14 +199,17 @@ def check_output(job: JobSpec, resume: bool = False) -> None:
             "Choose another output.dir or name, or remove the folder."
         )
     run_dir = local_run_dir(job)
-    started = run_dir is not None and (run_dir / RAY_RUN_SNAPSHOT).exists()
+    started = run_dir is not None and run_started(run_dir)
     if not resume and started:
         raise JobError(
             f"'{run_dir}' holds an unfinished run of this job. Pass --resume to continue it from its latest "
             "checkpoint, or choose another output.dir or name, or remove the folder."
         )
     if resume and run_dir is not None and not started:
-        raise JobError(f"--resume: there is no run to resume in '{run_dir}' (no {RAY_RUN_SNAPSHOT}); train without --resume.")
+        raise JobError(
+            f"--resume: there is no run to resume in '{run_dir}' (no {RAY_RUN_SNAPSHOT}, no checkpoint folder); "
+            "train without --resume."
+        )
 
 
 def with_absolute_paths(job: JobSpec) -> JobSpec:

@@ -25,7 +25,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,48 +238,54 @@ def checkpoint_order(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def resume_candidates(latest: str, siblings: list[str]) -> list[str]:
-    """Checkpoint folder names to try, newest first: ``latest``, then older checkpoints of the run."""
-    latest_key = checkpoint_order(Path(latest).name)
-    older = [
-        s for s in siblings
-        if checkpoint_order(Path(s).name) is not None and Path(s).name != Path(latest).name
-        and (latest_key is None or checkpoint_order(Path(s).name) < latest_key)
-    ]
-    return [latest] + sorted(older, key=lambda s: checkpoint_order(Path(s).name), reverse=True)
+def resume_candidates(folders: list[str]) -> list[str]:
+    """The run's checkpoint folders (paths; other folders are left out), newest (step, restarts) first."""
+    named = [f for f in folders if checkpoint_order(Path(f).name) is not None]
+    return sorted(set(named), key=lambda f: checkpoint_order(Path(f).name), reverse=True)
 
 
-def _run_checkpoints(checkpoint: Any) -> list[str]:
-    """Paths of the folders beside Ray Train's ``checkpoint`` in its run folder (any filesystem)."""
-    import pyarrow.fs
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a Train run keeps its checkpoint folders: a pyarrow ``filesystem`` and a ``path`` on it.
 
-    parent = str(Path(checkpoint.path).parent)
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
-    return [info.path for info in infos if info.type == pyarrow.fs.FileType.Directory]
+    ``open_folder(path)`` is a context manager giving a local folder with that checkpoint's files (a
+    download for remote storage); the default reads a local filesystem in place.
+    """
+
+    filesystem: Any
+    path: str
+    open_folder: Callable[[str], contextlib.AbstractContextManager[str]] = contextlib.nullcontext
+
+    def checkpoints(self) -> list[str]:
+        import pyarrow.fs
+
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
+        return resume_candidates([info.path for info in infos if info.type == pyarrow.fs.FileType.Directory])
 
 
-def next_restart_index(checkpoint: Any) -> int:
+def next_restart_index(run: RunFolder) -> int:
     """One more than the highest restart index among the run's checkpoint folders, so a restarted run's
     checkpoints never reuse a folder name (even one left incomplete by an earlier attempt)."""
-    orders = [checkpoint_order(Path(p).name) for p in _run_checkpoints(checkpoint) + [checkpoint.path]]
-    return max(order[1] for order in orders if order is not None) + 1 if any(orders) else 1
+    return max((checkpoint_order(Path(f).name)[1] for f in run.checkpoints()), default=-1) + 1
 
 
 @contextlib.contextmanager
-def open_latest_complete(checkpoint: Any) -> Iterator[Path | None]:
-    """A local folder with the newest *complete* checkpoint at or before Ray Train's ``checkpoint``.
+def open_latest_complete(run: RunFolder) -> Iterator[Path | None]:
+    """A local folder with the newest *complete* checkpoint in the run folder, or None when it has none
+    (training starts from step 0).
 
-    A checkpoint cut short while it was written (a manifest missing, a file of the wrong size) is
-    skipped with a warning and the previous complete one of the same run is used. ``checkpoint`` is a
-    ``ray.train.Checkpoint`` (duck-typed: ``path``, ``filesystem``, ``as_directory``), or None.
+    Newest by (step, restart index) among the folders on storage, not only those Ray Train registered:
+    a driver killed after the workers wrote a checkpoint but before Ray recorded it loses nothing. A
+    checkpoint cut short while it was written (a manifest missing, a file of the wrong size) is skipped
+    with a warning and the previous complete one is used.
     """
-    if checkpoint is None:
-        yield None
-        return
-    for candidate in resume_candidates(checkpoint.path, _run_checkpoints(checkpoint)):
-        with type(checkpoint)(path=candidate, filesystem=checkpoint.filesystem).as_directory() as folder:
-            if is_complete(folder):
+    candidates = run.checkpoints()
+    for candidate in candidates:
+        with run.open_folder(candidate) as folder:
+            if is_complete(Path(folder)):
                 yield Path(folder)
                 return
         log.warning("checkpoint '%s' is incomplete (cut short while written); skipping it", candidate)
-    raise ValueError(f"no complete checkpoint in '{Path(checkpoint.path).parent}' to resume from")
+    if candidates:
+        log.warning("no complete checkpoint in '%s': training starts from step 0", run.path)
+    yield None

@@ -24,7 +24,9 @@ from torch import nn
 
 from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
-from engine.checkpoint import checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint
+from engine.checkpoint import (
+    RunFolder, checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint,
+)
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
 from engine.models.prepare import prepare_model
@@ -140,6 +142,15 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def run_folder() -> RunFolder:
+    """This Train run's folder on its storage (``RunConfig``'s storage path and name), where the
+    checkpoints are: resume looks there, so a checkpoint the workers wrote before the driver died counts
+    even when Ray Train never registered it (a run restored by Ray always has its latest one there)."""
+    storage = ray.train.get_context().get_storage()
+    filesystem = storage.storage_filesystem
+    return RunFolder(filesystem, storage.experiment_fs_path, lambda path: ray.train.Checkpoint(path, filesystem=filesystem).as_directory())
+
+
 def worker_node_ids(world_size: int) -> list[str]:
     """The Ray node id of every worker in rank order (all-gathered), so a run shows where it ran."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -185,10 +196,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Resume from the newest complete checkpoint: weights, optimizer, schedule, RNG states, data position.
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "restarts": 0, "best": None, "evals_without_improvement": 0, "history": []}
     position: dict[str, Any] = {"sample_ids": []}
-    with open_latest_complete(ray.train.get_checkpoint()) as folder:
+    run = run_folder()
+    with open_latest_complete(run) as folder:
         if folder is not None:
             saved, position = restore_checkpoint(folder, backend=backend, rank=rank, world_size=world_size, generators=generators)
-            state.update(saved["train"], restarts=next_restart_index(ray.train.get_checkpoint()))
+            state.update(saved["train"], restarts=next_restart_index(run))
             log.info("resumed from step %d (epoch %d, %d batches into it)", state["step"], state["epoch"], state["batches_in_epoch"])
     if guard.unfreeze_due(state["step"]):
         guard.unfreeze(backend.module, state["step"])

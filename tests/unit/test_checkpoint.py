@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from torch import nn
 
 from engine.backends.ddp import DDPBackend
 from engine.checkpoint import (
-    WEIGHTS, capture_rng, checkpoint_name, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
+    WEIGHTS, RunFolder, capture_rng, checkpoint_name, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
     restore_rng, resume_candidates, save_checkpoint,
 )
 from engine.config import build_job
@@ -118,40 +117,37 @@ def test_restore_refuses_another_world_size(tmp_path):
         restore_checkpoint(folder, backend=make_backend(), rank=0, world_size=2)
 
 
-def test_resume_candidates_newest_first_and_never_newer():
-    names = [checkpoint_name(s, r) for s, r in [(2, 0), (4, 0), (6, 0), (4, 1)]] + ["other"]
-    assert resume_candidates(checkpoint_name(4, 1), names) == [checkpoint_name(4, 1), checkpoint_name(4, 0), checkpoint_name(2, 0)]
-
-
-class FakeCheckpoint:
-    """What ``ray.train.Checkpoint`` offers the resume logic: ``path``, ``filesystem``, ``as_directory``."""
-
-    def __init__(self, path, filesystem):
-        self.path, self.filesystem = path, filesystem
-
-    @contextmanager
-    def as_directory(self):
-        yield self.path
+def test_resume_candidates_are_the_checkpoint_folders_newest_first():
+    names = [checkpoint_name(s, r) for s, r in [(2, 0), (4, 0), (6, 0), (4, 1)]] + ["other", "checkpoint_manager_snapshot.json"]
+    assert resume_candidates(names) == [checkpoint_name(6, 0), checkpoint_name(4, 1), checkpoint_name(4, 0), checkpoint_name(2, 0)]
 
 
 def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complete_one(tmp_path, caplog):
+    run = RunFolder(pyarrow.fs.LocalFileSystem(), str(tmp_path))
+    with open_latest_complete(run) as folder:  # an empty run folder: a fresh start
+        assert folder is None
+    assert next_restart_index(run) == 0
     backend = make_backend()
     older = write(tmp_path, checkpoint_name(2, 0), backend, 2)
     newest = write(tmp_path, checkpoint_name(4, 0), backend, 4)
+    with open_latest_complete(run) as folder:  # the newest on storage, whether or not Ray registered it
+        assert folder == newest
     (newest / "manifest-rank0.json").unlink()  # the write was cut short before the manifest
-    with caplog.at_level(logging.WARNING), open_latest_complete(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) as folder:
+    with caplog.at_level(logging.WARNING), open_latest_complete(run) as folder:
         assert folder == older
     assert "incomplete" in caplog.text and checkpoint_name(4, 0) in caplog.text
 
-    assert next_restart_index(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) == 1
+    assert next_restart_index(run) == 1
     write(tmp_path, checkpoint_name(6, 3), backend, 6)
-    assert next_restart_index(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())) == 4
-    with open_latest_complete(None) as folder:
+    assert next_restart_index(run) == 4
+    with open_latest_complete(run) as folder:
+        assert folder == tmp_path / checkpoint_name(6, 3)
+    for folder in (older, tmp_path / checkpoint_name(6, 3)):
+        (folder / WEIGHTS).write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), open_latest_complete(run) as folder:  # nothing complete: from step 0
         assert folder is None
-    (older / WEIGHTS).write_bytes(b"")
-    with pytest.raises(ValueError, match="no complete checkpoint"):
-        with open_latest_complete(FakeCheckpoint(str(newest), pyarrow.fs.LocalFileSystem())):
-            pass
+    assert "starts from step 0" in caplog.text
 
 
 def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
@@ -162,7 +158,12 @@ def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
     check_output(spec)  # a fresh folder: fine
     with pytest.raises(JobError, match="no run to resume"):
         check_output(spec, resume=True)
-    (tmp_path / "out" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "train" / "checkpoint_000000002_000").mkdir(parents=True)  # written, never registered
+    with pytest.raises(JobError, match="Pass --resume"):
+        check_output(spec)
+    check_output(spec, resume=True)
+    (tmp_path / "out" / "train" / "checkpoint_000000002_000").rmdir()
+    check_output(spec)  # an empty run folder: nothing began
     (tmp_path / "out" / "train" / RAY_RUN_SNAPSHOT).write_text("{}")
     with pytest.raises(JobError, match="Pass --resume"):
         check_output(spec)
