@@ -36,6 +36,12 @@ from benchmarks.workload import lm_job, peer_script, write_lm_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"lora_speedup": 1.4, "speech_speedup": 1.5, "ray_overhead_pct": 2.0}
+SPEECH_VARIANTS = {
+    "base": {},  # the defaults: fp32 trainable weights under bf16 autocast
+    "bf16w": {"trainable_weights_in_compute_dtype": True},  # bf16 weights, fp32 masters, no autocast
+    "bf16w_compile": {"trainable_weights_in_compute_dtype": True, "compile": True},
+}
+"""Engine ``perf`` settings timed on each speech shape (``--speech-variants``); the best one is compared."""
 LORA_PEERS = ("hf_lora", "hf_lora_liger", "loop_lora", "ds_lora", "loop_fast", "loop_fast_compile")
 
 
@@ -137,13 +143,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                              "fp8_tokens_per_s": round(fp8_row.get("tokens_per_s", 0)), "bf16_tokens_per_s": round(bf16_row.get("tokens_per_s", 0))}
     for speech in ("whisper_full", "w2v2_ctc"):
         peer_sps = by.get(speech, {}).get("samples_per_s")
-        engine_sps = by.get(f"engine_{speech}", {}).get("samples_per_s")
-        if peer_sps and engine_sps:
-            ratio = engine_sps / peer_sps
-            out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "engine_samples_per_s": round(engine_sps, 1), "ratio": round(ratio, 3),
-                                        "target": TARGETS["speech_speedup"], "met": ratio >= TARGETS["speech_speedup"],
+        variants = [r for name, r in by.items() if re.fullmatch(f"engine_{speech}(_.+)?", name) and r.get("samples_per_s")]
+        fastest = max(variants, key=lambda r: r["samples_per_s"], default=None)
+        if peer_sps and fastest:
+            ratio = fastest["samples_per_s"] / peer_sps
+            out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "engine_samples_per_s": round(fastest["samples_per_s"], 1), "ratio": round(ratio, 3),
+                                        "engine_case": fastest["case"], "target": TARGETS["speech_speedup"], "met": ratio >= TARGETS["speech_speedup"],
                                         "short_by_pct": round(max(0.0, 100 * (TARGETS["speech_speedup"] - ratio) / TARGETS["speech_speedup"]), 1),
-                                        "engine_peak_mem_gib": by[f"engine_{speech}"].get("peak_mem_gib"), "peer_peak_mem_gib": by[speech].get("peak_mem_gib")}
+                                        "engine_peak_mem_gib": fastest.get("peak_mem_gib"), "peer_peak_mem_gib": by[speech].get("peak_mem_gib")}
         elif peer_sps:
             out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "target": TARGETS["speech_speedup"], "met": False,
                                         "note": "engine speech row not measured in this run"}
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peer-cases", default=None, help="peer_baseline.py cases (default: best peer + speech on GPU, loop_lora on CPU)")
     parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_whisper_full,engine_w2v2_ctc,deepspeed")
+    parser.add_argument("--speech-variants", default=None,
+                        help=f"engine perf variants per speech shape, of {','.join(SPEECH_VARIANTS)} (default: all on GPU, base on CPU)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per case")
     args = parser.parse_args(argv)
     import torch
@@ -225,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         if fallback:
             rows[-1]["note"] = "default perf settings failed without Ray; this row uses engine_plain_alt's"
         save(rows, info, workload, args, out, t0)
+    variants = (args.speech_variants or (",".join(SPEECH_VARIANTS) if gpu else "base")).split(",")
     for speech in ("whisper_full", "w2v2_ctc"):
-        if f"engine_{speech}" in cases:
-            rows.append(run_engine(f"engine_{speech}", speech, {"perf": {}}, args, env, work))
+        for variant in variants if f"engine_{speech}" in cases else []:
+            name = f"engine_{speech}" + ("" if variant == "base" else f"_{variant}")
+            rows.append(run_engine(name, speech, {"perf": SPEECH_VARIANTS[variant]}, args, env, work))
             save(rows, info, workload, args, out, t0)
     ds_check = ROOT / "benchmarks" / "deepspeed_gpu_check.py"
     if "deepspeed" in cases and gpu and ds_check.is_file():

@@ -222,6 +222,13 @@ class PerfSpec(Section):
     frozen_weights_in_compute_dtype: bool = True
     """Store frozen weights in the autocast dtype (bf16) instead of fp32: half the memory and no per-step
     casts. Trainable weights always stay fp32 (master weights)."""
+    trainable_weights_in_compute_dtype: bool = False
+    """Train bf16 weights instead of fp32 weights under autocast (``backend.name: ddp``, bf16 compute): the
+    model runs entirely in bf16 with no per-use casts and a bf16 residual stream, the optimizer steps fp32
+    master copies, gradients are summed in fp32 (on one worker; across workers DDP sums a window in bf16),
+    and the loss is computed from fp32 logits. The Megatron / torchtitan recipe; aimed at full fine-tunes,
+    where autocast's fp32 traffic dominates. Off until it is timed on a GPU. (DeepSpeed's ``bf16`` mode
+    already trains this way.)"""
     packing: bool = True
     """Causal LM: pack several examples into one ``data.max_length`` row, with position ids restarting at
     every example so no token attends across examples and no padding is computed."""

@@ -79,14 +79,16 @@ def apply_perf(
 ) -> PerfPlan:
     """Apply the job's ``perf`` settings to ``model`` (in place) on ``device``.
 
-    ``keep_frozen_weights`` (gradual unfreezing will train them later) leaves frozen linear weights as
-    they are: no FP8 copy, no fused LoRA.
+    ``keep_frozen_weights`` (gradual unfreezing will train them later, or ZeRO-3 partitions them) leaves
+    frozen weights as they are: fp32, no FP8 copy, no fused LoRA.
     """
     plan = PerfPlan()
     inner = base_model(model)
     if task == "causal_lm" and hasattr(inner, "config"):
         inner.config.use_cache = False  # training needs no KV cache; packing needs none either
-    if perf.frozen_weights_in_compute_dtype:
+    if perf.frozen_weights_in_compute_dtype and keep_frozen_weights:
+        plan.notes.append("frozen weights stay fp32: gradual unfreezing trains them later (they need fp32 master weights)")
+    elif perf.frozen_weights_in_compute_dtype:
         plan.frozen_dtype = cast_for_mixed_precision(model, amp_dtype)
     if perf.liger_kernels:
         if device.type != "cuda":

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from engine.backends.master import MasterWeights, cast_batch, upcast_logits
 from engine.checkpoint import WEIGHTS, load_trainable_state
 from engine.config import JobSpec
 from engine.optim import build_optimizer, build_scheduler
@@ -27,9 +28,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def uses_master_weights(job: JobSpec, device: torch.device) -> bool:
+    """Whether the job trains bf16 weights with fp32 masters (``perf.trainable_weights_in_compute_dtype``
+    with bf16 compute) instead of fp32 weights under autocast."""
+    return job.perf.trainable_weights_in_compute_dtype and autocast_dtype(job.optim.precision, device) == torch.bfloat16
+
+
 class DDPBackend:
-    """Torch AdamW over the LR-ratio groups, autocast mixed precision, gradient accumulation with
-    ``no_sync``, global-norm clipping. Rank 0 saves the (replicated) optimizer state."""
+    """Torch AdamW over the LR-ratio groups, autocast mixed precision (or bf16 weights with fp32 masters,
+    :mod:`engine.backends.master`), gradient accumulation with ``no_sync``, global-norm clipping. Rank 0
+    saves the (replicated) optimizer state."""
 
     def __init__(
         self, job: JobSpec, model: nn.Module, groups: list[dict[str, Any]], total_steps: int, warmup_steps: int,
@@ -38,7 +46,10 @@ class DDPBackend:
         self.module, self.device, self.world_size = model, device, world_size
         self.accum, self.max_grad_norm = job.optim.grad_accum, job.optim.max_grad_norm
         self.amp_dtype = autocast_dtype(job.optim.precision, device)
-        self.optimizer = build_optimizer(groups, job.optim.betas, device)
+        self.master = MasterWeights(model, groups, self.amp_dtype) if uses_master_weights(job, device) else None
+        if self.master is not None and job.model.task != "causal_lm":  # transformers' causal-LM loss upcasts itself
+            upcast_logits(model)
+        self.optimizer = build_optimizer(self.master.groups if self.master else groups, job.optim.betas, device)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, job.optim.schedule)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.micro = 0
@@ -59,6 +70,8 @@ class DDPBackend:
         return nullcontext()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        if self.master is not None:  # the weights are bf16 already: no autocast, bf16 inputs
+            return self.model(**cast_batch(batch, self.amp_dtype))
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with ctx:
             return self.model(**batch)
@@ -70,24 +83,33 @@ class DDPBackend:
         with sync:
             outputs = self.forward(batch)
             self.scaler.scale(outputs.loss / self.accum).backward()
+        # fp32 accumulation of every micro-batch on one worker; with DDP the gradients DDP all-reduces at the
+        # boundary must hold the whole window, so they accumulate in bf16 until then.
+        if self.master is not None and (boundary or self.model is self.module):
+            self.master.accumulate_grads()
         return outputs
 
     def step(self) -> bool:
         if self.micro % self.accum:
             return False
+        params = self.master.masters if self.master is not None else self.module.parameters()
         if self.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.publish()
         return True
 
     def group_lrs(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.master is not None:
+            return self.master.state()
         return {n: p.detach().to("cpu").contiguous() for n, p in self.module.named_parameters() if p.requires_grad}
 
     def save(self, folder: Path, rank: int) -> None:
@@ -98,7 +120,10 @@ class DDPBackend:
         (folder / SCHEDULE).write_text(json.dumps(schedule))
 
     def load(self, folder: Path) -> None:
-        load_trainable_state(self.module, load_file(folder / WEIGHTS, device=str(self.device)))
+        weights = load_file(folder / WEIGHTS, device=str(self.device))
+        load_trainable_state(self.module, weights)
+        if self.master is not None:
+            self.master.load(weights)
         self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location=self.device, weights_only=True))
         schedule = json.loads((folder / SCHEDULE).read_text())
         self.scheduler.load_state_dict(schedule["scheduler"])

@@ -49,8 +49,10 @@ def test_fp8_on_quantizes_frozen_projections_but_not_the_output_embeddings():
 
 def test_gradual_unfreezing_keeps_frozen_weights_dense():
     model = lora_llama()
-    plan = apply_perf(model, PerfSpec(fp8_frozen="on"), "causal_lm", torch.device("cpu"), None, keep_frozen_weights=True)
+    plan = apply_perf(model, PerfSpec(fp8_frozen="on"), "causal_lm", torch.device("cpu"), torch.bfloat16, keep_frozen_weights=True)
     assert plan.fp8_layers == 0 and plan.fused_lora == 0 and any("unfreezing" in n for n in plan.notes)
+    # fp32 too: once unfrozen they train, and a bf16 weight stepped directly loses small updates
+    assert plan.frozen_dtype is None and {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("setting", ["activation_checkpointing", "compile"])

@@ -27,6 +27,15 @@ def test_summary_against_best_peer_and_targets():
     assert not whisper["met"] and whisper["short_by_pct"] == round(100 * (1.5 - 179 / 180) / 1.5, 1)
 
 
+def test_the_fastest_speech_variant_is_compared_and_named():
+    s = summarize(rows() + [{"case": "engine_whisper_full_bf16w", "samples_per_s": 230.0},
+                            {"case": "engine_whisper_full_bf16w_compile", "error": "exit 1"},
+                            {"case": "engine_w2v2_ctc_bf16w", "samples_per_s": 400.0}])
+    whisper = s["whisper_full_speedup"]
+    assert whisper["engine_case"] == "engine_whisper_full_bf16w" and whisper["ratio"] == round(230 / 180, 3) and not whisper["met"]
+    assert "w2v2_ctc_speedup" not in s  # no peer row for it in this run
+
+
 def test_more_memory_than_the_peer_fails_the_lora_target_and_overhead_over_two_percent_fails():
     s = summarize(rows(engine_tps=95_000.0, engine_mem=50.0, plain_tps=99_000.0))
     assert s["lora_speedup"]["ratio"] > 1.4 and not s["lora_speedup"]["memory_ok"] and not s["lora_speedup"]["met"]
