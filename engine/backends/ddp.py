@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from engine.backends.master import MasterWeights, cast_batch, upcast_logits
 from engine.checkpoint import WEIGHTS, load_trainable_state
 from engine.config import JobSpec
 from engine.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer.pt"
 SCHEDULE = "schedule.json"
@@ -31,7 +34,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def uses_master_weights(job: JobSpec, device: torch.device) -> bool:
     """Whether the job trains bf16 weights with fp32 masters (``perf.trainable_weights_in_compute_dtype``
     with bf16 compute) instead of fp32 weights under autocast."""
-    return job.perf.trainable_weights_in_compute_dtype and autocast_dtype(job.optim.precision, device) == torch.bfloat16
+    if not job.perf.trainable_weights_in_compute_dtype:
+        return False
+    if autocast_dtype(job.optim.precision, device) != torch.bfloat16:
+        log.info("perf.trainable_weights_in_compute_dtype skipped: it needs bf16 compute (optim.precision %s on %s)",
+                 job.optim.precision, device.type)
+        return False
+    return True
 
 
 class DDPBackend:

@@ -80,6 +80,21 @@ def test_two_worker_classification_trains_exports_and_reproduces(ray_local, clas
     assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)  # metric is float32
 
 
+def test_bf16_weights_with_fp32_masters_train_two_workers_and_checkpoint_fp32(ray_local, classification_job, tmp_path):
+    from safetensors.torch import load_file
+
+    job = {**classification_job, "optim": {**classification_job["optim"], "precision": "bf16", "grad_accum": 2, "batch_size": 8},
+           "perf": {"trainable_weights_in_compute_dtype": True}}
+    assert main(["train", write_job(tmp_path, job)]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["history"][-1]["val_accuracy"] > 0.6 and metrics["test"]["accuracy"] > 0.6
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+    newest = sorted(p for p in (tmp_path / "out" / "train").glob("checkpoint_*") if p.is_dir())[-1]
+    weights = load_file(newest / "trainable.safetensors")
+    assert weights and all(str(t.dtype) == "torch.float32" for t in weights.values())  # the masters, not bf16 copies
+    assert any(not (t == t.bfloat16().float()).all() for t in weights.values())
+
+
 def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_data, tmp_path):
     job = {
         "name": "tiny-lm",
