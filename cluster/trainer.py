@@ -149,7 +149,8 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     result = build_trainer(job, info, datasets, num_train_rows, pad_token_id).fit()
     if result.error:
         raise result.error
-    best_checkpoint, best = pick_best(result.best_checkpoints, f"val_{job.eval_metric}", job.eval_mode)
+    candidates = result.best_checkpoints + unregistered_checkpoints(job, result.best_checkpoints)
+    best_checkpoint, best = pick_best(candidates, f"val_{job.eval_metric}", job.eval_mode)
     with result.checkpoint.as_directory() as last:
         train_state = json.loads((Path(last) / "state.json").read_text())["train"]
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
@@ -165,6 +166,27 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes)
     write_metrics(job, summary)
     return summary
+
+
+def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
+    """Complete checkpoints in the job's (local) run folder that Ray Train does not list, with the metrics
+    their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
+    may hold the best model. (A URI storage path is not listed here.)"""
+    from cluster.preflight import local_run_dir
+    from engine.checkpoint import STATE, checkpoint_order, is_complete
+
+    run_dir = local_run_dir(job)
+    if run_dir is None or not run_dir.is_dir():
+        return []
+    known = {Path(checkpoint.path).name for checkpoint, _ in registered}
+    found = []
+    for folder in sorted(run_dir.iterdir()):
+        if checkpoint_order(folder.name) is None or folder.name in known or not is_complete(folder):
+            continue
+        metrics = json.loads((folder / STATE).read_text()).get("metrics")
+        if metrics:
+            found.append((ray.train.Checkpoint(str(folder)), metrics))
+    return found
 
 
 def pick_best(checkpoints: list[tuple[Any, dict[str, Any]]], key: str, mode: str) -> tuple[Any, dict[str, Any]]:

@@ -168,3 +168,24 @@ def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
     with pytest.raises(JobError, match="Pass --resume"):
         check_output(spec)
     check_output(spec, resume=True)
+
+
+def test_the_best_model_may_be_a_checkpoint_ray_never_registered(tmp_path):
+    import ray.train
+
+    from cluster.trainer import pick_best, unregistered_checkpoints
+
+    spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})
+    run = tmp_path / "out" / "train"
+    backend = make_backend()
+    for step, accuracy in [(2, 0.5), (4, 0.9), (6, 0.7)]:
+        save_checkpoint(run / checkpoint_name(step, 0), backend=backend, rank=0, world_size=1, job={"name": "t"},
+                        state={"train": {"step": step}, "metrics": {"step": step, "val_accuracy": accuracy}}, rank_state={})
+    cut = save_checkpoint(run / checkpoint_name(8, 0), backend=backend, rank=0, world_size=1, job={"name": "t"},
+                          state={"train": {"step": 8}, "metrics": {"step": 8, "val_accuracy": 0.99}}, rank_state={})
+    (cut / "manifest-rank0.json").unlink()  # incomplete: never a candidate
+    registered = [(ray.train.Checkpoint(str(run / checkpoint_name(s, 0))), {"val_accuracy": a}) for s, a in [(2, 0.5), (6, 0.7)]]
+    extra = unregistered_checkpoints(spec, registered)
+    assert [Path(c.path).name for c, _ in extra] == [checkpoint_name(4, 0)]  # written, complete, not in Ray's list
+    best, metrics = pick_best(registered + extra, "val_accuracy", "max")
+    assert Path(best.path).name == checkpoint_name(4, 0) and metrics["val_accuracy"] == 0.9
