@@ -8,7 +8,10 @@ Runs, each in its own process so that peak memory and failures stay separate:
 * ``engine_plain``: the same model, settings and step without Ray (the Ray-overhead reference) + a profile;
 * ``engine_plain_alt``: the same with FP8 flipped (off on GPUs, on (emulated) on CPU): FP8's share and the
   FP8-vs-bf16 loss parity on the same batches;
-* ``engine_whisper_full`` / ``engine_w2v2_ctc``: the engine's step (perf + backend) on the peer's speech shapes;
+* ``engine_whisper_full`` / ``engine_w2v2_ctc`` (+ ``_<variant>``): the engine's step (perf + backend) on the peer's
+  speech shapes, once per ``perf`` variant of ``SPEECH_VARIANTS``;
+* ``engine_whisper_full_ray`` / ``engine_w2v2_ctc_ray``: the same shapes through ``shoulders train``'s path, the
+  audio (wav bytes in parquet) decoded and featurised by Ray Data with the checkpoint's feature extractor;
 * ``deepspeed``: ``benchmarks/deepspeed_gpu_check.py`` when it exists (GPU only).
 
 Writes ``bench-<card>.json`` (card, versions, every job and result, targets and ratios) and prints a table.
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workload import lm_job, peer_script, write_lm_workload
+from benchmarks.workload import lm_job, peer_script, speech_job, write_lm_workload, write_speech_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"lora_speedup": 1.4, "speech_speedup": 1.5, "ray_overhead_pct": 2.0}
@@ -151,7 +154,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                         "engine_case": fastest["case"], "target": TARGETS["speech_speedup"], "met": ratio >= TARGETS["speech_speedup"],
                                         "short_by_pct": round(max(0.0, 100 * (TARGETS["speech_speedup"] - ratio) / TARGETS["speech_speedup"]), 1),
                                         "engine_peak_mem_gib": fastest.get("peak_mem_gib"), "peer_peak_mem_gib": by[speech].get("peak_mem_gib")}
-        elif peer_sps:
+        ray_row = by.get(f"engine_{speech}_ray", {})
+        variant = ray_row.get("variant")
+        plain_row = by.get(f"engine_{speech}" + ("" if variant in (None, "base") else f"_{variant}"), {})
+        if ray_row.get("samples_per_s") and plain_row.get("samples_per_s"):
+            out[f"{speech}_ray_overhead_pct"] = {"variant": variant, "ray_samples_per_s": round(ray_row["samples_per_s"], 1),
+                                                 "plain_samples_per_s": round(plain_row["samples_per_s"], 1),
+                                                 "overhead_pct": round(100 * (1 - ray_row["samples_per_s"] / plain_row["samples_per_s"]), 2)}
+        if peer_sps and not fastest:
             out[f"{speech}_speedup"] = {"peer_samples_per_s": peer_sps, "target": TARGETS["speech_speedup"], "met": False,
                                         "note": "engine speech row not measured in this run"}
     return out
@@ -163,17 +173,18 @@ def fmt(value: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The short table printed last: one line per case, then each target."""
-    lines = [f"{'case':<22}{'tokens/s':>11}{'samples/s':>11}{'MFU %':>8}{'peak GiB':>10}  note"]
+    lines = [f"{'case':<34}{'tokens/s':>11}{'samples/s':>11}{'MFU %':>8}{'peak GiB':>10}  note"]
     for r in rows:
         note = (r.get("error") or "").strip().splitlines()[-1][:70] if r.get("error") else ""
-        lines.append(f"{r['case']:<22}{fmt(r.get('tokens_per_s'), ',.0f'):>11}{fmt(r.get('samples_per_s'), ',.1f'):>11}"
+        lines.append(f"{r['case']:<34}{fmt(r.get('tokens_per_s'), ',.0f'):>11}{fmt(r.get('samples_per_s'), ',.1f'):>11}"
                      f"{fmt(r.get('mfu_pct'), '.1f'):>8}{fmt(r.get('peak_mem_gib'), '.1f'):>10}  {note}")
     for key, s in summary.items():
         if key == "fp8_parity":
             lines.append(f"fp8 parity: max relative loss difference {s['max_rel_loss_diff']}; "
                          f"fp8 {s['fp8_tokens_per_s']:,} vs bf16 {s['bf16_tokens_per_s']:,} tokens/s")
             continue
-        keys = ("ratio", "overhead_pct", "target", "met", "best_peer", "memory_ok", "short_by_pct", "note", "peer_samples_per_s")
+        keys = ("ratio", "overhead_pct", "target", "met", "best_peer", "engine_case", "variant", "memory_ok", "short_by_pct", "note",
+                "peer_samples_per_s")
         lines.append(f"{key}: {({k: v for k, v in s.items() if k in keys})}")
     return "\n".join(lines)
 
@@ -187,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peer-cases", default=None, help="peer_baseline.py cases (default: best peer + speech on GPU, loop_lora on CPU)")
-    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_whisper_full,engine_w2v2_ctc,deepspeed")
+    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_whisper_full,engine_w2v2_ctc,"
+                        "engine_whisper_full_ray,engine_w2v2_ctc_ray,deepspeed")
     parser.add_argument("--speech-variants", default=None,
                         help=f"engine perf variants per speech shape, of {','.join(SPEECH_VARIANTS)} (default: all on GPU, base on CPU)")
+    parser.add_argument("--speech-ray-variant", default=None, help="perf variant of the speech rows through shoulders train (default: bf16w on GPU, base on CPU)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per case")
     args = parser.parse_args(argv)
     import torch
@@ -239,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants if f"engine_{speech}" in cases else []:
             name = f"engine_{speech}" + ("" if variant == "base" else f"_{variant}")
             rows.append(run_engine(name, speech, {"perf": SPEECH_VARIANTS[variant]}, args, env, work))
+            save(rows, info, workload, args, out, t0)
+        if f"engine_{speech}_ray" in cases:  # the same shape through shoulders train: Ray Data decodes and featurises the audio
+            variant = args.speech_ray_variant or ("bf16w" if gpu else "base")
+            speech_work = write_speech_workload(work / speech, speech, args.tiny, args.warm + args.steps)
+            job_dict = speech_job(speech_work, work / "runs" / speech, args.warm, args.steps, gpu, SPEECH_VARIANTS[variant])
+            rows.append({**run_engine(f"engine_{speech}_ray", "ray", job_dict, args, env, work), "variant": variant})
             save(rows, info, workload, args, out, t0)
     ds_check = ROOT / "benchmarks" / "deepspeed_gpu_check.py"
     if "deepspeed" in cases and gpu and ds_check.is_file():

@@ -144,4 +144,85 @@ def speech_model(kind: str, tiny: bool) -> tuple[Any, int, dict[str, Any]]:
     batch, samples = (2, 16000) if tiny else (16, 160000)
     model = Wav2Vec2ForCTC(cfg)
     model.freeze_feature_encoder()
-    return model, batch, {"input_values": (batch, samples), "labels": (batch, 120, 32)}
+    # 120 targets fit the 499 frames of 10 s; the tiny 1 s clips have 49 frames, so 8 targets (CTC needs <= frames)
+    return model, batch, {"input_values": (batch, samples), "labels": (batch, 8 if tiny else 120, 32)}
+
+
+SPEECH_SECONDS = {"whisper_full": 30, "w2v2_ctc": 10}
+"""Clip length of each speech shape (the peer's: 30 s log-mel windows, 10 s raw audio)."""
+SPEECH_TARGET_TOKENS = {"whisper_full": 96, "w2v2_ctc": 120}
+
+
+def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed: int = 0) -> dict[str, Any]:
+    """A speech shape as ``shoulders train`` reads it: a model folder (the peer's config, its feature extractor
+    and a tokenizer, no weights: ``model.from_scratch``) and parquet audio (wav bytes + transcript).
+
+    The clips are noise of the shape's full length, so the Ray Data path decodes and featurises what the
+    peer's random tensors stand for; the transcripts are random words of about the peer's target length.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from cluster.speech_models import SENTENCE_WORDS, save_ctc_vocab, save_tiny_whisper
+
+    model, batch, _ = speech_model(kind, tiny)
+    config = model.config
+    del model
+    model_dir = folder / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    seconds = SPEECH_SECONDS[kind] if not tiny else (30 if kind == "whisper_full" else 1)
+    if kind == "whisper_full":  # tokenizer, generation config and 30 s feature extractor of a tiny Whisper; the peer's shape
+        tiny_config = json.loads((save_tiny_whisper(model_dir, chunk_seconds=30) / "config.json").read_text())
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "begin_suppress_tokens", "suppress_tokens"):
+            setattr(config, key, tiny_config.get(key))
+        (model_dir / "model.safetensors").unlink(missing_ok=True)
+    else:
+        from transformers import Wav2Vec2FeatureExtractor
+
+        save_ctc_vocab(model_dir)
+        config.vocab_size, config.pad_token_id = len(json.loads((model_dir / "vocab.json").read_text())), 0
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=True).save_pretrained(model_dir)
+    config.save_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    # about the peer's target length (Whisper: ~2 BPE tokens a word; CTC: ~5 characters); tiny clips hold 3 words
+    words_per_row = 3 if tiny else SPEECH_TARGET_TOKENS[kind] // (2 if kind == "whisper_full" else 5)
+
+    def rows(n: int) -> dict[str, list[Any]]:
+        audio, text = [], []
+        for i in range(n):
+            buffer = io.BytesIO()
+            sf.write(buffer, (0.1 * rng.standard_normal(16000 * seconds)).astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+            audio.append({"bytes": buffer.getvalue(), "path": f"clip{i}.wav"})
+            text.append(" ".join(rng.choice(SENTENCE_WORDS, size=words_per_row)))
+        return {"audio": audio, "transcript": text}
+
+    data = folder / "data"
+    data.mkdir(exist_ok=True)
+    pq.write_table(pa.table(rows(batch * steps)), data / "train.parquet")
+    pq.write_table(pa.table(rows(batch)), data / "validation.parquet")
+    return {"kind": kind, "model_dir": str(model_dir), "train": str(data / "train.parquet"), "validation": str(data / "validation.parquet"),
+            "batch": batch, "seconds": seconds, "model_config": json.loads(config.to_json_string())}
+
+
+def speech_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, gpu: bool, perf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job ``shoulders train`` runs for a speech shape: a full fine-tune, as the peer's loop."""
+    whisper = workload["kind"] == "whisper_full"
+    return {
+        "name": f"bench-{workload['kind']}",
+        "model": {"name": workload["model_dir"], "task": "speech_seq2seq" if whisper else "ctc", "from_scratch": True,
+                  **({"language": "en"} if whisper else {})},
+        "data": {"train": workload["train"], "validation": workload["validation"], "audio_column": "audio",
+                 "transcript_column": "transcript", "max_audio_seconds": workload["seconds"],
+                 "max_length": SPEECH_TARGET_TOKENS[workload["kind"]], "rows_per_block": workload["batch"]},
+        "finetune": {"strategy": "full", "head_lr": 1e-5, "backbone_lr_ratio": 1.0},
+        "optim": {"batch_size": workload["batch"], "max_steps": warm + steps, "warmup_ratio": 0.0,
+                  "precision": "bf16" if gpu else "fp32", "schedule": "constant"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1.0 if gpu else 0.5},
+        "eval": {"every_n_steps": warm, "batch_size": workload["batch"]},
+        "output": {"dir": str(out_dir), "export": "none", "keep_checkpoints": 1},
+        "perf": perf or {},
+    }

@@ -36,6 +36,16 @@ def test_the_fastest_speech_variant_is_compared_and_named():
     assert "w2v2_ctc_speedup" not in s  # no peer row for it in this run
 
 
+def test_a_speech_row_through_shoulders_train_counts_and_its_ray_cost_is_against_the_same_variant():
+    s = summarize(rows() + [{"case": "engine_whisper_full_bf16w", "samples_per_s": 230.0},
+                            {"case": "engine_whisper_full_ray", "samples_per_s": 226.0, "variant": "bf16w"}])
+    assert s["whisper_full_ray_overhead_pct"]["overhead_pct"] == round(100 * (1 - 226 / 230), 2)
+    assert s["whisper_full_speedup"]["engine_case"] == "engine_whisper_full_bf16w"
+    s = summarize(rows() + [{"case": "engine_whisper_full_ray", "samples_per_s": 300.0, "variant": "base"}])
+    assert s["whisper_full_speedup"]["engine_case"] == "engine_whisper_full_ray" and s["whisper_full_speedup"]["met"]
+    assert s["whisper_full_ray_overhead_pct"]["plain_samples_per_s"] == 179.0
+
+
 def test_more_memory_than_the_peer_fails_the_lora_target_and_overhead_over_two_percent_fails():
     s = summarize(rows(engine_tps=95_000.0, engine_mem=50.0, plain_tps=99_000.0))
     assert s["lora_speedup"]["ratio"] > 1.4 and not s["lora_speedup"]["memory_ok"] and not s["lora_speedup"]["met"]
