@@ -5,6 +5,8 @@
 #
 # Here, before the call:   bash ../shared/tools/gpu-pack.sh && mkdir -p .peer && cp ../shared/bench/peer_baseline.py .peer/
 # The call:                run(command="bash benchmarks/gpu_all.sh", carry=[".whl", ".ray", ".peer"], timeout_s=420)
+# Speech only (the open targets; LoRA and Ray overhead were met in h200-run1), about 8 minutes:
+#   SKIP_INGEST=1 CASE_TIMEOUT=150 BENCH_ARGS="--cases peers,engine_whisper_full,engine_w2v2_ctc,engine_whisper_full_ray,engine_w2v2_ctc_ray --peer-cases whisper_full,w2v2_ctc" bash benchmarks/gpu_all.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
