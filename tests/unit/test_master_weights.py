@@ -118,3 +118,25 @@ def test_without_bf16_compute_the_setting_changes_nothing(precision):
     groups = build_param_groups(model, ["proj_out"], 1e-3, 1.0)
     backend = DDPBackend(job, model, groups, total_steps=5, warmup_steps=0, device=torch.device("cpu"), world_size=1)
     assert backend.master is None and {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_lora_over_fp8_frozen_weights_trains_with_masters_for_the_adapters_only():
+    from engine.perf import apply_perf
+    from test_perf_apply import lora_llama
+
+    model = lora_llama()
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    job = build_job({"model": {"name": "x", "task": "causal_lm"}, "data": {"train": "t"},
+                     "optim": {"precision": "bf16", "warmup_ratio": 0.0, "grad_accum": 2}, "finetune": {"strategy": "lora", "head_lr": 1e-2},
+                     "perf": {"trainable_weights_in_compute_dtype": True, "fp8_frozen": "on"}})
+    plan = apply_perf(model, job.perf, "causal_lm", torch.device("cpu"), torch.bfloat16)
+    assert plan.fp8_layers == 14 and plan.fused_lora == 14
+    backend = DDPBackend(job, model, build_param_groups(model, [], 1e-2, 1.0), total_steps=20, warmup_steps=0,
+                         device=torch.device("cpu"), world_size=1)
+    assert sorted(backend.master.names) == trainable and set(backend.trainable_state()) == set(trainable)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(16):
+        losses.append(float(backend.forward_backward({"input_ids": ids, "labels": ids}).loss.detach()))
+        backend.step()
+    assert losses[-1] < losses[0] - 0.2
