@@ -105,10 +105,18 @@ def lm_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, gpu: 
                  "rows_per_block": workload["micro_batch"]},
         "finetune": {"strategy": "lora", "head_lr": 1e-4},
         "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "optim": {"batch_size": workload["micro_batch"], "max_steps": warm + steps, "warmup_ratio": 0.0,
-                  "precision": "bf16" if gpu else "fp32", "schedule": "constant"},
+        **timed_run(workload["micro_batch"], out_dir, warm, steps, gpu, perf),
+    }
+
+
+def timed_run(batch: int, out_dir: Path, warm: int, steps: int, gpu: bool, perf: dict[str, Any] | None) -> dict[str, Any]:
+    """The job sections every benchmark job shares: ``warm + steps`` steps at a constant LR on one worker, a
+    report (eval + checkpoint) every ``warm`` steps, no export."""
+    return {
+        "optim": {"batch_size": batch, "max_steps": warm + steps, "warmup_ratio": 0.0, "precision": "bf16" if gpu else "fp32",
+                  "schedule": "constant"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0 if gpu else 0.5},
-        "eval": {"every_n_steps": warm, "batch_size": workload["micro_batch"]},
+        "eval": {"every_n_steps": warm, "batch_size": batch},
         "output": {"dir": str(out_dir), "export": "none", "keep_checkpoints": 1},
         "perf": perf or {},
     }
@@ -219,10 +227,5 @@ def speech_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, g
                  "transcript_column": "transcript", "max_audio_seconds": workload["seconds"],
                  "max_length": SPEECH_TARGET_TOKENS[workload["kind"]], "rows_per_block": workload["batch"]},
         "finetune": {"strategy": "full", "head_lr": 1e-5, "backbone_lr_ratio": 1.0},
-        "optim": {"batch_size": workload["batch"], "max_steps": warm + steps, "warmup_ratio": 0.0,
-                  "precision": "bf16" if gpu else "fp32", "schedule": "constant"},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1.0 if gpu else 0.5},
-        "eval": {"every_n_steps": warm, "batch_size": workload["batch"]},
-        "output": {"dir": str(out_dir), "export": "none", "keep_checkpoints": 1},
-        "perf": perf or {},
+        **timed_run(workload["batch"], out_dir, warm, steps, gpu, perf),
     }

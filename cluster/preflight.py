@@ -182,11 +182,9 @@ def local_run_dir(job: JobSpec) -> Path | None:
 def run_started(run_dir: Path) -> bool:
     """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
     workers may have written one that a killed driver never registered; resume starts from it)."""
-    from engine.checkpoint import checkpoint_order
+    from engine.checkpoint import RunFolder
 
-    return (run_dir / RAY_RUN_SNAPSHOT).exists() or (
-        run_dir.is_dir() and any(p.is_dir() and checkpoint_order(p.name) is not None for p in run_dir.iterdir())
-    )
+    return (run_dir / RAY_RUN_SNAPSHOT).exists() or bool(RunFolder.local(run_dir).checkpoints())
 
 
 def check_output(job: JobSpec, resume: bool = False) -> None:

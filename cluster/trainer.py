@@ -173,15 +173,15 @@ def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str,
     their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
     may hold the best model. (A URI storage path is not listed here.)"""
     from cluster.preflight import local_run_dir
-    from engine.checkpoint import STATE, checkpoint_order, is_complete
+    from engine.checkpoint import STATE, RunFolder, is_complete
 
     run_dir = local_run_dir(job)
-    if run_dir is None or not run_dir.is_dir():
+    if run_dir is None:
         return []
     known = {Path(checkpoint.path).name for checkpoint, _ in registered}
     found = []
-    for folder in sorted(run_dir.iterdir()):
-        if checkpoint_order(folder.name) is None or folder.name in known or not is_complete(folder):
+    for folder in map(Path, RunFolder.local(run_dir).checkpoints()):
+        if folder.name in known or not is_complete(folder):
             continue
         metrics = json.loads((folder / STATE).read_text()).get("metrics")
         if metrics:

@@ -256,7 +256,15 @@ class RunFolder:
     path: str
     open_folder: Callable[[str], contextlib.AbstractContextManager[str]] = contextlib.nullcontext
 
+    @classmethod
+    def local(cls, path: str | os.PathLike) -> RunFolder:
+        """A run folder on the local filesystem."""
+        import pyarrow.fs
+
+        return cls(pyarrow.fs.LocalFileSystem(), str(path))
+
     def checkpoints(self) -> list[str]:
+        """The run's checkpoint folders, newest (step, restart index) first (none when the folder is missing)."""
         import pyarrow.fs
 
         infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))

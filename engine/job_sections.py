@@ -41,12 +41,6 @@ class ModelSpec(Section):
     (refused when the checkpoint has none of that shape); ``auto`` keeps it exactly when it fits: the
     checkpoint holds every head weight at the right shape and was trained for the same outputs (its
     ``id2label`` equals ``model.labels``; for ``ctc``, the targets use the checkpoint's own tokenizer)."""
-
-    @model_validator(mode="after")
-    def _check_head(self) -> ModelSpec:
-        if self.head == "keep" and self.from_scratch:
-            raise ValueError("model.head: keep needs the checkpoint's weights, but model.from_scratch is true; use head: auto or new")
-        return self
     tokenizer: str | None = None
     """Tokenizer of the targets (hub id or folder); left empty, the checkpoint's own. For ``ctc`` from a
     checkpoint that has no vocabulary (e.g. a pre-trained-only wav2vec2), a character vocabulary is built
@@ -56,6 +50,12 @@ class ModelSpec(Section):
     decoder prefix in training and for generation; left empty, the checkpoint's default."""
     asr_task: Literal["transcribe", "translate"] = "transcribe"
     """``speech_seq2seq`` (Whisper): task token of the decoder prefix."""
+
+    @model_validator(mode="after")
+    def _check_head(self) -> ModelSpec:
+        if self.head == "keep" and self.from_scratch:
+            raise ValueError("model.head: keep needs the checkpoint's weights, but model.from_scratch is true; use head: auto or new")
+        return self
 
 
 class DataSpec(Section):
