@@ -115,6 +115,15 @@ def run_engine(name: str, mode: str, job: dict[str, Any], args: argparse.Namespa
     return {"case": name, **json.loads(out_file.read_text()), "job": job}
 
 
+def speech_ray_variant(requested: str | None, rows: list[dict[str, Any]], speech: str, gpu: bool) -> str:
+    """The ``perf`` variant of a speech shape's row through ``shoulders train``: the one asked for, else the
+    fastest variant timed without Ray in this run, else ``bf16w`` on a GPU and ``base`` on CPU."""
+    if requested:
+        return requested
+    timed = [r for r in rows if re.fullmatch(f"engine_{speech}(_.+)?", r.get("case", "")) and r.get("samples_per_s") and r.get("variant")]
+    return max(timed, key=lambda r: r["samples_per_s"])["variant"] if timed else ("bf16w" if gpu else "base")
+
+
 def best(rows: list[dict[str, Any]], names: tuple[str, ...], key: str) -> dict[str, Any] | None:
     candidates = [r for r in rows if r.get("case") in names and key in r]
     return max(candidates, key=lambda r: r[key]) if candidates else None
@@ -171,11 +180,19 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and value else "-"
 
 
+def profile_note(profile: dict[str, Any] | None) -> str:
+    """A row's kernel profile in one line: GPU ms per step, then the largest kinds."""
+    if not profile:
+        return ""
+    kinds = sorted(profile["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
+    return f"GPU {profile['gpu_ms_per_step']:.0f} ms/step: " + ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in kinds[:4] if v)
+
+
 def table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The short table printed last: one line per case, then each target."""
     lines = [f"{'case':<34}{'tokens/s':>11}{'samples/s':>11}{'MFU %':>8}{'peak GiB':>10}  note"]
     for r in rows:
-        note = (r.get("error") or "").strip().splitlines()[-1][:70] if r.get("error") else ""
+        note = (r.get("error") or "").strip().splitlines()[-1][:70] if r.get("error") else profile_note(r.get("profile"))
         lines.append(f"{r['case']:<34}{fmt(r.get('tokens_per_s'), ',.0f'):>11}{fmt(r.get('samples_per_s'), ',.1f'):>11}"
                      f"{fmt(r.get('mfu_pct'), '.1f'):>8}{fmt(r.get('peak_mem_gib'), '.1f'):>10}  {note}")
     for key, s in summary.items():
@@ -202,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         "engine_whisper_full_ray,engine_w2v2_ctc_ray,deepspeed")
     parser.add_argument("--speech-variants", default=None,
                         help=f"engine perf variants per speech shape, of {','.join(SPEECH_VARIANTS)} (default: all on GPU, base on CPU)")
-    parser.add_argument("--speech-ray-variant", default=None, help="perf variant of the speech rows through shoulders train (default: bf16w on GPU, base on CPU)")
+    parser.add_argument("--speech-ray-variant", default=None, help="perf variant of the speech rows through shoulders train (default: the fastest one timed without Ray)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per case")
     args = parser.parse_args(argv)
     import torch
@@ -251,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     for speech in ("whisper_full", "w2v2_ctc"):
         for variant in variants if f"engine_{speech}" in cases else []:
             name = f"engine_{speech}" + ("" if variant == "base" else f"_{variant}")
-            rows.append(run_engine(name, speech, {"perf": SPEECH_VARIANTS[variant]}, args, env, work))
+            rows.append({**run_engine(name, speech, {"perf": SPEECH_VARIANTS[variant]}, args, env, work, profile=gpu), "variant": variant})
             save(rows, info, workload, args, out, t0)
         if f"engine_{speech}_ray" in cases:  # the same shape through shoulders train: Ray Data decodes and featurises the audio
-            variant = args.speech_ray_variant or ("bf16w" if gpu else "base")
+            variant = speech_ray_variant(args.speech_ray_variant, rows, speech, gpu)
             speech_work = write_speech_workload(work / speech, speech, args.tiny, args.warm + args.steps)
             job_dict = speech_job(speech_work, work / "runs" / speech, args.warm, args.steps, gpu, SPEECH_VARIANTS[variant])
             rows.append({**run_engine(f"engine_{speech}_ray", "ray", job_dict, args, env, work), "variant": variant})

@@ -99,8 +99,10 @@ def profile_steps(step, batches: list[dict[str, Any]], n: int = 2, top: int = 18
             rows.append((evt.key, t / 1000.0 / n, evt.count // n))
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    kinds = {"attention": ("flash", "fmha", "attention", "sdpa"), "matmul": ("gemm", "nvjet", "cutlass", "xmma", "cublas"),
-             "triton (Liger, FP8 quantize)": ("triton", "liger", "quantize", "_kernel")}
+    kinds = {"attention": ("flash", "fmha", "attention", "sdpa"), "convolution": ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm"),
+             "matmul": ("gemm", "nvjet", "cutlass", "xmma", "cublas"), "optimizer": ("adam", "multi_tensor"),
+             "normalization": ("layer_norm", "group_norm", "layernorm", "norm_"),
+             "triton (Liger, FP8 quantize, compiled)": ("triton", "liger", "quantize", "_kernel")}
     share: dict[str, float] = {k: 0.0 for k in [*kinds, "other"]}
     for name, ms, _ in rows:
         kind = next((k for k, keys in kinds.items() if any(key in name.lower() for key in keys)), "other")
@@ -147,7 +149,7 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
         losses.append(outputs.loss.detach().float())
         return batch
 
-    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops)
+    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops, backend.amp_dtype)
     for i in range(warm + steps):
         if i == warm:
             meter.reset()
@@ -162,10 +164,11 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     return out
 
 
-def run_speech(kind: str, tiny: bool, warm: int, steps: int, perf: dict[str, Any]) -> dict[str, Any]:
+def run_speech(kind: str, tiny: bool, warm: int, steps: int, perf: dict[str, Any], profile: bool = False) -> dict[str, Any]:
     """The engine's step (``apply_perf`` + the loop's backend: autocast, fused AdamW, clipping, schedule) on
     the peer's speech shapes, full fine-tune, random batches as the peer draws them. Model loading and the
-    Ray Data audio path are not in this row (they do not run per step)."""
+    Ray Data audio path are not in this row (they do not run per step). ``profile``: the kernel profile of
+    two more steps (on a GPU)."""
     import torch
 
     from benchmarks.workload import speech_model
@@ -198,20 +201,26 @@ def run_speech(kind: str, tiny: bool, warm: int, steps: int, perf: dict[str, Any
                 out[key] = torch.randn(*shape, device=device)
         return out
 
-    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops)
+    meter = ThroughputMeter(model, device, 1, job.perf.peak_tflops, backend.amp_dtype)
     losses = []
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        outputs = backend.forward_backward(batch)
+        backend.step()
+        losses.append(outputs.loss.detach().float())
+
     for i in range(warm + steps):
         if i == warm:
             meter.reset()
         batch = draw()
-        outputs = backend.forward_backward(batch)
-        backend.step()
-        losses.append(outputs.loss.detach().float())
+        step(batch)
         if i >= warm:
             meter.add(batch, samples=batch_size)
     out = meter.read()
     out.pop("tokens_per_s", None)
     out.update(train_loss=[round(float(x), 4) for x in torch.stack(losses).cpu()], perf_plan=dict(plan.__dict__), batch=batch_size)
+    if profile and device.type == "cuda":
+        out["profile"] = profile_steps(step, [draw(), draw()])
     return out
 
 
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "plain":
         result = run_plain(job_dict, args.warm, args.steps, args.profile)
     else:
-        result = run_speech(args.mode, args.tiny, args.warm, args.steps, job_dict.get("perf", {}))
+        result = run_speech(args.mode, args.tiny, args.warm, args.steps, job_dict.get("perf", {}), args.profile)
     result["case_wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("ENGINE_RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("profile", "train_loss")}), flush=True)

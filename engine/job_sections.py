@@ -240,7 +240,12 @@ class PerfSpec(Section):
     group_window: int = Field(8, gt=0)
     """Micro-batches per length-grouping window (larger: less padding, less randomness)."""
     compile: bool = False
-    """``torch.compile`` the model (slow first steps; helps most without Liger kernels)."""
+    """``torch.compile`` each repeated block (transformer layer) in place: one compile serves every layer,
+    parameter names are unchanged. Slow first steps; helps most without Liger kernels."""
+    cudnn_benchmark: Literal["auto", "on", "off"] = "auto"
+    """Let cuDNN time its convolution algorithms on the first batch of each shape and keep the fastest.
+    ``auto``: on for inputs of one fixed shape (Whisper's 30 s windows); ``on`` for other convolutional
+    models (wav2vec2) when audio lengths are few (each new length is timed again)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass: less memory, about a third more compute."""
     prefetch_batches: int = Field(4, ge=0)

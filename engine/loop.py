@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     packing = job.perf.packing and job.model.task == "causal_lm"
     grouped = length_grouping_window(job) is not None  # rows arrive grouped by length: no row shuffle
     train_collate = Collate(job.data.max_length if packing else None, config.get("pad_token_id") or 0)
-    meter = ThroughputMeter(model, device, world_size, job.perf.peak_tflops)
+    meter = ThroughputMeter(model, device, world_size, job.perf.peak_tflops, backend.amp_dtype)
     micro, loss_sum = 0, torch.zeros((), device=device)
     last_log, started = time.perf_counter(), time.perf_counter()
     stop = False

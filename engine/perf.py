@@ -8,6 +8,7 @@ checkpoints, export and the LR groups are the same with and without it. Each fea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ class PerfPlan:
     fp8: bool = False
     fused_lora: int = 0
     fp8_layers: int = 0
-    compiled: bool = False
+    compiled: int = 0
+    """Blocks compiled (regional compilation); 0 when ``perf.compile`` is off."""
+    cudnn_benchmark: bool = False
     activation_checkpointing: bool = False
     frozen_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -65,8 +68,12 @@ def apply_liger(model: nn.Module) -> str | None:
     """Patch the model instance with Liger kernels; returns why not, or None when applied."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return "liger-kernel is not installed (pip install liger-kernel)"
+    model_type = getattr(getattr(base_model(model), "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger would return silently without patching anything
+        return f"Liger has no kernels for model type {model_type!r}"
     try:
         _apply_liger_kernel_to_instance(model=base_model(model))
     except Exception as exc:  # Liger raises on architectures it does not know
@@ -114,12 +121,55 @@ def apply_perf(
         else:
             plan.notes.append(f"activation checkpointing skipped: {type(inner).__name__} does not support it")
     if perf.compile:
-        model.compile()
-        plan.compiled = True
+        plan.compiled = compile_blocks(model)
+    if device.type == "cuda" and (perf.cudnn_benchmark == "on" or (perf.cudnn_benchmark == "auto" and fixed_input_shape(inner))):
+        torch.backends.cudnn.benchmark = plan.cudnn_benchmark = True
     for note in plan.notes:
         log.info(note)
     log.info("perf: %s", {k: v for k, v in plan.__dict__.items() if k != "notes"})
     return plan
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (transformer layers, conv feature layers), outermost only.
+
+    ``transformers`` marks them as ``GradientCheckpointingLayer``; for other models, the children of every
+    ``nn.ModuleList`` whose children all share one class.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        GradientCheckpointingLayer = ()  # type: ignore[assignment]  # noqa: N806
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        if GradientCheckpointingLayer and isinstance(module, GradientCheckpointingLayer):
+            found.append((name, module))
+    if not found:
+        for name, module in model.named_modules():
+            children = list(module.children()) if isinstance(module, nn.ModuleList) else []
+            if len(children) > 1 and len({type(c) for c in children}) == 1 and not any(name.startswith(o + ".") for o, _ in found):
+                found.extend((f"{name}.{i}", c) for i, c in enumerate(children))
+    return [module for _, module in found]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each repeated block in place (regional compilation, as torchtitan does per block):
+    identical blocks share one compiled graph, so compiling takes seconds instead of minutes, graph breaks
+    in the model's top-level code (masks, loss, generation glue) stay out of the graphs, and parameter names
+    do not change. Falls back to the whole model when it has no repeated blocks. Returns the blocks compiled."""
+    blocks = repeated_blocks(model)
+    for block in blocks or [model]:
+        block.compile()
+    log.info("torch.compile: %d repeated blocks compiled in place", len(blocks))
+    return len(blocks) or 1
+
+
+def fixed_input_shape(model: nn.Module) -> bool:
+    """Whether every batch has the same input shape, so cuDNN's autotuning is paid once: Whisper's encoder
+    always takes 30 s windows (3,000 log-mel frames)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "whisper"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,6 +213,14 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
+SPEECH_INPUTS = ("input_features", "input_values")
+
+
+def speech_input(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A speech batch's model input (log-mel features or raw audio), or None for text."""
+    return next((batch[k] for k in SPEECH_INPUTS if k in batch), None)
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens the model computes on: the attention mask's sum, or every position of packed rows (whose
     only padding is the short tail of a row). Stays on the device (no host sync)."""
@@ -171,10 +229,41 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
-class ThroughputMeter:
-    """Counts samples, tokens and FLOPs over a window of steps; reads the clock only at window ends."""
+def training_flops(model: nn.Module, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None) -> float:
+    """FLOPs of one training micro-batch (forward and backward), counted op by op by torch's
+    ``FlopCounterMode`` (matmuls, convolutions, attention) on ``batch``.
 
-    def __init__(self, model: nn.Module, device: torch.device, world_size: int, peak_tflops: float | None = None):
+    It runs on detached views of the parameters, so the model's gradients, DDP's hooks and the RNG state
+    are untouched, and compiled blocks run eagerly for the count.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = {name: p.detach().requires_grad_(p.requires_grad) for name, p in model.named_parameters()}
+    device = next(iter(batch.values())).device
+    if amp_dtype is None:  # the model casts itself (DeepSpeed bf16, bf16 weights): inputs in its dtype
+        dtype = next((p.dtype for p in params.values() if p.is_floating_point()), torch.float32)
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eager, FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss = torch.func.functional_call(model, params, args=(), kwargs=batch).loss
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+class ThroughputMeter:
+    """Counts samples, tokens and FLOPs over a window of steps; reads the clock only at window ends.
+
+    Text FLOPs come from the formula of :func:`flops_per_token` and the batch's real tokens. Speech models
+    have no such formula (convolutions, encoder frames and decoder tokens): their FLOPs are counted once
+    with :func:`training_flops` on one row of the first batch and scaled by each batch's rows and input length.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, world_size: int, peak_tflops: float | None = None,
+                 amp_dtype: torch.dtype | None = None):
+        self.model, self.amp_dtype = model, amp_dtype
+        self.flops_per_input: float | None = None  # speech: counted FLOPs per input element (per sample x length)
         inner = base_model(getattr(model, "module", model))
         cfg = getattr(inner, "config", None)
         self.layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
@@ -193,6 +282,7 @@ class ThroughputMeter:
         self.start = time.perf_counter()
         self.samples = 0
         self.attention_flops = 0.0
+        self.counted_flops = 0.0
         self.tokens = torch.zeros((), device=self.device, dtype=torch.int64)
 
     def add(self, batch: dict[str, torch.Tensor], tokens: torch.Tensor | None = None, samples: int | None = None) -> None:
@@ -206,6 +296,22 @@ class ThroughputMeter:
         if tokens is not None:
             self.tokens += tokens
         self.attention_flops += 12 * self.layers * self.hidden * width * rows * width
+        if ids is None and (inputs := speech_input(batch)) is not None:
+            self.counted_flops += self.speech_flops(batch, inputs)
+
+    def speech_flops(self, batch: dict[str, torch.Tensor], inputs: torch.Tensor) -> float:
+        """FLOPs of a speech micro-batch: counted on one row of the first batch, then per input element."""
+        if self.flops_per_input is None and any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            log.info("MFU is left out: DeepSpeed ZeRO-3 partitions the parameters the FLOP count would run on")
+            self.flops_per_input = 0.0
+        if self.flops_per_input is None:
+            one_row = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v) and v.ndim >= 1}
+            try:
+                self.flops_per_input = training_flops(self.model, one_row, self.amp_dtype) / inputs[:1].numel()
+            except Exception as exc:  # e.g. ZeRO-3 partitioned parameters: no MFU rather than a failed run
+                log.warning("could not count the speech model's FLOPs (%s): MFU is left out", exc)
+                self.flops_per_input = 0.0
+        return self.flops_per_input * inputs.numel()
 
     def read(self) -> dict[str, float]:
         """Metrics of the window so far: samples/s, tokens/s, MFU (%) and peak memory (GiB), all workers."""
@@ -218,8 +324,11 @@ class ThroughputMeter:
             "tokens_per_s": tokens * self.world_size / elapsed,
             "window_s": elapsed,
         }
-        flops = tokens * (4 * self.n_params + 2 * self.n_trainable) + self.attention_flops
-        if self.peak:
+        if self.flops_per_input is None:  # text: the formula
+            flops = tokens * (4 * self.n_params + 2 * self.n_trainable) + self.attention_flops
+        else:  # speech: counted (0 when counting failed)
+            flops = self.counted_flops
+        if self.peak and flops:
             out["mfu_pct"] = 100.0 * flops / elapsed / self.peak
         out["tflops_per_s_per_device"] = flops / elapsed / 1e12
         if self.device.type == "cuda":

@@ -68,6 +68,7 @@ def test_ctc_reports_wer_and_cer_and_its_loss_falls(ray_local, tmp_path, tiny_wa
     history = metrics["history"]
     assert len(history) >= 3 and all({"val_wer", "val_cer"} <= set(h) for h in history)
     assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert all(h["tflops_per_s_per_device"] > 0 for h in history)
     assert {"wer", "cer", "loss"} <= set(metrics["test"]) and metrics["test"]["cer"] >= 0
 
 
@@ -83,6 +84,8 @@ def test_whisper_lora_generates_and_reports_wer_and_cer(ray_local, tmp_path, tin
     history = metrics["history"]
     assert [h["step"] for h in history] == [3, 6]
     assert all(0 <= h["val_wer"] and 0 <= h["val_cer"] for h in history)
+    # FLOPs of the speech step are counted (encoder frames, convolutions, decoder), not taken from text tokens
+    assert all(h["tflops_per_s_per_device"] > 0 and h["samples_per_s"] > 0 for h in history)
     assert {"wer", "cer"} <= set(metrics["test"])
     exported = tmp_path / "whisper" / "model"
     assert (exported / "preprocessor_config.json").is_file() and (exported / "tokenizer_config.json").is_file()

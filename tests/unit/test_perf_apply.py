@@ -61,5 +61,43 @@ def test_checkpointing_and_compile_are_applied(setting):
     plan = apply_perf(model, PerfSpec(fused_lora=False, **{setting: True}), "causal_lm", torch.device("cpu"), None)
     if setting == "activation_checkpointing":
         assert plan.activation_checkpointing and model.get_base_model().is_gradient_checkpointing
-    else:
-        assert plan.compiled and model._compiled_call_impl is not None
+    else:  # regional: each decoder layer in place, not the model (names and the trainable set unchanged)
+        layers = model.get_base_model().model.layers
+        assert plan.compiled == 2 and all(layer._compiled_call_impl is not None for layer in layers)
+        assert model._compiled_call_impl is None and not any("_orig_mod" in n for n, _ in model.named_parameters())
+        ids = torch.randint(0, 64, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_repeated_blocks_outermost_only_and_plain_module_lists():
+    from torch import nn
+
+    from engine.perf import repeated_blocks
+
+    model = lora_llama()
+    assert repeated_blocks(model) == list(model.get_base_model().model.layers)
+    stack = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)]))
+    assert repeated_blocks(stack) == list(stack[1])  # no transformers layers: the children of a uniform ModuleList
+    assert repeated_blocks(nn.Sequential(nn.Linear(4, 4))) == []
+
+
+def test_liger_reports_architectures_it_does_not_patch(monkeypatch):
+    import sys
+    import types
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from engine.perf import apply_liger
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model: calls.append(model)
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None}
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    assert "no kernels for model type 'bert'" in apply_liger(bert) and not calls
+    assert apply_liger(lora_llama()) is None and len(calls) == 1

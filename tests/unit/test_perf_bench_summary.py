@@ -66,3 +66,18 @@ def test_fits_in_object_store_decides_in_memory_shuffle(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": 10_000})
     assert not fits_in_object_store(split)
     assert not fits_in_object_store(SplitInfo(name="train", files=["s3://bucket/x.parquet"], format="parquet", num_rows=10))
+
+
+def test_the_ray_speech_row_takes_the_fastest_variant_timed_without_ray_and_profiles_read_in_one_line():
+    from benchmarks.bench import profile_note, speech_ray_variant
+
+    timed = [{"case": "engine_whisper_full", "variant": "base", "samples_per_s": 179.0},
+             {"case": "engine_whisper_full_bf16w_compile", "variant": "bf16w_compile", "samples_per_s": 231.0},
+             {"case": "engine_whisper_full_bf16w", "variant": "bf16w", "error": "exit 1"},
+             {"case": "engine_w2v2_ctc_bf16w", "variant": "bf16w", "samples_per_s": 900.0}]
+    assert speech_ray_variant(None, timed, "whisper_full", gpu=True) == "bf16w_compile"
+    assert speech_ray_variant("base", timed, "whisper_full", gpu=True) == "base"
+    assert speech_ray_variant(None, [], "whisper_full", gpu=True) == "bf16w"
+    assert speech_ray_variant(None, [], "w2v2_ctc", gpu=False) == "base"
+    note = profile_note({"gpu_ms_per_step": 171.4, "ms_per_step_by_kind": {"matmul": 45.2, "attention": 40.0, "other": 60.1, "optimizer": 0.0}})
+    assert note == "GPU 171 ms/step: other 60, matmul 45, attention 40"
