@@ -170,10 +170,10 @@ def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
     check_output(spec, resume=True)
 
 
-def test_the_best_model_may_be_a_checkpoint_ray_never_registered(tmp_path):
+def test_the_best_model_may_be_a_checkpoint_ray_never_registered_and_the_other_stale_ones_are_removed(tmp_path):
     import ray.train
 
-    from cluster.trainer import pick_best, unregistered_checkpoints
+    from cluster.trainer import pick_best, remove_stale_checkpoints, unregistered_checkpoints
 
     spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})
     run = tmp_path / "out" / "train"
@@ -189,3 +189,10 @@ def test_the_best_model_may_be_a_checkpoint_ray_never_registered(tmp_path):
     assert [Path(c.path).name for c, _ in extra] == [checkpoint_name(4, 0)]  # written, complete, not in Ray's list
     best, metrics = pick_best(registered + extra, "val_accuracy", "max")
     assert Path(best.path).name == checkpoint_name(4, 0) and metrics["val_accuracy"] == 0.9
+    # After the run: the cut-short folder goes (Ray's retention never sees it); the best and Ray's own stay.
+    removed = remove_stale_checkpoints(spec, [c for c, _ in registered], best)
+    assert [Path(f).name for f in removed] == [checkpoint_name(8, 0)]
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == [checkpoint_name(s, 0) for s in (2, 4, 6)]
+    # Had a registered one been the best, the unregistered step-4 folder would go too.
+    assert [Path(f).name for f in remove_stale_checkpoints(spec, [c for c, _ in registered], registered[1][0])] == [checkpoint_name(4, 0)]
+    assert sorted(p.name for p in run.glob("checkpoint_0*")) == [checkpoint_name(s, 0) for s in (2, 6)]
