@@ -225,7 +225,8 @@ class PerfSpec(Section):
     trainable_weights_in_compute_dtype: bool = False
     """Train bf16 weights instead of fp32 weights under autocast (``backend.name: ddp``, bf16 compute): the
     model runs entirely in bf16 with no per-use casts and a bf16 residual stream, the optimizer steps fp32
-    master copies, gradients are summed in fp32 (on one worker; across workers DDP sums a window in bf16),
+    master copies, gradients are summed over micro-batches and averaged over workers in fp32 (DDP's own
+    overlapped all-reduce carries only the last micro-batch of a window, in bf16),
     and the loss is computed from fp32 logits. The Megatron / torchtitan recipe; aimed at full fine-tunes,
     where autocast's fp32 traffic dominates. Off until it is timed on a GPU. (DeepSpeed's ``bf16`` mode
     already trains this way.)"""

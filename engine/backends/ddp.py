@@ -92,9 +92,12 @@ class DDPBackend:
         with sync:
             outputs = self.forward(batch)
             self.scaler.scale(outputs.loss / self.accum).backward()
-        # fp32 accumulation of every micro-batch on one worker; with DDP the gradients DDP all-reduces at the
-        # boundary must hold the whole window, so they accumulate in bf16 until then.
-        if self.master is not None and (boundary or self.model is self.module):
+        if self.master is not None:
+            # Every micro-batch's bf16 gradients go into the fp32 sums at once. With DDP, the window's earlier
+            # micro-batches (under no_sync) are local sums: averaged over the workers in one fp32 all-reduce
+            # at the boundary, before the boundary micro-batch's gradients (which DDP averaged) are added.
+            if boundary and self.model is not self.module and self.accum > 1:
+                self.master.all_reduce_grads(self.world_size)
             self.master.accumulate_grads()
         return outputs
 

@@ -62,6 +62,19 @@ class MasterWeights:
             param.grad = None
 
     @torch.no_grad()
+    def all_reduce_grads(self, world_size: int) -> None:
+        """Average the masters' fp32 gradients over the workers (one flat fp32 all-reduce; a missing
+        gradient counts as zeros, so every rank sends the same buffer)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.masters]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat.div_(world_size)
+        for master, reduced in zip(self.masters, _unflatten_dense_tensors(flat, grads)):
+            master.grad = reduced
+
+    @torch.no_grad()
     def publish(self) -> None:
         """Copy the masters into the model's weights (after an optimizer step or a load)."""
         torch._foreach_copy_(self.params, self.masters)

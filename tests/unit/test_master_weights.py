@@ -21,7 +21,7 @@ def tiny_whisper():
     return WhisperForConditionalGeneration(cfg)
 
 
-def backend_for(master: bool, accum: int = 1, seed: int = 0) -> DDPBackend:
+def backend_for(master: bool, accum: int = 1, seed: int = 0, world_size: int = 1) -> DDPBackend:
     model = tiny_whisper()
     job = build_job({
         "model": {"name": "x", "task": "speech_seq2seq"}, "data": {"train": "t"},
@@ -30,7 +30,7 @@ def backend_for(master: bool, accum: int = 1, seed: int = 0) -> DDPBackend:
         "perf": {"trainable_weights_in_compute_dtype": master},
     })
     groups = build_param_groups(model, ["proj_out"], 3e-3, 1.0, 1.0, 0.01)
-    return DDPBackend(job, model, groups, total_steps=50, warmup_steps=0, device=torch.device("cpu"), world_size=1)
+    return DDPBackend(job, model, groups, total_steps=50, warmup_steps=0, device=torch.device("cpu"), world_size=world_size)
 
 
 def batches(n: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -140,3 +140,41 @@ def test_lora_over_fp8_frozen_weights_trains_with_masters_for_the_adapters_only(
         losses.append(float(backend.forward_backward({"input_ids": ids, "labels": ids}).loss.detach()))
         backend.step()
     assert losses[-1] < losses[0] - 0.2
+
+
+def _two_worker_window(rank: int, port: int, out: str) -> None:
+    """One DDP worker: an accumulation window of two micro-batches, its own first one and a shared last one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        backend = backend_for(master=True, accum=2, world_size=2)
+        backend.forward_backward(batches(1, seed=10 + rank)[0])
+        backend.forward_backward(batches(1, seed=99)[0])
+        torch.save([m.grad for m in backend.master.masters], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_average_the_window_in_fp32(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_worker_window, args=(port, str(tmp_path)), nprocs=2, join=True)
+
+    def window_grads(seed: int) -> list[torch.Tensor]:
+        backend = backend_for(master=True, accum=2)
+        backend.forward_backward(batches(1, seed=seed)[0])
+        return [m.grad.clone() for m in backend.master.masters]
+
+    first = [window_grads(10), window_grads(11)]  # each worker's own micro-batch, summed locally in fp32
+    shared = window_grads(99)  # identical on both workers: DDP's bf16 average of it is exact
+    expected = [(a + b) / 2 + c for a, b, c in zip(*first, shared)]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for g, want in zip(got, expected):
+            torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-9)  # bf16 sums would be off by ~4e-3 relative
