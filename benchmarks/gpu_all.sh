@@ -6,7 +6,7 @@
 # Here, before the call:   bash ../shared/tools/gpu-pack.sh && mkdir -p .peer && cp ../shared/bench/peer_baseline.py .peer/
 # The call:                run(command="bash benchmarks/gpu_all.sh", carry=[".whl", ".ray", ".peer"], timeout_s=420)
 # Speech only (the open targets; LoRA and Ray overhead were met in h200-run1), about 8 minutes:
-#   SKIP_INGEST=1 CASE_TIMEOUT=150 BENCH_ARGS="--cases peers,engine_whisper_full,engine_w2v2_ctc,engine_whisper_full_ray,engine_w2v2_ctc_ray --peer-cases whisper_full,w2v2_ctc" bash benchmarks/gpu_all.sh
+#   INGEST_KINDS=whisper_full CASE_TIMEOUT=150 BENCH_ARGS="--cases peers,engine_whisper_full,engine_w2v2_ctc,engine_whisper_full_ray,engine_w2v2_ctc_ray --peer-cases whisper_full,w2v2_ctc" bash benchmarks/gpu_all.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
@@ -28,7 +28,11 @@ for m in ("ray", "liger_kernel", "triton", "deepspeed", "peft", "transformers"):
 EOF
 python3 -m benchmarks.bench --out "$OUT" --work /tmp/bench --mb "${MB:-16}" --warm "${WARM:-4}" --steps "${STEPS:-12}" \
   --timeout "${CASE_TIMEOUT:-200}" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
-# Ray Data ingest on this machine's CPUs: a dataset larger than the object store (no GPU involved).
-[ -n "${SKIP_INGEST:-}" ] || RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --out "$OUT" --cpus 8 --store-mib 200 --files 24 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
-mkdir -p "$OUT/logs" && cp /tmp/bench/*.log "$OUT/logs/" 2>/dev/null  # at most 8 files come back
+# Ray Data ingest on this machine's CPUs: a dataset larger than the object store (no GPU involved);
+# INGEST_KINDS: text (default) and/or whisper_full, w2v2_ctc (decode + featurise peer-shaped clips).
+for kind in ${INGEST_KINDS:-text}; do
+  [ -n "${SKIP_INGEST:-}" ] || RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --kind "$kind" --out "$OUT" --cpus 8 \
+    --store-mib 200 --files 24 --clips 768 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
+done
+(cd /tmp/bench && tar -czf "$OUT/logs.tar.gz" ./*.log) 2>/dev/null  # one file: at most 8 come back
 echo "=== table ==="; awk '/^case /{p=1} p' "$OUT/bench.log"

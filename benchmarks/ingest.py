@@ -1,13 +1,17 @@
-"""Ray Data ingest benchmark: the engine's own read -> tokenize -> batch path on a dataset larger than the
-object store, in rows/s and tokens/s per CPU, with the object store's peak use sampled while it streams.
+"""Ray Data ingest benchmark: the engine's own read -> tokenize (or decode + featurise) -> batch path on a
+dataset larger than the object store, in rows/s and tokens/s (or audio seconds/s) per CPU, with the object
+store's peak use sampled while it streams.
 
-The dataset is parquet text (random words of a word-level tokenizer); the pipeline is
+``--kind text``: parquet text (random words of a word-level tokenizer). ``--kind whisper_full`` /
+``w2v2_ctc``: parquet of 16-bit wav bytes of the peer's clip lengths (30 s / 10 s), decoded and featurised
+with the checkpoint's feature extractor (Whisper's log-mel, wav2vec2's normalisation). The pipeline is
 ``cluster.data.build_datasets`` (what ``shoulders train`` builds) consumed by ``iter_batches`` with the
 engine's collate, as a training worker's shard is. Passing means: rows/s per CPU times the CPUs a
 training node has is well above what the training step consumes, and peak object-store use stays below
-its capacity although the raw text alone (and the tokenized data many times over) does not fit in it.
+its capacity although the raw data alone (and the tokenized or featurised data many times over) does not fit.
 
     python -m benchmarks.ingest --out benchmarks/results            # defaults sized for a 2-core machine
+    python -m benchmarks.ingest --kind whisper_full --files 8 --clips 384
 """
 
 from __future__ import annotations
@@ -85,6 +89,28 @@ class StoreSampler(threading.Thread):
             self.stop.wait(self.period)
 
 
+PEER_SAMPLES_PER_S = {"whisper_full": 180.0, "w2v2_ctc": 310.0}
+"""The issue's peer figures on one H200 (samples/s); the target is 1.5x."""
+
+
+def speech_dataset(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bench's speech workload (peer-shaped clips as wav bytes in ``args.files`` parquet files) and its job."""
+    from benchmarks.workload import speech_job, write_speech_workload
+
+    batch = {"whisper_full": 32, "w2v2_ctc": 16}[args.kind]
+    steps = max(args.clips // batch, args.files)
+    workload = write_speech_workload(work, args.kind, tiny=False, steps=steps, files=args.files)
+    job = speech_job(workload, work / "out", 0, 1, gpu=False)
+    job["data"]["rows_per_block"] = args.rows_per_block
+    job["data"]["train"] = workload["train"]
+    rows = batch * steps // args.files * args.files
+    features = 80 * 3000 if args.kind == "whisper_full" else 16000 * workload["seconds"]
+    info = {"model": workload["model_dir"], "train": workload["train"], "validation": workload["validation"], "rows": rows,
+            "seconds": workload["seconds"], "raw_bytes": sum(p.stat().st_size for p in Path(workload["train"]).rglob("*.parquet")),
+            "featurised_bytes": rows * features * 4}
+    return info, job
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -95,13 +121,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="shoulders-ingest-"))
     t0 = time.perf_counter()
-    dataset = write_dataset(work, args.files, args.rows_per_file, args.words_per_row)
+    speech = args.kind != "text"
+    if speech:
+        dataset, job_dict = speech_dataset(work, args)
+    else:
+        dataset = write_dataset(work, args.files, args.rows_per_file, args.words_per_row)
+        job_dict = {
+            "name": "ingest", "model": {"name": dataset["model"], "task": "causal_lm"},
+            "data": {"train": dataset["train"], "validation": dataset["validation"], "max_length": args.max_length, "rows_per_block": args.rows_per_block},
+            "optim": {"batch_size": args.batch_size, "max_steps": 1}, "output": {"dir": str(work / "out")},
+        }
     write_s = time.perf_counter() - t0
-    job = build_job({
-        "name": "ingest", "model": {"name": dataset["model"], "task": "causal_lm"},
-        "data": {"train": dataset["train"], "validation": dataset["validation"], "max_length": args.max_length, "rows_per_block": args.rows_per_block},
-        "optim": {"batch_size": args.batch_size, "max_steps": 1}, "output": {"dir": str(work / "out")},
-    }, "ingest")
+    job = build_job(job_dict, "ingest")
     ctx = ray.init(num_cpus=args.cpus, object_store_memory=args.store_mib * 2**20, include_dashboard=False, configure_logging=False)
     try:
         ensure_ray()
@@ -114,10 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         collate = Collate()
         rows = tokens = batches = 0
         t1 = time.perf_counter()
-        for batch in datasets["train"].iter_batches(batch_size=args.batch_size, batch_format="numpy", prefetch_batches=4):
+        for batch in datasets["train"].iter_batches(batch_size=job.optim.batch_size, batch_format="numpy", prefetch_batches=4):
             torch_batch = collate(batch)
-            rows += len(torch_batch["input_ids"])
-            tokens += int(torch_batch["attention_mask"].sum())
+            rows += len(next(iter(torch_batch.values())))
+            tokens += int(torch_batch["attention_mask"].sum()) if not speech else 0
             batches += 1
         seconds = time.perf_counter() - t1
         sampler.stop.set()
@@ -125,15 +156,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stats = datasets["train"].stats()  # Ray Data's per-operator report of that execution (memory, spill)
     finally:
         ray.shutdown()
-    tokenized_bytes = rows * args.max_length * 8 * 3  # input_ids, attention_mask, labels as int64 before trimming
     store = args.store_mib * 2**20
+    if speech:  # what the training step needs at the issue's target: 1.5x the peer's samples/s
+        clip_s = dataset["seconds"]
+        target = 1.5 * PEER_SAMPLES_PER_S[args.kind]
+        per_cpu = rows / seconds / args.cpus
+        sizes = {"raw_over_store": round(dataset["raw_bytes"] / store, 2), "featurised_over_store": round(dataset["featurised_bytes"] / store, 2),
+                 "audio_seconds_per_s_per_cpu": round(per_cpu * clip_s, 1), "target_samples_per_s": target,
+                 "cpus_to_feed_target": round(target / per_cpu, 1)}
+    else:
+        tokenized_bytes = rows * args.max_length * 8 * 3  # input_ids, attention_mask, labels as int64 before trimming
+        sizes = {"tokenized_bytes": tokenized_bytes, "text_over_store": round(dataset["text_bytes_in_memory"] / store, 2),
+                 "tokenized_over_store": round(tokenized_bytes / store, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
+                 "tokens_per_s_per_cpu": round(tokens / seconds / args.cpus)}
+    pipeline = "decode + featurise" if speech else "tokenize"
     return {
-        "benchmark": "ray_data_ingest", "pipeline": "cluster.data.build_datasets (read_parquet -> map_batches tokenize) -> iter_batches -> engine Collate",
+        "benchmark": "ray_data_ingest", "kind": args.kind,
+        "pipeline": f"cluster.data.build_datasets (read_parquet -> map_batches {pipeline}) -> iter_batches -> engine Collate",
         "cpus": args.cpus, "object_store_mib": args.store_mib, **{k: v for k, v in dataset.items() if k not in ("model", "train", "validation")},
-        "tokenized_bytes": tokenized_bytes, "text_over_store": round(dataset["text_bytes_in_memory"] / store, 2),
-        "tokenized_over_store": round(tokenized_bytes / store, 2), "rows_read": rows, "tokens": tokens, "batches": batches,
-        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds), "tokens_per_s": round(tokens / seconds),
-        "rows_per_s_per_cpu": round(rows / seconds / args.cpus), "tokens_per_s_per_cpu": round(tokens / seconds / args.cpus),
+        **sizes, "rows_read": rows, "batches": batches,
+        "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds), "rows_per_s_per_cpu": round(rows / seconds / args.cpus, 1),
         "peak_object_store_mib": sampler.peak_mib, "spilled_mib": sampler.spilled_mib, "store_samples": sampler.samples,
         "bounded": sampler.peak_mib <= args.store_mib and rows == dataset["rows"], "write_dataset_s": round(write_s, 1),
         "settings": vars(args), "load_average": os.getloadavg(), "ray_data_stats": stats.splitlines(),
@@ -143,6 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--kind", choices=["text", "whisper_full", "w2v2_ctc"], default="text")
+    parser.add_argument("--clips", type=int, default=384, help="speech kinds: clips in the training split")
     parser.add_argument("--work", default=None)
     parser.add_argument("--files", type=int, default=24)
     parser.add_argument("--rows-per-file", type=int, default=4000)
@@ -157,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"ingest-{args.cpus}cpu.json"
+    name = f"ingest-{args.cpus}cpu.json" if args.kind == "text" else f"ingest-{args.kind}-{args.cpus}cpu.json"
     (out / name).write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: result[k] for k in ("rows_per_s_per_cpu", "tokens_per_s_per_cpu", "text_over_store", "tokenized_over_store",
-                                              "peak_object_store_mib", "object_store_mib", "spilled_mib", "bounded", "seconds")}))
+    keys = ("rows_per_s_per_cpu", "tokens_per_s_per_cpu", "text_over_store", "tokenized_over_store", "audio_seconds_per_s_per_cpu",
+            "cpus_to_feed_target", "raw_over_store", "featurised_over_store", "peak_object_store_mib", "object_store_mib", "spilled_mib",
+            "bounded", "seconds")
+    print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 

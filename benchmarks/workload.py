@@ -161,7 +161,7 @@ SPEECH_SECONDS = {"whisper_full": 30, "w2v2_ctc": 10}
 SPEECH_TARGET_TOKENS = {"whisper_full": 96, "w2v2_ctc": 120}
 
 
-def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed: int = 0) -> dict[str, Any]:
+def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed: int = 0, files: int = 1) -> dict[str, Any]:
     """A speech shape as ``shoulders train`` reads it: a model folder (the peer's config, its feature extractor
     and a tokenizer, no weights: ``model.from_scratch``) and parquet audio (wav bytes + transcript).
 
@@ -210,9 +210,14 @@ def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed:
 
     data = folder / "data"
     data.mkdir(exist_ok=True)
-    pq.write_table(pa.table(rows(batch * steps)), data / "train.parquet")
+    train = data / "train.parquet" if files == 1 else data / "train"
+    train.parent.mkdir(exist_ok=True)
+    if files > 1:  # a folder of parquet files (the ingest benchmark streams them)
+        train.mkdir(exist_ok=True)
+    for f in range(files):
+        pq.write_table(pa.table(rows(batch * steps // files)), train if files == 1 else train / f"part-{f:03d}.parquet")
     pq.write_table(pa.table(rows(batch)), data / "validation.parquet")
-    return {"kind": kind, "model_dir": str(model_dir), "train": str(data / "train.parquet"), "validation": str(data / "validation.parquet"),
+    return {"kind": kind, "model_dir": str(model_dir), "train": str(train), "validation": str(data / "validation.parquet"),
             "batch": batch, "seconds": seconds, "model_config": json.loads(config.to_json_string())}
 
 
