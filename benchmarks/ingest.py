@@ -100,7 +100,7 @@ def speech_dataset(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any]
     batch = {"whisper_full": 32, "w2v2_ctc": 16}[args.kind]
     steps = max(args.clips // batch, args.files)
     workload = write_speech_workload(work, args.kind, tiny=False, steps=steps, files=args.files)
-    job = speech_job(workload, work / "out", 0, 1, gpu=False)
+    job = speech_job(workload, work / "out", 1, 1, gpu=False)
     job["data"]["rows_per_block"] = args.rows_per_block
     job["data"]["train"] = workload["train"]
     rows = batch * steps // args.files * args.files
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         collate = Collate()
         rows = tokens = batches = 0
         t1 = time.perf_counter()
-        for batch in datasets["train"].iter_batches(batch_size=job.optim.batch_size, batch_format="numpy", prefetch_batches=4):
+        for batch in datasets["train"].iter_batches(batch_size=job.optim.batch_size, batch_format="numpy", prefetch_batches=args.prefetch_batches):
             torch_batch = collate(batch)
             rows += len(next(iter(torch_batch.values())))
             tokens += int(torch_batch["attention_mask"].sum()) if not speech else 0
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **sizes, "rows_read": rows, "batches": batches,
         "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds), "rows_per_s_per_cpu": round(rows / seconds / args.cpus, 1),
         "peak_object_store_mib": sampler.peak_mib, "spilled_mib": sampler.spilled_mib, "store_samples": sampler.samples,
-        "bounded": sampler.peak_mib <= args.store_mib and rows == dataset["rows"], "write_dataset_s": round(write_s, 1),
+        "bounded": sampler.peak_mib <= args.store_mib and sampler.spilled_mib == 0 and rows == dataset["rows"], "write_dataset_s": round(write_s, 1),
         "settings": vars(args), "load_average": os.getloadavg(), "ray_data_stats": stats.splitlines(),
     }
 
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--store-mib", type=int, default=100)
+    parser.add_argument("--prefetch-batches", type=int, default=4, help="as perf.prefetch_batches in training")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     result = run(args)

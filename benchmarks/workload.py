@@ -215,7 +215,8 @@ def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed:
     if files > 1:  # a folder of parquet files (the ingest benchmark streams them)
         train.mkdir(exist_ok=True)
     for f in range(files):
-        pq.write_table(pa.table(rows(batch * steps // files)), train if files == 1 else train / f"part-{f:03d}.parquet")
+        # row groups of a micro-batch of clips, as audio datasets are written (a reader cannot split a row group)
+        pq.write_table(pa.table(rows(batch * steps // files)), train if files == 1 else train / f"part-{f:03d}.parquet", row_group_size=batch)
     pq.write_table(pa.table(rows(batch)), data / "validation.parquet")
     return {"kind": kind, "model_dir": str(model_dir), "train": str(train), "validation": str(data / "validation.parquet"),
             "batch": batch, "seconds": seconds, "model_config": json.loads(config.to_json_string())}

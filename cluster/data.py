@@ -22,14 +22,18 @@ from engine.preprocess import cached_tokenizer, tokenize_batch
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
-def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None = None) -> ray.data.Dataset:
+def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None = None, recut: bool = True) -> ray.data.Dataset:
     """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming).
 
     Small files otherwise arrive as a single block, which starves all but one worker and Ray Data task.
-    ``shuffle_seed`` reads the files in a seeded random order (the same on every execution, for resume).
+    ``recut=False`` keeps the reader's blocks (parquet row groups, in read units of a few MiB), so the next
+    ``map_batches`` fuses with the read: rows that carry audio bytes are decoded in the task that read
+    them instead of passing through the object store twice. ``shuffle_seed`` reads the files in a seeded
+    random order (the same on every execution, for resume).
     """
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if shuffle_seed is not None else None
-    return READERS[split.format](split.files, shuffle=shuffle).repartition(target_num_rows_per_block=rows_per_block)
+    dataset = READERS[split.format](split.files, shuffle=shuffle)
+    return dataset.repartition(target_num_rows_per_block=rows_per_block) if recut else dataset
 
 
 MAX_BLOCK_BYTES = 16 * 2**20
@@ -104,11 +108,11 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
     of their text) are held out; the remaining rows are counted by a streaming pass. Speech tasks read
     audio manifests and featurise with the checkpoint's feature extractor (``cluster.data_speech``).
     """
+    limit_block_size()
     if job.model.task in SPEECH_TASKS:
         from cluster.data_speech import build_speech_datasets
 
         return build_speech_datasets(job, info)
-    limit_block_size()
     in_memory_shuffle = fits_in_object_store(info.splits["train"])
     train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = info.splits["train"].num_rows

@@ -23,6 +23,22 @@ def manifest_dir(split: SplitInfo) -> str | None:
     return os.path.dirname(split.files[0]) if split.files and "://" not in split.files[0] else None
 
 
+def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
+    """Whether a split is parquet whose row groups are small enough (at most 4 blocks of rows on average)
+    to be decoded as they are read, one task per read unit: then its audio bytes pass through the object
+    store once, as features. Manifests (csv/jsonl of paths) and parquet of a few large row groups are re-cut
+    into blocks first, so the decoding spreads over tasks."""
+    if split.format != "parquet":
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        groups = [pq.ParquetFile(f).metadata.num_row_groups for f in split.files]
+    except (OSError, ValueError):  # remote files: their footers are not read here
+        return False
+    return split.num_rows <= 4 * rows_per_block * max(sum(groups), 1)
+
+
 def _featurize_rows(batch: dict[str, np.ndarray], model_name: str, revision: str | None, tokenizer_name: str | None,
                     language: str | None, asr_task: str, **kwargs: Any) -> dict[str, np.ndarray]:
     from engine.models.speech import load_feature_extractor, load_target_tokenizer
@@ -72,10 +88,11 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
 
     train_split = info.splits["train"]
     in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
-    train = read_split(train_split, job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
+    train = read_split(train_split, job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed, recut=not inline_audio(train_split, job.data.rows_per_block))
     num_train_rows = train_split.num_rows
     if "validation" in info.splits:
-        validation, val_dir = read_split(info.splits["validation"], job.data.rows_per_block), manifest_dir(info.splits["validation"])
+        val_split = info.splits["validation"]
+        validation, val_dir = read_split(val_split, job.data.rows_per_block, recut=not inline_audio(val_split, job.data.rows_per_block)), manifest_dir(val_split)
     else:
         kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
         validation, val_dir = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
@@ -92,4 +109,4 @@ def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] 
     """A featurised dataset for evaluating an exported model folder on ``split``."""
     from cluster.data import read_split
 
-    return featurize(read_split(split, job.data.rows_per_block), job, labels, manifest_dir(split), model_name=model_dir)
+    return featurize(read_split(split, job.data.rows_per_block, recut=not inline_audio(split, job.data.rows_per_block)), job, labels, manifest_dir(split), model_name=model_dir)

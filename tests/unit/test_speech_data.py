@@ -37,3 +37,19 @@ def test_small_set_round_trips_through_manifest_and_parquet(tmp_path, monkeypatc
     table = pq.read_table(tmp_path / "pq" / "train.parquet")
     samples, rate = decode(table.column("audio")[0].as_py())
     assert rate == 22050 and len(samples) > 1000
+
+
+def test_parquet_audio_with_small_row_groups_is_decoded_as_read_and_other_splits_are_recut(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.data_speech import inline_audio
+    from cluster.preflight import SplitInfo
+
+    table = pa.table({"audio": [b"x" * 10] * 64, "transcript": ["a"] * 64})
+    pq.write_table(table, tmp_path / "small.parquet", row_group_size=16)
+    pq.write_table(table, tmp_path / "one_group.parquet")
+    (tmp_path / "m.csv").write_text("path,transcript\n")
+    assert inline_audio(SplitInfo("train", [str(tmp_path / "small.parquet")], "parquet", 64), rows_per_block=8)  # 16 rows a group
+    assert not inline_audio(SplitInfo("train", [str(tmp_path / "one_group.parquet")], "parquet", 64), rows_per_block=8)  # 64 > 4 x 8
+    assert not inline_audio(SplitInfo("train", [str(tmp_path / "m.csv")], "csv", 0), rows_per_block=8)  # paths: re-cut
