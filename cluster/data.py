@@ -26,10 +26,10 @@ def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None =
     """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming).
 
     Small files otherwise arrive as a single block, which starves all but one worker and Ray Data task.
-    ``recut=False`` keeps the reader's blocks (parquet row groups, in read units of a few MiB), so the next
-    ``map_batches`` fuses with the read: rows that carry audio bytes are decoded in the task that read
-    them instead of passing through the object store twice. ``shuffle_seed`` reads the files in a seeded
-    random order (the same on every execution, for resume).
+    ``recut=False`` keeps the reader's blocks (parquet row groups, in read units of a few MiB) and skips the
+    re-cut, a copy of every row through the object store: rows that carry audio bytes then go from the read
+    blocks straight to featurising. ``shuffle_seed`` reads the files in a seeded random order (the same on
+    every execution, for resume).
     """
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if shuffle_seed is not None else None
     dataset = READERS[split.format](split.files, shuffle=shuffle)

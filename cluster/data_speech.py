@@ -25,8 +25,8 @@ def manifest_dir(split: SplitInfo) -> str | None:
 
 def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
     """Whether a split is parquet whose row groups are small enough (at most 4 blocks of rows on average)
-    to be decoded as they are read, one task per read unit: then its audio bytes pass through the object
-    store once, as features. Manifests (csv/jsonl of paths) and parquet of a few large row groups are re-cut
+    for its read blocks to be featurised as they come: the audio bytes then enter the object store once, not
+    again as re-cut blocks. Manifests (csv/jsonl of paths) and parquet of a few large row groups are re-cut
     into blocks first, so the decoding spreads over tasks."""
     if split.format != "parquet":
         return False
