@@ -31,8 +31,9 @@ python3 -m benchmarks.bench --out "$OUT" --work /tmp/bench --mb "${MB:-16}" --wa
 # Ray Data ingest on this machine's CPUs: a dataset larger than the object store (no GPU involved);
 # INGEST_KINDS: text (default) and/or whisper_full, w2v2_ctc (decode + featurise peer-shaped clips).
 for kind in ${INGEST_KINDS:-text}; do
+  if [ "$kind" = text ]; then sizes="--store-mib 200 --files 24"; else sizes="--store-mib 400 --files 16 --clips 1536 --rows-per-block 16 --prefetch-batches 1"; fi
   [ -n "${SKIP_INGEST:-}" ] || RAY_TMPDIR=/tmp/ingest-ray timeout 120 python3 -m benchmarks.ingest --kind "$kind" --out "$OUT" --cpus 8 \
-    --store-mib 200 --files 24 --clips 768 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
+    $sizes 2>&1 | grep -v WARNING | tail -3 | tee -a "$OUT/bench.log"
 done
 (cd /tmp/bench && tar -czf "$OUT/logs.tar.gz" ./*.log) 2>/dev/null  # one file: at most 8 come back
 echo "=== table ==="; awk '/^case /{p=1} p' "$OUT/bench.log"
