@@ -102,7 +102,6 @@ def speech_dataset(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any]
     workload = write_speech_workload(work, args.kind, tiny=False, steps=steps, files=args.files)
     job = speech_job(workload, work / "out", 1, 1, gpu=False)
     job["data"]["rows_per_block"] = args.rows_per_block
-    job["data"]["train"] = workload["train"]
     rows = batch * steps // args.files * args.files
     features = 80 * 3000 if args.kind == "whisper_full" else 16000 * workload["seconds"]
     info = {"model": workload["model_dir"], "train": workload["train"], "validation": workload["validation"], "rows": rows,

@@ -39,6 +39,13 @@ def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
     return split.num_rows <= 4 * rows_per_block * max(sum(groups), 1)
 
 
+def read_audio_split(split: SplitInfo, job: JobSpec, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """:func:`cluster.data.read_split` of a speech split, re-cut into blocks unless :func:`inline_audio`."""
+    from cluster.data import read_split
+
+    return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=not inline_audio(split, job.data.rows_per_block))
+
+
 def _featurize_rows(batch: dict[str, np.ndarray], model_name: str, revision: str | None, tokenizer_name: str | None,
                     language: str | None, asr_task: str, **kwargs: Any) -> dict[str, np.ndarray]:
     from engine.models.speech import load_feature_extractor, load_target_tokenizer
@@ -84,15 +91,14 @@ def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base
 
 def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
     """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows."""
-    from cluster.data import _select_rows, fits_in_object_store, read_split
+    from cluster.data import _select_rows, fits_in_object_store
 
     train_split = info.splits["train"]
     in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
-    train = read_split(train_split, job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed, recut=not inline_audio(train_split, job.data.rows_per_block))
+    train = read_audio_split(train_split, job, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = train_split.num_rows
     if "validation" in info.splits:
-        val_split = info.splits["validation"]
-        validation, val_dir = read_split(val_split, job.data.rows_per_block, recut=not inline_audio(val_split, job.data.rows_per_block)), manifest_dir(val_split)
+        validation, val_dir = read_audio_split(info.splits["validation"], job), manifest_dir(info.splits["validation"])
     else:
         kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
         validation, val_dir = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
@@ -107,6 +113,4 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
 
 def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str) -> ray.data.Dataset:
     """A featurised dataset for evaluating an exported model folder on ``split``."""
-    from cluster.data import read_split
-
-    return featurize(read_split(split, job.data.rows_per_block, recut=not inline_audio(split, job.data.rows_per_block)), job, labels, manifest_dir(split), model_name=model_dir)
+    return featurize(read_audio_split(split, job), job, labels, manifest_dir(split), model_name=model_dir)

@@ -170,23 +170,19 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     return summary
 
 
-def stale_checkpoints(folders: list[str], registered: set[str], best: str) -> list[str]:
-    """Checkpoint folders Ray Train's retention never sees: not registered (written just before a driver
-    died, or cut short by a crash) and not the best model. Ray's ``num_to_keep`` looks after the others."""
-    return [f for f in folders if Path(f).name not in registered and Path(f).name != best]
-
-
 def remove_stale_checkpoints(job: JobSpec, registered: list[Any], best: Any) -> list[str]:
-    """Delete the run's :func:`stale_checkpoints` once the run is finished and its best model exported, so
-    ``output.keep_checkpoints`` holds however often the run was interrupted. (Local storage only.)"""
+    """Once the run is finished and its best model exported, delete the checkpoint folders Ray Train's
+    retention never sees: not registered (written just before a driver died, or cut short by a crash) and
+    not the best model, so ``output.keep_checkpoints`` holds however often the run was interrupted. Ray's
+    ``num_to_keep`` looks after the registered ones. (Local storage only.)"""
     from cluster.preflight import local_run_dir
     from engine.checkpoint import RunFolder
 
     run_dir = local_run_dir(job)
     if run_dir is None:
         return []
-    kept = {Path(checkpoint.path).name for checkpoint in registered if checkpoint is not None}
-    stale = stale_checkpoints(RunFolder.local(run_dir).checkpoints(), kept, Path(best.path).name)
+    kept = {Path(checkpoint.path).name for checkpoint in registered if checkpoint is not None} | {Path(best.path).name}
+    stale = [f for f in RunFolder.local(run_dir).checkpoints() if Path(f).name not in kept]
     for folder in stale:
         log.info("removing checkpoint %s: interrupted runs left it outside Ray's retention", Path(folder).name)
         shutil.rmtree(folder, ignore_errors=True)

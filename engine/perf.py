@@ -308,7 +308,7 @@ class ThroughputMeter:
             one_row = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v) and v.ndim >= 1}
             try:
                 self.flops_per_input = training_flops(self.model, one_row, self.amp_dtype) / inputs[:1].numel()
-            except Exception as exc:  # e.g. ZeRO-3 partitioned parameters: no MFU rather than a failed run
+            except Exception as exc:  # an architecture the count cannot run: no MFU rather than a failed run
                 log.warning("could not count the speech model's FLOPs (%s): MFU is left out", exc)
                 self.flops_per_input = 0.0
         return self.flops_per_input * inputs.numel()
