@@ -79,6 +79,24 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
+def tidy_adapter_config(model: nn.Module, base_name: str) -> None:
+    """Make a PEFT model's saved config portable before ``save_pretrained``.
+
+    ``base_model_name_or_path`` becomes ``base_name`` (the hub id or path the job named, not where this
+    machine keeps the files); ``modules_to_save`` loses duplicates and names no module of this model has
+    (PEFT's sequence-classification wrapper always adds both ``classifier`` and ``score``).
+    """
+    module_names = [name for name, _ in model.named_modules()]
+
+    def present(entry: str) -> bool:
+        return any(name == entry or name.endswith("." + entry) for name in module_names)
+
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_name
+        if config.modules_to_save:
+            config.modules_to_save = [entry for entry in dict.fromkeys(config.modules_to_save) if present(entry)]
+
+
 def load_adapter_model(base: nn.Module, adapter_dir: str) -> nn.Module:
     """Load a saved adapter folder onto ``base``."""
     from peft import PeftModel

@@ -89,18 +89,29 @@ def _manifest(path: Path, rank: int) -> dict[str, Any]:
     return json.loads((path / manifest_name(rank)).read_text())
 
 
-def is_complete(path: str | os.PathLike) -> bool:
-    """Whether every rank's manifest is there and every file they list exists at its recorded size."""
+def incomplete_reason(path: str | os.PathLike) -> str | None:
+    """What makes the checkpoint at ``path`` unusable, naming the file (a manifest missing or unreadable,
+    a listed file missing or of another size than recorded), or None when it is complete."""
     path = Path(path)
     try:
         world_size = int(_manifest(path, 0)["world_size"])
         for rank in range(world_size):
-            files = _manifest(path, rank)["files"]
-            if not all((path / name).stat().st_size == size for name, size in files.items()):
-                return False
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+            for name, size in _manifest(path, rank)["files"].items():
+                if not (path / name).is_file():
+                    return f"{name} is missing (rank {rank}'s manifest lists it)"
+                actual = (path / name).stat().st_size
+                if actual != size:
+                    return f"{name} has {actual} bytes, rank {rank}'s manifest recorded {size} (cut short while written?)"
+        return None
+    except FileNotFoundError as exc:
+        return f"{Path(exc.filename or '?').name} is missing (a rank never finished writing its part)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"a manifest is unreadable ({type(exc).__name__}: {exc})"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether every rank's manifest is there and every file they list exists at its recorded size."""
+    return incomplete_reason(path) is None
 
 
 def _write_manifest(folder: Path, rank: int, world_size: int) -> None:
@@ -188,8 +199,9 @@ def save_checkpoint(
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read the rank-0 part of a complete checkpoint: ``weights``, ``state`` and ``job``."""
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"checkpoint '{path}' is incomplete (a manifest is missing or a file has the wrong size)")
+    reason = incomplete_reason(path)
+    if reason:
+        raise ValueError(f"checkpoint '{path}' is incomplete: {reason}")
     return {
         "weights": load_file(path / WEIGHTS),
         "state": json.loads((path / STATE).read_text()),
@@ -214,8 +226,9 @@ def restore_checkpoint(
         ValueError: the checkpoint is incomplete or was written by a different number of workers.
     """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"checkpoint '{path}' is incomplete")
+    reason = incomplete_reason(path)
+    if reason:
+        raise ValueError(f"checkpoint '{path}' is incomplete: {reason}")
     saved_world = _manifest(path, 0)["world_size"]
     if saved_world != world_size:
         raise ValueError(
@@ -290,10 +303,11 @@ def open_latest_complete(run: RunFolder) -> Iterator[Path | None]:
     candidates = run.checkpoints()
     for candidate in candidates:
         with run.open_folder(candidate) as folder:
-            if is_complete(Path(folder)):
+            reason = incomplete_reason(Path(folder))
+            if reason is None:
                 yield Path(folder)
                 return
-        log.warning("checkpoint '%s' is incomplete (cut short while written); skipping it", candidate)
+        log.warning("skipping checkpoint '%s': %s", candidate, reason)
     if candidates:
         log.warning("no complete checkpoint in '%s': training starts from step 0", run.path)
     yield None

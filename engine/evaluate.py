@@ -25,7 +25,10 @@ def load_exported(model_dir: str | Path, task: str, labels: list[str] | None) ->
     from engine.adapters import load_adapter_model
 
     base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    kwargs = {"num_labels": len(labels)} if labels else {}
+    if (model_dir / "config.json").exists():  # the base config with the label names, saved beside the adapter
+        kwargs: dict[str, Any] = {"config": transformers.AutoConfig.from_pretrained(model_dir)}
+    else:
+        kwargs = {"num_labels": len(labels)} if labels else {}
     return load_adapter_model(auto_class.from_pretrained(base_name, **kwargs), str(model_dir))
 
 

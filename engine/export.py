@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.adapters import merge_adapters
+from engine.adapters import is_peft_model, merge_adapters, tidy_adapter_config
 from engine.checkpoint import load_trainable_state, read_checkpoint
 from engine.config import JobSpec
 from engine.models.speech import job_preprocessors
@@ -21,8 +21,10 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     """Rebuild the job's model, load the checkpoint's trainable weights and save it to ``out_dir``.
 
     ``output.export: merged`` writes a plain model (adapters folded in, safetensors);
-    ``adapter`` writes a PEFT adapter folder (with the new head in ``modules_to_save``). The tokenizer is
-    saved beside it. Written to a temporary folder and renamed into place.
+    ``adapter`` writes a PEFT adapter folder (with the new head in ``modules_to_save``) that names the base
+    model as the job did, and the base model's ``config.json`` beside it, which carries the label names
+    (``AutoConfig.from_pretrained(folder)``). The tokenizer is saved beside it. Written to a temporary
+    folder and renamed into place.
     """
     saved = read_checkpoint(checkpoint_dir)
     job = JobSpec.model_validate(saved["job"])
@@ -33,6 +35,9 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if is_peft_model(model):
+        tidy_adapter_config(model, job.model.name)
+        model.get_base_model().config.save_pretrained(tmp)
     model.save_pretrained(tmp)
     for preprocessor in preprocessors:
         preprocessor.save_pretrained(tmp)

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.backends.ddp import DDPBackend
 from engine.checkpoint import (
-    WEIGHTS, RunFolder, capture_rng, checkpoint_name, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
+    WEIGHTS, RunFolder, capture_rng, checkpoint_name, incomplete_reason, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
     restore_rng, resume_candidates, save_checkpoint,
 )
 from engine.config import build_job
@@ -101,13 +101,16 @@ def test_checkpoint_is_incomplete_without_every_rank_or_with_a_short_file(tmp_pa
     manifest["world_size"] = 2  # rank 1's part never arrived
     (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
     assert not is_complete(folder)
+    assert "manifest-rank1.json is missing" in incomplete_reason(folder)
     manifest["world_size"] = 1
     (folder / "manifest-rank0.json").write_text(json.dumps(manifest))
     assert is_complete(folder)
     weights = folder / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-10])
     assert not is_complete(folder)
-    with pytest.raises(ValueError, match="incomplete"):
+    size = len(weights.read_bytes())
+    assert f"{WEIGHTS} has {size} bytes, rank 0's manifest recorded {size + 10}" in incomplete_reason(folder)
+    with pytest.raises(ValueError, match=f"incomplete: {WEIGHTS} has {size} bytes"):
         read_checkpoint(folder)
 
 
@@ -135,7 +138,7 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complet
     (newest / "manifest-rank0.json").unlink()  # the write was cut short before the manifest
     with caplog.at_level(logging.WARNING), open_latest_complete(run) as folder:
         assert folder == older
-    assert "incomplete" in caplog.text and checkpoint_name(4, 0) in caplog.text
+    assert f"skipping checkpoint '{newest}': manifest-rank0.json is missing" in caplog.text
 
     assert next_restart_index(run) == 1
     write(tmp_path, checkpoint_name(6, 3), backend, 6)
