@@ -7,6 +7,8 @@ materialised on the driver.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import zlib
 from typing import Any
@@ -16,9 +18,11 @@ import ray.data
 
 from cluster.preflight import DataInfo, SplitInfo
 from engine.config import SPEECH_TASKS, JobSpec
+from engine.chat import TRUNCATED, as_messages, encode_conversations, layout_columns, with_system
 from engine.packing import group_rows_by_length, length_grouping_window
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
+log = logging.getLogger(__name__)
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
@@ -66,9 +70,19 @@ def fits_in_object_store(split: SplitInfo, share: float = 0.2, expansion: float 
     return size * expansion <= share * ray.cluster_resources().get("object_store_memory", 0)
 
 
-def holdout_mask(texts: np.ndarray, fraction: float) -> np.ndarray:
+def holdout_mask(texts: Any, fraction: float) -> np.ndarray:
     """Stable per-row choice of the validation rows (CRC32 of the text), the same on every read."""
-    return np.array([zlib.crc32(str(t).encode()) % 10_000 < fraction * 10_000 for t in texts], dtype=bool)
+    return np.array([zlib.crc32(holdout_key(t).encode()) % 10_000 < fraction * 10_000 for t in texts], dtype=bool)
+
+
+def holdout_key(value: Any) -> str:
+    """The text a row is hashed by: itself, or a chat as JSON (the same from pyarrow lists and Ray's arrays)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(as_messages(value))
+    except (TypeError, KeyError, AttributeError):
+        return str(value)
 
 
 def _select_rows(batch: dict[str, np.ndarray], column: str, fraction: float, validation: bool) -> dict[str, np.ndarray]:
@@ -81,11 +95,24 @@ def _tokenize_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: 
     return tokenize_batch(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
 
 
+def _encode_conversation_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, **kwargs: Any) -> dict[str, np.ndarray]:
+    return encode_conversations(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
+
+
 def preprocess(
     ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tokenizer_name: str | None = None, keep_ids: bool = False,
 ) -> ray.data.Dataset:
     """Tokenize ``ds`` with the checkpoint's tokenizer inside ``map_batches``; only model inputs remain
-    (and ``sample_id`` from ``data.id_column`` when ``keep_ids``: the training split, for resume audits)."""
+    (and ``sample_id`` from ``data.id_column`` when ``keep_ids``: the training split, for resume audits;
+    prompt/completion and chat layouts then also mark the rows cut to ``data.max_length``)."""
+    if job.data.layout != "text":
+        fn = functools.partial(
+            _encode_conversation_rows, tokenizer_name=tokenizer_name or job.model.name, revision=job.model.revision,
+            layout=job.data.layout, columns=layout_columns(job.data), max_length=job.data.max_length,
+            system_prompt=job.data.system_prompt, chat_template=job.data.chat_template, mark_truncated=keep_ids,
+            id_column=job.data.id_column if keep_ids else None,
+        )
+        return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
     fn = functools.partial(
         _tokenize_rows,
         tokenizer_name=tokenizer_name or job.model.name,
@@ -119,7 +146,7 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
     if "validation" in info.splits:
         validation = read_split(info.splits["validation"], job.data.rows_per_block)
     else:
-        fraction, column = job.data.validation_fraction, job.data.text_column
+        fraction, column = job.data.validation_fraction, next(iter(layout_columns(job.data).values()))
         if fraction <= 0:
             raise ValueError("no data.validation and data.validation_fraction is 0")
         validation = train.map_batches(_select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=True), batch_format="numpy")
@@ -127,11 +154,51 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
         num_train_rows = train.count()
     datasets = {"train": train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, "validation": validation}
     datasets = {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}
+    if job.data.layout != "text":
+        datasets["train"] = drop_truncation_marks(datasets["train"], job.data.max_length)
     if window := length_grouping_window(job):  # perf.group_by_length: similar lengths in each micro-batch
         datasets["train"] = datasets["train"].map_batches(
             group_rows_by_length, fn_kwargs=dict(micro_batch=job.optim.batch_size, seed=job.seed), batch_format="numpy", batch_size=window
         )
     return datasets, num_train_rows
+
+
+def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.Dataset:
+    """Count (one streaming pass) and log the training rows cut to ``data.max_length``, then drop the marks."""
+    cut = train.sum(TRUNCATED) or 0
+    if cut:
+        log.warning("data.max_length %d: %d training rows were longer and cut (their start; the last answer kept)", max_length, cut)
+    return train.drop_columns([TRUNCATED])
+
+
+def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
+    """The first ``eval.generation_samples`` validation prompts (the held-out rows when there is no
+    validation split) with their reference answers: ``{"messages": [...], "reference": str}``, the
+    messages ending with the user turn the last answer replies to."""
+    count = job.eval.generation_samples
+    if job.data.layout == "text" or count == 0:
+        return []
+    from cluster.preflight_text import iter_column
+
+    split = info.splits.get("validation") or info.splits["train"]
+    held_out = "validation" not in info.splits
+    columns = layout_columns(job.data)
+    keys = iter_column(split.files, split.format, next(iter(columns.values())))
+    if job.data.layout == "chat":
+        rows = ({"messages": as_messages(v)} for v in keys)
+    else:
+        completions = iter_column(split.files, split.format, columns["completion"])
+        rows = ({"messages": [{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(c)}]} for p, c in zip(keys, completions))
+    samples = []
+    for row in rows:
+        messages = row["messages"]
+        if held_out and not holdout_mask([json.dumps(messages) if job.data.layout == "chat" else messages[0]["content"]], job.data.validation_fraction)[0]:
+            continue
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        samples.append({"messages": with_system(messages[:last], job.data.system_prompt), "reference": messages[last]["content"]})
+        if len(samples) == count:
+            break
+    return samples
 
 
 def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:

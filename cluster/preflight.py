@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.preflight_text import check_text, text_required_columns
 from engine.config import ASR_TASKS, SPEECH_TASKS, JobSpec
 from engine.errors import JobError
 
@@ -104,6 +105,8 @@ def required_columns(job: JobSpec) -> list[str]:
         from cluster.preflight_speech import speech_required_columns
 
         return speech_required_columns(job)
+    if job.data.layout != "text":
+        return text_required_columns(job)
     keys = ["text_column"]
     if job.data.text_pair_column:
         keys.append("text_pair_column")
@@ -150,6 +153,7 @@ def check_data(job: JobSpec) -> DataInfo:
         from cluster.preflight_speech import check_speech
 
         check_speech(job, splits)
+    check_text(job, splits)  # prompt/completion and chat rows, the chat template
     return DataInfo(splits=splits, labels=check_labels(job, splits))
 
 

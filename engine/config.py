@@ -78,6 +78,8 @@ class JobSpec(Section):
     def _check_consistency(self) -> JobSpec:
         if self.output.export == "adapter" and self.peft.method == "none":
             raise ValueError("output.export is 'adapter' but peft.method is 'none': set a PEFT method or export 'merged'")
+        if self.data.layout != "text" and self.model.task != "causal_lm":
+            raise ValueError(f"data.layout is '{self.data.layout}' but model.task is '{self.model.task}': prompt/completion and chat data train model.task causal_lm")
         if self.model.task == "causal_lm" and self.model.labels:
             raise ValueError("model.labels is set but model.task is 'causal_lm', which has no classes: remove model.labels")
         if self.model.task in ASR_TASKS and self.model.labels:

@@ -73,6 +73,22 @@ class DataSpec(Section):
     """Optional second text column for sentence-pair tasks."""
     label_column: str = "label"
     """Column with the class label (a class name, or an integer index into ``model.labels``)."""
+    layout: Literal["text", "prompt_completion", "chat"] = "text"
+    """``causal_lm``: how a row reads. ``text``: one text column, every token a target. ``prompt_completion``:
+    a prompt and its answer, rendered with the chat template (the model's, or ``data.chat_template``; without
+    any, prompt + answer + EOS), the loss on the answer only. ``chat``: a list of ``{role, content}`` messages
+    rendered with the chat template, the loss on every assistant turn."""
+    prompt_column: str = "prompt"
+    """``layout: prompt_completion``: column with the prompt (instruction)."""
+    completion_column: str = "completion"
+    """``layout: prompt_completion``: column with the answer the model learns to write."""
+    messages_column: str = "messages"
+    """``layout: chat``: column with a list of ``{role, content}`` messages (roles system, user, assistant)."""
+    system_prompt: str | None = None
+    """``prompt_completion`` / ``chat``: a system message put first in every row that has none."""
+    chat_template: str | None = None
+    """A Jinja chat template (or the path of a ``.jinja`` file) used instead of the tokenizer's own; saved
+    with the exported tokenizer. Needed for ``layout: chat`` when the model has none."""
     max_length: int = Field(128, gt=0)
     """Tokens per example after truncation; batches are then trimmed to their longest example."""
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -99,6 +115,18 @@ class DataSpec(Section):
     max_audio_seconds: float = Field(10.0, gt=0)
     """Speech tasks: clips are cut to this length (Whisper always hears its fixed window); batches are
     padded only to their longest clip, and rows are grouped by length inside each block."""
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _read_chat_template_file(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().endswith(".jinja"):
+            from pathlib import Path
+
+            path = Path(value.strip()).expanduser()
+            if not path.is_file():
+                raise ValueError(f"data.chat_template: file '{value}' does not exist")
+            return path.read_text()
+        return value
 
 
 class FinetuneSpec(Section):
@@ -268,6 +296,12 @@ class EvalSpec(Section):
     """Stop after this many evaluations without improvement of the metric."""
     batch_size: int | None = Field(None, gt=0)
     """Evaluation batch size; left empty, twice ``optim.batch_size``."""
+    generation_samples: int = Field(4, ge=0)
+    """``causal_lm`` with ``data.layout`` prompt_completion or chat: at every evaluation, greedy answers to
+    the first this many validation prompts are generated, scored against their references (exact match,
+    ROUGE-L) and written to ``generations.jsonl`` in the output folder; 0 turns this off."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens generated at most per answer in those evaluations."""
     cache_mib: int = Field(256, ge=0)
     """Each worker keeps its validation batches in memory after the first evaluation when they take at most
     this many MiB, so later evaluations skip the Ray Data pass (the split does not change); 0 streams them

@@ -31,6 +31,7 @@ from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
 from engine.models.prepare import prepare_model
 from engine.faults import after_step, audit
+from engine.generation import AnswerProbe
 from engine.optim import build_param_groups
 from engine.packing import length_grouping_window, pack_batch
 from engine.perf import ThroughputMeter, apply_perf
@@ -182,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)
     guard.start(model, config.get("retention_texts"), text_tokenizer(job), device)
+    answers = AnswerProbe(config.get("generation_samples"), job, text_tokenizer(job))  # greedy answers at each evaluation
     with guard.param_groups_scope(model):
         groups = build_param_groups(
             model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
@@ -258,6 +260,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 throughput = meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
                 train_loss = (loss_sum / micro).item()
                 val = evaluate(backend.model, val_batches, job, len(labels) if labels else None, device, backend.amp_dtype)
+                val.update(answers.evaluate(backend.module, state, backend.amp_dtype))
                 metrics = {
                     "step": state["step"],
                     "epoch": state["epoch"],
