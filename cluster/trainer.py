@@ -15,7 +15,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.data import build_datasets, build_eval_dataset
+from cluster.data import build_datasets, build_eval_dataset, generation_samples
 from cluster.preflight import DataInfo
 from engine.config import JobSpec
 from engine.errors import JobError
@@ -23,6 +23,9 @@ from engine.errors import JobError
 log = logging.getLogger(__name__)
 TRAIN_DIR = "train"
 EXPORT_DIR = "model"
+CONTROLLER_RETRIES = 2
+"""Times Ray Train may retry starting a worker group (each try waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
+60 s by default) before the run fails; Ray's own default is without limit."""
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -39,10 +42,38 @@ def ensure_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    from cluster.console import ray_init_kwargs  # worker output on the console only with --verbose
+    from cluster.local_cluster import secure_embedded_token
+
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_kwargs())
     else:
-        ray.init(include_dashboard=True, configure_logging=False)
+        secure_embedded_token()  # the token file Ray would write readable by all: mode 600
+        start_embedded_ray(**ray_init_kwargs())
+
+
+def start_embedded_ray(**init_kwargs: Any) -> None:
+    """Start a local Ray whose own processes find it, and only it, while other Ray instances run on the host.
+
+    Ray's state API (which Ray Train's placement-group cleaner calls from a detached actor) looks its
+    cluster up by scanning the host for GCS processes unless ``RAY_API_SERVER_ADDRESS`` names the dashboard;
+    with a second instance up (a ``ray start`` cluster, another terminal's run) it raised "Found multiple
+    active Ray instances", the finished trial's placement group was never freed and the next trial waited
+    forever. The dashboard gets a port chosen here, and every process the instance starts inherits its URL.
+    """
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    init_kwargs.setdefault("configure_logging", False)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def use_gpu(job: JobSpec) -> bool:
@@ -54,11 +85,12 @@ def use_gpu(job: JobSpec) -> bool:
 
 def build_trainer(
     job: JobSpec, info: DataInfo, datasets: dict[str, Any], num_train_rows: int, pad_token_id: int | None,
-    callbacks: list[Any] | None = None,
+    callbacks: list[Any] | None = None, console: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for a job: scaling, failure handling and checkpoint retention from the job.
 
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
+    ``console``: the workers' log folder and rank 0's event queue (``cluster.console.run_console``).
     """
     from engine.faults import debug_hooks
     from engine.safeguards import read_retention_texts
@@ -74,6 +106,8 @@ def build_trainer(
             "pad_token_id": pad_token_id,
             "retention_texts": read_retention_texts(job, {s.name: (s.files, s.format) for s in info.splits.values()}),
             "debug": debug_hooks(),
+            "generation_samples": generation_samples(job, info),  # validation prompts answered at each evaluation
+            "console": console,  # the workers' log folder and rank 0's event queue (cluster.console)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -84,7 +118,8 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=storage_location(job)[1],
             storage_path=storage_location(job)[0],
-            failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+            # Ray's default retries a worker group that cannot start (e.g. its resources never come) forever
+            failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures, controller_failure_limit=CONTROLLER_RETRIES),
             callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=job.output.keep_checkpoints + 1,
@@ -124,8 +159,10 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
 def _train_loop(config: dict[str, Any]) -> None:
     from engine.loop import train_loop_per_worker
+    from engine.worker_console import worker_log_file
 
-    train_loop_per_worker(config)
+    with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
+        train_loop_per_worker(config)
 
 
 @dataclass
@@ -147,7 +184,10 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     ensure_ray()
     pad_token_id = job_preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
-    result = build_trainer(job, info, datasets, num_train_rows, pad_token_id).fit()
+    from cluster.console import run_console
+
+    with run_console(job) as console:
+        result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, console=console).fit()
     if result.error:
         raise result.error
     candidates = result.best_checkpoints + unregistered_checkpoints(job, result.best_checkpoints)
@@ -155,6 +195,9 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     with result.checkpoint.as_directory() as last:
         train_state = json.loads((Path(last) / "state.json").read_text())["train"]
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
+    from engine.generation import write_generations
+
+    write_generations(train_state.get("generations", []), job.output_dir / "generations.jsonl")
 
     export_dir, test = None, None
     if job.output.export != "none":

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from engine.errors import JobError
+from engine.job_yaml import load_yaml, read_job_yaml
 from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is the schema's public home)
-    Task, SPEECH_TASKS, ASR_TASKS, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
+    Task, TASK_METRICS, SPEECH_TASKS, ASR_TASKS, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
 )
 
@@ -26,8 +27,9 @@ from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is 
 class JobSpec(Section):
     """One transfer-learning job."""
 
-    name: str = "job"
-    """Name of the run; used in the output folder and in Ray."""
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    """Name of the run; used in the output folder and in Ray. Letters, digits, ``.``, ``_`` and ``-``
+    (no ``/``: the output stays inside ``output.dir``)."""
     model: ModelSpec
     """The pre-trained model and the task it is adapted to."""
     data: DataSpec
@@ -88,6 +90,12 @@ class JobSpec(Section):
             raise ValueError("model.labels has duplicates: list each class once")
         if self.optim.max_steps is None and self.optim.epochs is None:
             raise ValueError("set optim.epochs or optim.max_steps")
+        for key, metric in (("eval.metric", self.eval.metric), ("tune.metric", self.tune.metric)):
+            if metric is not None and metric not in TASK_METRICS[self.model.task]:
+                raise ValueError(
+                    f"{key} '{metric}' is not a metric of model.task '{self.model.task}'; "
+                    f"it reports {', '.join(TASK_METRICS[self.model.task])}"
+                )
         unfreezing = self.safeguards.unfreeze_every_steps or self.safeguards.unfreeze_every_epochs
         if unfreezing and self.peft.method != "none":
             raise ValueError("safeguards.unfreeze_every_* (gradual unfreezing) needs peft.method 'none': adapters already train every block")
@@ -157,10 +165,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise JobError(f"Override '{item}' is not of the form key=value, e.g. optim.batch_size=8.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise JobError(f"Override '{item}': the value is not valid YAML ({exc}).") from None
+        value = load_yaml(raw, f"Override '{item}': the value") if raw.strip() else None
         parts = key.strip().split(".")
         node = nested
         for part in parts[:-1]:
@@ -183,17 +188,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a job YAML file with the safe loader."""
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"Job file '{path}' does not exist. Pass the path of a YAML job file, e.g. jobs/quickstart.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise JobError(f"Job file '{path}' is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise JobError(f"Job file '{path}' must hold a mapping of sections (model:, data:, ...), not {type(raw).__name__}.")
-    return raw
+    """Read a job YAML file: UTF-8, safe loader, no duplicate keys, bounded alias expansion."""
+    return read_job_yaml(path)
 
 
 def build_job(raw: dict[str, Any], source: str = "<job>") -> JobSpec:

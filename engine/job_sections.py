@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 Task = Literal["sequence_classification", "causal_lm", "audio_classification", "ctc", "speech_seq2seq"]
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "sequence_classification": ("loss", "accuracy", "macro_f1"),
+    "causal_lm": ("loss", "perplexity"),
+    "audio_classification": ("loss", "accuracy", "macro_f1"),
+    "ctc": ("loss", "wer", "cer"),
+    "speech_seq2seq": ("loss", "wer", "cer"),
+}
+"""Validation metrics each task reports (``eval.metric`` and ``tune.metric`` pick one of them)."""
 SPEECH_TASKS = ("audio_classification", "ctc", "speech_seq2seq")
 """Tasks whose input is audio (features from the checkpoint's own feature extractor)."""
 ASR_TASKS = ("ctc", "speech_seq2seq")
@@ -21,7 +29,7 @@ Strategy = Literal["feature_extraction", "light", "full", "lora"]
 class Section(BaseModel):
     """Base of every schema section: unknown keys are errors, docstrings are field descriptions."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -375,10 +383,18 @@ class TuneSpec(Section):
 
 class SafeguardsSpec(Section):
     compare_scratch: bool = False
-    """Also train the same architecture from random weights with the same budget and report the transfer
-    gain (pre-trained minus scratch on the test metric); a negative or insignificant gain is flagged."""
+    """Also train the fair from-scratch twin (same architecture and step budget, random weights, every layer
+    trainable, no adapters, backbone LR ratio 1, its own learning rate from ``scratch_lrs``) and give the
+    transfer verdict: positive transfer, no measurable gain, negative transfer or no signal."""
+    scratch_lrs: list[PositiveFloat] | None = Field(None, min_length=1)
+    """Learning rates the scratch twin tries, each for ``scratch_search_fraction`` of the budget, the best on
+    validation then trained in full; left empty, ``finetune.head_lr`` x 1/3, 1 and 3. One value: no search."""
+    scratch_search_fraction: float = Field(0.25, gt=0, le=1)
+    """Share of the step budget each candidate learning rate of the scratch twin trains; 1 trains each in
+    full and keeps the best run as the twin."""
     min_gain: float = Field(0.0, ge=0)
-    """Smallest test-metric gain over scratch counted as real transfer (added to the statistical margin)."""
+    """Smallest gain over scratch counted as real transfer, added to two standard errors of the difference
+    (the whole margin for metrics without a standard error: loss, perplexity)."""
     track_forgetting: bool = True
     """Evaluate a retention set at step 0 and at every evaluation and report the forgetting delta."""
     forgetting_measure: Literal["auto", "lm_loss", "cka"] = "auto"

@@ -63,8 +63,10 @@ def ray_local(tmp_path_factory):
     """One local Ray per test session with 4 logical CPUs (fractional workers leave room for Ray Data)."""
     import ray
 
+    from cluster.trainer import start_embedded_ray
+
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ray.init(num_cpus=4, include_dashboard=True, configure_logging=False)  # Train's placement-group cleaner needs the state API
+    start_embedded_ray(num_cpus=4)  # as shoulders does: Train's placement-group cleaner finds this instance only
     try:
         yield ray
     finally:
