@@ -107,18 +107,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.trainer import run_training
 
     summary = run_training(job, info)
-    scratch = None
-    if args.compare_scratch or job.safeguards.compare_scratch:
-        from engine.safeguards import scratch_job
+    from cluster.transfer import judge_run, print_verdict, train_scratch_twin, write_verdict
 
-        scratch = run_training(scratch_job(job, str(job.output_dir / "scratch")), info)
+    scratch, search = None, None
+    if args.compare_scratch or job.safeguards.compare_scratch:  # the fair twin, with its own learning rate
+        scratch, search = train_scratch_twin(job, info, job.output_dir / "scratch")
     print_summary(job, summary, scratch)
-    if scratch and summary.test and scratch.test:
-        from engine.safeguards import transfer_verdict
-
-        metric = job.eval_metric
-        verdict = transfer_verdict(metric, summary.test[metric], scratch.test[metric], job.eval_mode, info.splits["test"].num_rows, job.safeguards.min_gain)
-        print(f"transfer verdict: {verdict.verdict} (margin {verdict.margin:.4f})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))
+    verdict = judge_run(job, info, summary.test, summary.best, scratch, search)  # also vs chance and majority
+    if verdict is not None:
+        print_verdict(verdict, search)
+        write_verdict(job.output_dir, verdict, search)
     return 0
 
 

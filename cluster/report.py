@@ -28,5 +28,8 @@ def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> Non
     console.print(f"metrics: {job.output_dir / 'metrics.json'}")
     if scratch and summary.test and scratch.test:
         metric = job.eval_metric
-        gain = summary.test.get(metric, 0.0) - scratch.test.get(metric, 0.0)
-        console.print(f"transfer gain on test {metric}: {gain:+.4f} (pre-trained minus scratch)")
+        from engine.safeguards_transfer import gain_of
+
+        gain = gain_of(summary.test.get(metric, 0.0), scratch.test.get(metric, 0.0), job.eval_mode)
+        better = "higher" if job.eval_mode == "max" else "lower"
+        console.print(f"transfer gain on test {metric}: {gain:+.4f} (how much better pre-trained is than scratch; {better} {metric} is better)")

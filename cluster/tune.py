@@ -325,8 +325,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     test, verdict = None, None
     if outcome.best_job is not None and outcome.best_checkpoint:
         test = evaluate_best(outcome, info)
-        if job.safeguards.compare_scratch and test:
-            verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch")
+        verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch", job.safeguards.compare_scratch)
     write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started, job_path)
     return outcome
 
@@ -353,17 +352,19 @@ def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | No
     return test
 
 
-def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float], out_dir: Path) -> Any:
-    """Train the best trial's job from random weights (same architecture and budget) and judge the gain."""
-    from cluster.trainer import run_training
-    from engine.safeguards import scratch_job, transfer_verdict
+def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float] | None, out_dir: Path, compare: bool) -> Any:
+    """The best trial's verdict on test: against chance and the majority class, and (``compare``) against
+    its fair scratch twin trained in ``out_dir``. A pair (verdict, scratch LR search), or None."""
+    from cluster.transfer import judge_run, train_scratch_twin, write_verdict
 
-    scratch = run_training(scratch_job(best_job, str(out_dir)), info)
-    metric = best_job.eval_metric
-    return transfer_verdict(
-        metric, test[metric], (scratch.test or {}).get(metric, float("nan")), best_job.eval_mode,
-        info.splits["test"].num_rows, best_job.safeguards.min_gain,
-    )
+    if not test:
+        return None
+    scratch, search = train_scratch_twin(best_job, info, out_dir) if compare else (None, None)
+    verdict = judge_run(best_job, info, test, None, scratch, search)
+    if verdict is None:
+        return None
+    write_verdict(out_dir.parent, verdict, search)
+    return verdict, search
 
 
 def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: dict[str, float] | None, verdict: Any,
@@ -381,5 +382,7 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
     if outcome.note:
         print(outcome.note)
     if verdict is not None:
-        print(f"transfer gain on test {verdict.metric}: {verdict.gain:+.4f} ({verdict.verdict})" + (f"\nwarning: {verdict.advice}" if verdict.flagged else ""))
+        from cluster.transfer import print_verdict
+
+        print_verdict(*verdict)
     print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

@@ -172,18 +172,10 @@ def write_report(
             lines.append(f"- forgetting delta (retention set, last evaluation vs step 0; {unit}): {best['forgetting']:.4f}")
         if best.get("train_val_gap") is not None:
             lines.append(f"- train/validation loss gap (last evaluation): {best['train_val_gap']:.4f}")
-        if verdict is not None:
-            lines.append(
-                f"- gain over scratch on test {verdict.metric}: {verdict.gain:+.4f} (pre-trained {verdict.pretrained:.4f}, "
-                f"scratch {verdict.scratch:.4f}, margin {verdict.margin:.4f}): **{verdict.verdict}**"
-            )
-            if verdict.flagged:
-                lines.append(f"- **warning**: {verdict.advice}")
-        else:
-            lines.append("- gain over scratch: not measured (set safeguards.compare_scratch: true)")
-        lines += ["", "## Recommendation", "", f"**{name}**: {advice}", ""]
-        if verdict is not None and verdict.flagged:
-            lines += [f"But transfer did not pay off here: {verdict.advice}", ""]
+        lines += ["", *verdict_section(verdict)]
+        lines += ["## Recommendation", "", f"**{name}**: {advice}", ""]
+        if verdict is not None and verdict[0].flagged:
+            lines += [f"But: {verdict[0].advice}", ""]
     lines += ["## Trials (chosen first, then best first)" if getattr(outcome, "note", None) else "## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting |",
               "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(rows, 1):
@@ -193,6 +185,17 @@ def write_report(
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return _write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def verdict_section(verdict: tuple[Any, Any] | None) -> list[str]:
+    """The transfer verdict of ``report.md``: its name, then every number it rests on (``cluster.transfer``)."""
+    if verdict is None:
+        return ["## Transfer verdict", "", "Not judged: no test split (and no labels to compare with chance).", ""]
+    from cluster.transfer import verdict_lines
+
+    first, *rest = verdict_lines(*verdict)
+    extra = [] if verdict[0].scratch is not None else ["gain over scratch: not measured (set safeguards.compare_scratch: true)"]
+    return ["## Transfer verdict", "", f"**{first}**", "", *[f"- {line}" for line in rest + extra], ""]
 
 
 def print_ranked(rows: list[dict[str, Any]], metric: str) -> None:

@@ -1,7 +1,7 @@
 """Transfer safeguards: negative transfer, catastrophic forgetting, overfitting, gradual unfreezing.
 
-- *Negative transfer*: :func:`transfer_verdict` compares the pre-trained run with a from-scratch run of the
-  same architecture and budget and flags a negative or statistically insignificant gain.
+- *Negative transfer*: ``engine.safeguards_transfer`` (re-exported here): the fair from-scratch twin
+  (:func:`scratch_job`) and the verdicts against it and against chance (:func:`judge_transfer`).
 - *Forgetting*: :class:`RetentionProbe` measures a retention set at step 0 and at every evaluation, with the
   source objective where the model keeps it (causal-LM loss) or else representation drift (1 - linear CKA
   of mean-pooled last hidden states against the step-0, i.e. pre-trained, features).
@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -26,72 +24,11 @@ from torch import nn
 from engine.config import JobSpec
 from engine.models.blocks import BlockStack
 from engine.models.surgery import freeze_bottom_blocks
+from engine.safeguards_transfer import (  # noqa: F401  (re-exported: the safeguards' public home)
+    Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job, transfer_verdict,
+)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Negative transfer
-
-
-@dataclass(frozen=True)
-class TransferVerdict:
-    """Pre-trained vs from-scratch on the test metric."""
-
-    metric: str
-    pretrained: float
-    scratch: float
-    gain: float
-    """Improvement of pre-trained over scratch (positive is better, whatever the metric's mode)."""
-    margin: float
-    """Smallest gain counted as real: ``min_gain`` plus two standard errors for proportions."""
-    verdict: str
-    """``positive``, ``insignificant`` or ``negative``."""
-
-    @property
-    def flagged(self) -> bool:
-        return self.verdict != "positive"
-
-    @property
-    def advice(self) -> str:
-        if self.verdict == "positive":
-            return "transfer helped: keep the pre-trained backbone."
-        what = "hurt" if self.verdict == "negative" else "did not clearly help"
-        return (
-            f"negative transfer: the pre-trained backbone {what} ({self.metric} gain {self.gain:+.4f}, margin "
-            f"{self.margin:.4f}). Choose a backbone pre-trained on data closer to this task, or train from scratch."
-        )
-
-
-def scratch_job(job: JobSpec, out_dir: str) -> JobSpec:
-    """The from-scratch baseline of ``job``: the same architecture, data and budget from random weights, in
-    ``out_dir`` under the name ``<name>-scratch``."""
-    return job.model_copy(update={
-        "name": f"{job.name}-scratch",
-        "model": job.model.model_copy(update={"from_scratch": True, "head": "new"}),
-        "output": job.output.model_copy(update={"dir": str(out_dir)}),
-    })
-
-
-def transfer_verdict(
-    metric: str, pretrained: float, scratch: float, mode: str, num_test: int | None = None, min_gain: float = 0.0
-) -> TransferVerdict:
-    """Judge the transfer gain.
-
-    For metrics that are proportions (accuracy, F1) on ``num_test`` examples, the margin adds two standard
-    errors of the difference of two proportions, so a gain within noise is ``insignificant``.
-    """
-    gain = pretrained - scratch if mode == "max" else scratch - pretrained
-    margin = min_gain
-    if num_test and 0.0 <= pretrained <= 1.0 and 0.0 <= scratch <= 1.0 and mode == "max":
-        margin += 2.0 * math.sqrt((pretrained * (1 - pretrained) + scratch * (1 - scratch)) / num_test)
-    if gain <= -margin and gain < 0:
-        verdict = "negative"
-    elif gain < margin or gain <= 0:
-        verdict = "insignificant"
-    else:
-        verdict = "positive"
-    return TransferVerdict(metric, pretrained, scratch, gain, margin, verdict)
 
 
 # ---------------------------------------------------------------------------------------------------

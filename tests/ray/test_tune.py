@@ -3,7 +3,6 @@
 - a 2-trial grid over the backbone LR ratio: results file, best job, report and plots; the forgetting delta
   rises from ratio 0.01 to 1 (issue item 4);
 - gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule (item 5);
-- a backbone pre-trained on random tokens is flagged against its scratch baseline (item 3);
 - the tune driver killed mid-search and ``--resume``d: finished trials are not rerun, the unfinished one
   continues from its checkpoint (item 2).
 """
@@ -86,47 +85,6 @@ def test_gradual_unfreezing_in_two_worker_ddp_run(ray_local, tiny_bert, topic_da
     assert [f[1] for f in frozen] == [2, 1, 1, 0]
     params = [f[2] for f in frozen]
     assert params[0] < params[1] == params[2] < params[3]
-
-
-@pytest.fixture(scope="module")
-def random_token_backbone(tmp_path_factory):
-    """A tiny BERT pre-trained with masked-LM on uniformly random tokens: pre-training on unrelated data."""
-    import torch
-    import transformers
-
-    import tiny
-
-    path = tmp_path_factory.mktemp("random-token-bert")
-    tokenizer = tiny.tiny_tokenizer(path)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(150):
-        ids = torch.randint(6, len(tokenizer), (32, 16), generator=generator)
-        labels = torch.randint(6, len(tokenizer), (32, 16), generator=generator)  # targets unrelated to inputs
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.bert.save_pretrained(path)
-    return path
-
-
-def test_backbone_pretrained_on_random_tokens_is_flagged(ray_local, random_token_backbone, topic_data, tmp_path, capsys):
-    out = tmp_path / "out"
-    raw = tiny_job(random_token_backbone, topic_data, out, safeguards={"compare_scratch": True, "track_forgetting": False},
-                   optim={"epochs": 3}, finetune={"head_lr": 3e-3, "backbone_lr_ratio": 1.0})
-    assert main(["train", write_job(tmp_path / "job.yaml", raw)]) == 0
-    printed = capsys.readouterr().out
-    pretrained = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
-    scratch = json.loads((out / "scratch" / "metrics.json").read_text())["test"]["accuracy"]
-    from engine.safeguards import transfer_verdict
-
-    verdict = transfer_verdict("accuracy", pretrained, scratch, "max", num_test=60)
-    assert verdict.flagged, (pretrained, scratch)
-    assert f"transfer verdict: {verdict.verdict}" in printed and "negative transfer" in printed
 
 
 def run_cli(args, env, log):

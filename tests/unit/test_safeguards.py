@@ -1,4 +1,4 @@
-"""Transfer safeguards without Ray: verdict, CKA, retention probe, gradual unfreezing, forgetting order."""
+"""Transfer safeguards without Ray (the verdicts: test_transfer_verdict.py): CKA, retention probe, gradual unfreezing, forgetting order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from engine.config import build_job
 from engine.errors import JobError
 from engine.models.prepare import prepare_model
 from engine.optim import build_optimizer, build_param_groups
-from engine.safeguards import GradualUnfreezer, RetentionProbe, Safeguards, linear_cka, set_dropout, token_dropout, transfer_verdict
+from engine.safeguards import GradualUnfreezer, RetentionProbe, Safeguards, linear_cka, set_dropout, token_dropout
 
 LABELS = ["food", "sport", "tech"]
 
@@ -21,27 +21,6 @@ def job_for(model_path, tmp_path, **sections):
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return build_job(raw)
-
-
-# --- negative transfer -------------------------------------------------------------------------------
-
-def test_verdict_positive_insignificant_negative():
-    clear = transfer_verdict("accuracy", 0.85, 0.25, "max", num_test=300)
-    assert clear.verdict == "positive" and not clear.flagged and clear.gain == pytest.approx(0.60)
-    noise = transfer_verdict("accuracy", 0.62, 0.60, "max", num_test=60)
-    assert noise.verdict == "insignificant" and noise.flagged and noise.margin > 0.02
-    worse = transfer_verdict("accuracy", 0.40, 0.70, "max", num_test=300)
-    assert worse.verdict == "negative" and "train from scratch" in worse.advice
-    # lower-is-better metrics: the gain is scratch minus pre-trained
-    assert transfer_verdict("loss", 0.5, 1.5, "min").verdict == "positive"
-    assert transfer_verdict("loss", 1.5, 0.5, "min").verdict == "negative"
-    assert transfer_verdict("loss", 1.0, 1.05, "min", min_gain=0.1).verdict == "insignificant"
-
-
-def test_verdict_margin_shrinks_with_more_test_examples():
-    small = transfer_verdict("accuracy", 0.7, 0.6, "max", num_test=50)
-    large = transfer_verdict("accuracy", 0.7, 0.6, "max", num_test=5000)
-    assert small.verdict == "insignificant" and large.verdict == "positive"
 
 
 # --- forgetting --------------------------------------------------------------------------------------

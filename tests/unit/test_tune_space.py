@@ -140,10 +140,11 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
     from engine.safeguards import transfer_verdict
 
-    verdict = transfer_verdict("accuracy", 0.5, 0.55, "max", 300)
-    report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.5}, verdict, plots).read_text()
+    verdict = transfer_verdict("accuracy", 0.4, 0.55, "max", 300)  # se 0.0403, margin 0.0807 < 0.15
+    report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.4}, (verdict, None), plots).read_text()
     assert "light fine-tuning" in report and "2 of 6 blocks frozen" in report
-    assert "stopped 1 of them early" in report and "negative transfer" in report and "learning_curves.png" in report
+    assert "stopped 1 of them early" in report and "**transfer verdict: negative transfer**" in report and "learning_curves.png" in report
+    assert "gain of pre-trained over scratch -0.1500; standard error 0.0403" in report
 
 
 @pytest.mark.parametrize(
