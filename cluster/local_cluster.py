@@ -42,6 +42,30 @@ def default_cluster_dir() -> Path:
     return Path(os.environ.get("SHOULDERS_CLUSTER_DIR") or Path.home() / ".shoulders" / "cluster").expanduser()
 
 
+def secure_embedded_token() -> Path | None:
+    """Token authentication for an embedded ``ray.init()`` with the token file readable by its owner only.
+
+    Left to itself, Ray 2.60 writes ``~/.ray/auth_token`` with the default umask (mode 644: every user of
+    the machine could read it and run code through the cluster) and logs a warning that it turned token
+    authentication on. Here the file is created with mode 600 (or an existing one narrowed to it) and
+    ``RAY_AUTH_MODE=token`` is set explicitly. Nothing changes when the environment already chooses a mode
+    or a token (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``). Returns the token file.
+    """
+    if any(os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return None
+    path = Path.home() / ".ray" / TOKEN_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return path
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback address (only this machine can connect)."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")
@@ -81,10 +105,12 @@ class LocalCluster:
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
-        """The environment lines that point ``shoulders submit|status|logs|stop`` at this cluster."""
+        """The environment lines that point ``shoulders submit|status|logs|stop`` and Ray's own CLI
+        (``ray job list``, ``ray job logs``) at this cluster: Ray's client sends the token only when
+        ``RAY_AUTH_MODE=token`` is set, whatever ``RAY_AUTH_TOKEN_PATH`` says."""
         env = {"RAY_ADDRESS": self.address}
         if self.token_path:
-            env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
         return env
 
     def save(self) -> Path:

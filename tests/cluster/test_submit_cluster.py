@@ -5,6 +5,9 @@ as separate `ray start` processes on loopback, with token authentication on. One
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +126,16 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert f"{long_id}" in listing and "STOPPED" in listing and "SUCCEEDED" in listing
+
+    # Ray's own CLI, given only the lines `cluster status` (like `cluster up`) prints, lists and shows them.
+    assert main(["cluster", "status", "--dir", cluster.dir]) == 0
+    printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if line.startswith("RAY_"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | printed
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    listed = subprocess.run([ray_cli, "job", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout and long_id in listed.stdout, listed.stderr[-2000:]
+    logs = subprocess.run([ray_cli, "job", "logs", job_id], env=env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "cluster-topics" in logs.stdout, logs.stderr[-2000:]
 
 
 def test_wrong_or_missing_token_is_refused_right_token_works(as_client, job_file, monkeypatch, capsys):
