@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model_dir", help="folder written by shoulders train (output.dir/model)")
     evaluate.add_argument("--data", required=True, help="parquet/jsonl/csv file or folder with the job's columns")
 
+    generate = sub.add_parser("generate", help="answer prompts with an exported causal LM (merged or adapter), chat template applied")
+    generate.add_argument("model_dir", help="folder written by shoulders train (output.dir/model)")
+    generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    generate.add_argument("--prompts-file", help="one prompt per line, or .jsonl rows with prompt or messages")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated at most per answer")
+    generate.add_argument("--jsonl", action="store_true", help="print one JSON line per answer")
+
     tune = sub.add_parser("tune", help="search freeze depth, LR ratios and other keys; write the transfer report")
     tune.add_argument("job", help="job YAML file (its tune: section sets the search)")
     tune.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
@@ -113,6 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.compare_scratch or job.safeguards.compare_scratch:  # the fair twin, with its own learning rate
         scratch, search = train_scratch_twin(job, info, job.output_dir / "scratch")
     print_summary(job, summary, scratch)
+    from cluster.answers import print_generations
+
+    print_generations(job.output_dir)  # prompt/completion and chat runs: the last evaluation's answers
     verdict = judge_run(job, info, summary.test, summary.best, scratch, search)  # also vs chance and majority
     if verdict is not None:
         print_verdict(verdict, search)
@@ -138,6 +148,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ensure_ray()
     metrics = evaluate_export(job, info, Path(args.model_dir), split="eval")
     print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.answers import print_answers
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
+        raise JobError(f"'{args.model_dir}' is not an exported model (no config.json or adapter_config.json); pass output.dir/model of a run.")
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt]
+    if args.prompts_file:
+        from engine.generation import prompts_from_file
+
+        prompts += prompts_from_file(args.prompts_file)
+    if not prompts:
+        raise JobError("shoulders generate: give --prompt TEXT (repeatable) or --prompts-file FILE.")
+    from engine.generation import generate_from_export
+
+    print_answers(prompts, generate_from_export(model_dir, prompts, args.max_new_tokens), args.jsonl)
     return 0
 
 
@@ -172,7 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune}
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune, "generate": cmd_generate}
 COMMANDS.update(REMOTE_COMMANDS)
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ def job_preprocessors(job: Any) -> tuple[list[Any], int | None]:
 
     if job.model.task not in SPEECH_TASKS:
         tokenizer = load_tokenizer(job.model.name, job.model.revision)
+        if job.data.chat_template:  # the export keeps the template it was trained with
+            tokenizer.chat_template = job.data.chat_template
         return [tokenizer], tokenizer.pad_token_id
     tokenizer = job_tokenizer(job)
     preprocessors = [load_feature_extractor(job.model.name, job.model.revision)] + ([tokenizer] if tokenizer is not None else [])
