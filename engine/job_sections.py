@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validato
 Task = Literal["sequence_classification", "causal_lm", "audio_classification", "ctc", "speech_seq2seq"]
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "sequence_classification": ("loss", "accuracy", "macro_f1"),
-    "causal_lm": ("loss", "perplexity"),
+    "causal_lm": ("loss", "perplexity", "exact_match", "rougeL"),  # the last two with data.layout prompt_completion or chat
     "audio_classification": ("loss", "accuracy", "macro_f1"),
     "ctc": ("loss", "wer", "cer"),
     "speech_seq2seq": ("loss", "wer", "cer"),
