@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import ray.data
+import ray.train
 
-from cluster.preflight import DataInfo, SplitInfo
+from cluster.data_rows import RowRules, check_batch
+from cluster.preflight import DataInfo, SplitInfo, row_rules
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.chat import TRUNCATED, as_messages, encode_conversations, layout_columns, with_system
 from engine.packing import group_rows_by_length, length_grouping_window
@@ -26,7 +28,9 @@ log = logging.getLogger(__name__)
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
-def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None = None, recut: bool = True) -> ray.data.Dataset:
+def read_split(
+    split: SplitInfo, rows_per_block: int, shuffle_seed: int | None = None, recut: bool = True, rules: RowRules | None = None,
+) -> ray.data.Dataset:
     """Read a split's files lazily, re-cut into blocks of ``rows_per_block`` rows (streaming).
 
     Small files otherwise arrive as a single block, which starves all but one worker and Ray Data task.
@@ -36,7 +40,9 @@ def read_split(split: SplitInfo, rows_per_block: int, shuffle_seed: int | None =
     every execution, for resume).
     """
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if shuffle_seed is not None else None
-    dataset = READERS[split.format](split.files, shuffle=shuffle)
+    dataset = READERS[split.format](split.files, shuffle=shuffle, include_paths=rules is not None)
+    if rules is not None:  # every row checked as it streams (fused with the read); the first bad one stops the run
+        dataset = dataset.map_batches(check_batch, fn_kwargs=dict(rules=rules), batch_format="numpy", batch_size=None)
     return dataset.repartition(target_num_rows_per_block=rows_per_block) if recut else dataset
 
 
@@ -141,10 +147,11 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
 
         return build_speech_datasets(job, info)
     in_memory_shuffle = fits_in_object_store(info.splits["train"])
-    train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed)
+    rules = {name: row_rules(job, split, info.labels) for name, split in info.splits.items()}
+    train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed, rules=rules["train"])
     num_train_rows = info.splits["train"].num_rows
     if "validation" in info.splits:
-        validation = read_split(info.splits["validation"], job.data.rows_per_block)
+        validation = read_split(info.splits["validation"], job.data.rows_per_block, rules=rules["validation"])
     else:
         fraction, column = job.data.validation_fraction, next(iter(layout_columns(job.data).values()))
         if fraction <= 0:
@@ -201,10 +208,38 @@ def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
     return samples
 
 
+class EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's ingest, except that evaluation datasets reach every row exactly once, on any number of
+    workers.
+
+    Ray Train splits every dataset with ``streaming_split(equal=True)``, which drops rows so each worker
+    gets as many: 75 validation rows on two workers scored 74. The datasets named in ``uneven`` (the
+    validation split) are split with ``equal=False`` instead: no row dropped or repeated, the workers' shares
+    may differ, and the metrics are reduced as sums over workers (``engine.loop.evaluate``).
+    """
+
+    def __init__(self, uneven: tuple[str, ...] = ("validation",), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.uneven = set(uneven)
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        even = {name: ds for name, ds in datasets.items() if name not in self.uneven}
+        output = super().configure(even, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name in sorted(self.uneven & datasets.keys()):
+            ds = datasets[name]
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)  # as Ray Train does for the others
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[rank][name] = split
+        return output
+
+
 def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:
     """A tokenized dataset for evaluating a finished model on ``split`` (the exported model's tokenizer)."""
     if job.model.task in SPEECH_TASKS:
         from cluster.data_speech import build_speech_eval_dataset
 
         return build_speech_eval_dataset(job, split, labels, tokenizer_name)
-    return preprocess(read_split(split, job.data.rows_per_block), job, labels, tokenizer_name)
+    return preprocess(read_split(split, job.data.rows_per_block, rules=row_rules(job, split, labels)), job, labels, tokenizer_name)

@@ -39,11 +39,14 @@ def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
     return split.num_rows <= 4 * rows_per_block * max(sum(groups), 1)
 
 
-def read_audio_split(split: SplitInfo, job: JobSpec, shuffle_seed: int | None = None) -> ray.data.Dataset:
+def read_audio_split(split: SplitInfo, job: JobSpec, labels: list[str] | None, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """:func:`cluster.data.read_split` of a speech split, re-cut into blocks unless :func:`inline_audio`."""
     from cluster.data import read_split
 
-    return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=not inline_audio(split, job.data.rows_per_block))
+    from cluster.preflight import row_rules
+
+    recut = not inline_audio(split, job.data.rows_per_block)
+    return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=recut, rules=row_rules(job, split, labels))
 
 
 def _featurize_rows(batch: dict[str, np.ndarray], model_name: str, revision: str | None, tokenizer_name: str | None,
@@ -95,10 +98,10 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
 
     train_split = info.splits["train"]
     in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
-    train = read_audio_split(train_split, job, shuffle_seed=None if in_memory_shuffle else job.seed)
+    train = read_audio_split(train_split, job, info.labels, shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = train_split.num_rows
     if "validation" in info.splits:
-        validation, val_dir = read_audio_split(info.splits["validation"], job), manifest_dir(info.splits["validation"])
+        validation, val_dir = read_audio_split(info.splits["validation"], job, info.labels), manifest_dir(info.splits["validation"])
     else:
         kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
         validation, val_dir = train.map_batches(_select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
@@ -113,4 +116,4 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
 
 def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str) -> ray.data.Dataset:
     """A featurised dataset for evaluating an exported model folder on ``split``."""
-    return featurize(read_audio_split(split, job), job, labels, manifest_dir(split), model_name=model_dir)
+    return featurize(read_audio_split(split, job, labels), job, labels, manifest_dir(split), model_name=model_dir)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.data_rows import RowRules, bad_row_message, first_bad_row
 from cluster.preflight_text import check_text, text_required_columns
 from engine.config import ASR_TASKS, SPEECH_TASKS, JobSpec
 from engine.errors import JobError
@@ -154,22 +156,82 @@ def check_data(job: JobSpec) -> DataInfo:
 
         check_speech(job, splits)
     check_text(job, splits)  # prompt/completion and chat rows, the chat template
-    return DataInfo(splits=splits, labels=check_labels(job, splits))
+    labels = check_labels(job, splits)
+    for split in splits.values():
+        check_sample(job, split, labels)
+    return DataInfo(splits=splits, labels=labels)
+
+
+TEXT_COLUMN_KEYS = ("text_column", "text_pair_column", "transcript_column", "prompt_column", "completion_column")
+"""``data.*`` column keys whose values must be text."""
+SAMPLE_FILES = 64
+SAMPLE_ROWS = 256
+"""Rows checked before the run in each of the first :data:`SAMPLE_FILES` files of a split; later rows are
+checked while streaming."""
+
+
+def row_rules(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> RowRules:
+    """What each row of ``split`` must hold (the same rules before the run and while streaming)."""
+    keys = required_columns(job)
+    return RowRules(
+        split=split.name,
+        text_columns=tuple(getattr(job.data, k) for k in keys if k in TEXT_COLUMN_KEYS),
+        label_column=job.data.label_column if "label_column" in keys else None,
+        labels=tuple(labels) if labels and "label_column" in keys else None,
+        other_columns=tuple(getattr(job.data, k) for k in keys if k not in TEXT_COLUMN_KEYS and k != "label_column"),
+        skip=job.data.bad_rows == "skip",
+        fmt=split.format,
+    )
+
+
+def check_sample(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> None:
+    """The first :data:`SAMPLE_ROWS` rows of each local file: readable, and no bad row (unless skipped)."""
+    rules = row_rules(job, split, labels)
+    for path in [f for f in split.files if not is_uri(f)][:SAMPLE_FILES]:
+        try:
+            table = open_dataset([path], split.format).head(SAMPLE_ROWS, columns=rules.columns)
+        except Exception as exc:  # pyarrow raises several types for unreadable files
+            raise JobError(f"data.{split.name}: could not read '{path}' as {split.format}: {str(exc).splitlines()[0]}. Is it UTF-8 {split.format}?") from None
+        found = first_bad_row(rules, {c: table.column(c).to_pylist() for c in rules.columns})
+        if found and not rules.skip:
+            raise JobError(bad_row_message(rules, path, found[0] + 1, found[1]))
+
+
+def read_export_job(model_dir: Path) -> tuple[JobSpec, list[str] | None]:
+    """The job and class names an export was trained with (its ``shoulders_job.json``)."""
+    import json
+
+    from engine.config import build_job
+    from engine.export import JOB_FILE
+
+    meta_path = model_dir / JOB_FILE
+    if not meta_path.is_file():
+        raise JobError(f"'{model_dir}' is not a shoulders export (no {JOB_FILE}); pass the model folder of a finished run.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        raw_job, labels = meta["job"], meta.get("labels")
+        if not isinstance(raw_job, dict) or not (labels is None or isinstance(labels, list)):
+            raise ValueError("'job' must be an object and 'labels' a list")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise JobError(f"'{meta_path}' is not a shoulders export record ({str(exc).splitlines()[0]}). Export the run again (shoulders train).") from None
+    return build_job(raw_job, str(meta_path)), labels
+
+
+def check_eval_data(job: JobSpec, labels: list[str] | None, path: str) -> DataInfo:
+    """An evaluation file for an export: readable, the job's columns, only labels the model knows, no bad rows."""
+    split = check_split(job, "eval", path)
+    if labels is not None:
+        job = job.model_copy(update={"model": job.model.model_copy(update={"labels": labels})})
+        check_labels(job, {"eval": split})
+    check_sample(job, split, labels)
+    return DataInfo(splits={"eval": split}, labels=labels)
 
 
 def check_model(job: JobSpec) -> None:
-    """The model exists (hub id or folder with a config) and its architecture can do the job's task."""
-    from engine.models.loading import check_task_supported
+    """The model (hub id or folder) is there, readable and able to do the job as set (``cluster.preflight_model``)."""
+    from cluster.preflight_model import check_model_files
 
-    name = job.model.name
-    if os.path.sep in name and not os.path.isdir(os.path.expanduser(name)) and not is_uri(name):
-        raise JobError(f"model.name: folder '{name}' does not exist. Give an existing folder or a hub id (org/model).")
-    if os.path.isdir(os.path.expanduser(name)) and not (Path(name).expanduser() / "config.json").is_file():
-        raise JobError(
-            f"model.name: folder '{name}' is not a model: it has no config.json. "
-            "Point it at a folder written by save_pretrained, or use a hub id."
-        )
-    check_task_supported(name, job.model.task, job.model.revision)
+    check_model_files(job)
 
 
 RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -214,6 +276,46 @@ def check_output(job: JobSpec, resume: bool = False) -> None:
         )
 
 
+def check_writable(path: Path, key: str) -> None:
+    """``path`` is, or can be made as, a folder this user writes: the nearest existing ancestor is a writable folder."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == path and not path.is_dir():
+        raise JobError(f"{key} '{path}' is a file, not a folder. Choose another {key} or name.")
+    if not probe.is_dir():
+        raise JobError(f"{key} '{path}' lies under '{probe}', which is a file, so the folder cannot be made. Choose another {key}.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise JobError(f"{key} '{path}': '{probe}' is not writable by this user. Choose a folder you can write, e.g. under your home.")
+
+
+def check_resources(job: JobSpec, cpus: float | None = None, gpus: float | None = None, extra_cpus: float = 0.0, what: str = "the run") -> None:
+    """The job's workers fit the cluster: this machine's CPUs for an embedded Ray (before it starts), the
+    cluster's resources once connected. Ray would otherwise wait for them forever."""
+    if cpus is None:
+        ray = sys.modules.get("ray")  # only when this process already imported it: the checks stay Ray-free
+        if ray is not None and ray.is_initialized():
+            resources = ray.cluster_resources()
+            cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        elif os.environ.get("RAY_ADDRESS"):
+            return  # a cluster's resources are known once connected (cluster.trainer checks them then)
+        else:
+            cpus, gpus = float(os.cpu_count() or 1), None
+    scaling = job.scaling
+    need = scaling.num_workers * scaling.cpus_per_worker + extra_cpus
+    if need > cpus + 1e-9:
+        raise JobError(
+            f"scaling: {what} needs {need:g} CPUs (scaling.num_workers {scaling.num_workers} x scaling.cpus_per_worker "
+            f"{scaling.cpus_per_worker:g}{f' + {extra_cpus:g} for its data' if extra_cpus else ''}) but the Ray cluster has "
+            f"{cpus:g}. Lower scaling.num_workers or scaling.cpus_per_worker (fractions are fine), or use a larger cluster."
+        )
+    if scaling.use_gpu is True and gpus is not None and scaling.num_workers > gpus:
+        raise JobError(
+            f"scaling: {scaling.num_workers} workers with scaling.use_gpu true need {scaling.num_workers} GPUs but the Ray "
+            f"cluster has {gpus:g}. Lower scaling.num_workers or set scaling.use_gpu: auto."
+        )
+
+
 def with_absolute_paths(job: JobSpec) -> JobSpec:
     """The job with a local model folder made absolute (workers run in other directories)."""
     name = os.path.expanduser(job.model.name)
@@ -225,6 +327,10 @@ def with_absolute_paths(job: JobSpec) -> JobSpec:
 def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     """All checks a job must pass before Ray starts anything; returns the job with absolute paths."""
     check_model(job)
+    check_writable(job.output_dir, "output.dir")
+    if job.run.storage_path and not is_uri(job.run.storage_path):
+        check_writable(Path(job.run.storage_path).expanduser().resolve(), "run.storage_path")
+    check_resources(job)
     info = check_data(job)
     check_output(job, resume)
     if job.model.task in SPEECH_TASKS:

@@ -16,8 +16,8 @@ from engine.config import JobSpec
 from engine.errors import JobError
 
 log = logging.getLogger(__name__)
-PROBE_ROWS = 16
-"""Clips per split whose headers are read to learn the data's sampling rate(s)."""
+PROBE_ROWS = 256
+"""Clips per split whose headers are read: readable, not empty, and at which sampling rate(s)."""
 
 
 def speech_required_columns(job: JobSpec) -> list[str]:
@@ -47,21 +47,24 @@ def check_feature_options(job: JobSpec) -> dict[str, Any]:
 def probe_rates(job: JobSpec, split: Any) -> set[int]:
     """Sampling rates of the first :data:`PROBE_ROWS` clips of a split (headers only)."""
     from cluster.preflight import open_dataset
-    from engine.audio import audio_rate
+    from engine.audio import audio_info
 
     column = job.data.audio_column
     values = open_dataset(split.files, split.format).head(PROBE_ROWS, columns=[column]).column(0).to_pylist()
     base_dir = os.path.dirname(split.files[0])
     rates = set()
-    for value in values:
+    for row, value in enumerate(values, start=1):
+        shown = value if isinstance(value, str) else (value or {}).get("path") if isinstance(value, dict) else "<bytes>"
         try:
-            rates.add(audio_rate(value, base_dir))
+            rate, frames = audio_info(value, base_dir)
         except Exception as exc:  # soundfile raises several types for missing or unreadable audio
-            shown = value if isinstance(value, str) else (value or {}).get("path") if isinstance(value, dict) else "<bytes>"
             raise JobError(
-                f"data.{split.name}: could not read the audio '{shown}' in column '{column}' ({exc}). Relative paths are "
-                f"relative to the manifest's folder ({base_dir}); give readable wav/flac files or bytes."
+                f"data.{split.name}: row {row}: could not read the audio '{shown}' in column '{column}' ({str(exc).splitlines()[0]}). "
+                f"Relative paths are relative to the manifest's folder ({base_dir}); give readable wav/flac files or bytes."
             ) from None
+        if frames == 0:
+            raise JobError(f"data.{split.name}: row {row}: the audio '{shown}' in column '{column}' is empty (0 samples). Remove the row or give the clip.")
+        rates.add(rate)
     return rates
 
 

@@ -68,7 +68,26 @@ def resolve_address(address: str | None) -> str:
         )
     if "://" not in address and address != "auto":
         address = f"http://{address}"
+    if address != "auto":
+        check_address(address)
     return address
+
+
+def check_address(address: str) -> None:
+    """A Jobs API address is ``http(s)://HOST[:PORT]`` (or ``ray://HOST:PORT``), refused otherwise before any connection."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+        ok = parts.scheme in ("http", "https", "ray") and bool(parts.hostname) and not any(c.isspace() for c in address)
+    except ValueError:
+        ok, port = False, None
+    if not ok or (port is not None and not 0 < port < 65536):
+        raise ClusterError(
+            f"--address / RAY_ADDRESS '{address}' is not a cluster address: give http://HOST:PORT of the Ray dashboard "
+            "(Jobs API, port 8265 by default), e.g. http://127.0.0.1:8265."
+        )
 
 
 def find_token() -> tuple[str | None, str]:

@@ -16,7 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from cluster.data import build_datasets, build_eval_dataset, generation_samples
-from cluster.preflight import DataInfo
+from cluster.preflight import DataInfo, check_resources
 from engine.config import JobSpec
 from engine.errors import JobError
 
@@ -137,11 +137,14 @@ def deterministic_data_config() -> ray.train.DataConfig:
 
     ``preserve_order`` makes ``streaming_split(equal=True)`` hand out blocks in a fixed round (locality
     hints ignored), so an epoch's batches on each rank are a deterministic sequence: a resumed run skips
-    exactly the batches its checkpoint trained on and sees the rest in the same order.
+    exactly the batches its checkpoint trained on and sees the rest in the same order. The validation
+    split is split unevenly so every row counts exactly once (:class:`cluster.data.EveryRowDataConfig`).
     """
+    from cluster.data import EveryRowDataConfig
+
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
-    return ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
+    return EveryRowDataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def storage_location(job: JobSpec) -> tuple[str, str]:
@@ -182,6 +185,8 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     from engine.models.speech import job_preprocessors
 
     ensure_ray()
+    resources = ray.cluster_resources()
+    check_resources(job, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     pad_token_id = job_preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
     from cluster.console import run_console

@@ -309,12 +309,13 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
     import time
 
-    from cluster.preflight import preflight
+    from cluster.preflight import check_resources, preflight
     from engine.config import read_job_file
 
     started = time.perf_counter()
     raw = merge(read_job_file(job_path), parse_overrides(overrides))
     job, info = preflight(build_job(raw, job_path))
+    check_resources(job, extra_cpus=job.tune.data_cpus, what="each trial")
     check_tune_output(job, resume)
     base_raw = merge(raw, {"model": {"name": job.model.name}, "output": {"dir": str(job.output_dir)}})
     depth = _depth_or_none(job)

@@ -42,9 +42,15 @@ def _source(value: Any, base_dir: str | None) -> Any:
 
 def audio_rate(value: Any, base_dir: str | None = None) -> int:
     """The sampling rate of one clip, from its header only."""
+    return audio_info(value, base_dir)[0]
+
+
+def audio_info(value: Any, base_dir: str | None = None) -> tuple[int, int]:
+    """(sampling rate, frames) of one clip, from its header only."""
     import soundfile as sf
 
-    return int(sf.info(_source(value, base_dir)).samplerate)
+    info = sf.info(_source(value, base_dir))
+    return int(info.samplerate), int(info.frames)
 
 
 def decode(value: Any, base_dir: str | None = None) -> tuple[np.ndarray, int]:

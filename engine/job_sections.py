@@ -101,6 +101,10 @@ class DataSpec(Section):
     """Tokens per example after truncation; batches are then trimmed to their longest example."""
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the training rows held out for validation when ``data.validation`` is not given."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a null or non-text input, a null or unknown label, or null audio: ``error`` stops the run
+    naming the file and row (the first rows of every file are checked before it starts, the rest while
+    streaming); ``skip`` drops such rows and logs how many."""
     rows_per_block: int = Field(256, gt=0)
     """Target rows per Ray Data block, so small files still stream as several blocks."""
     id_column: str | None = None

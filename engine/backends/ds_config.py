@@ -41,7 +41,11 @@ def zero_stage(backend: Any) -> int:
         return backend.zero_stage
     user = (backend.config or {}).get("zero_optimization", {})
     stage = user.get("stage", "auto") if isinstance(user, dict) else "auto"
-    return DEFAULT_ZERO_STAGE if stage == "auto" else int(stage)
+    if stage == "auto":
+        return DEFAULT_ZERO_STAGE
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
+        raise ValueError(f"backend.config: zero_optimization.stage is {stage!r}; DeepSpeed's ZeRO stages are 0, 1, 2 and 3 (or \"auto\")")
+    return stage
 
 
 def offload_device(backend: Any, field: str) -> str:

@@ -104,20 +104,6 @@ def supported_model_types(task: str) -> tuple[str, ...]:
     return tuple(getattr(modeling_auto, table))
 
 
-def check_task_supported(name: str, task: str, revision: str | None = None) -> dict[str, Any]:
-    """Fail with a clear message when the architecture of ``name`` cannot do ``task``. Returns its config."""
-    config = read_config_json(name, revision)
-    model_type = config.get("model_type")
-    supported = supported_model_types(task)
-    if model_type not in supported:
-        raise JobError(
-            f"model.name '{name}' is a '{model_type}' model, which cannot do model.task '{task}'. "
-            f"Pick a model whose architecture supports {task} (e.g. {', '.join(list(supported)[:5])}, ...) "
-            "or another task."
-        )
-    return config
-
-
 def load_tokenizer(name: str, revision: str | None = None) -> Any:
     """The checkpoint's own tokenizer, with a pad token (EOS) when it has none, padding on the right."""
     from transformers import AutoTokenizer

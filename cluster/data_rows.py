@@ -1,0 +1,143 @@
+"""What makes a data row bad, checked the same way on a bounded sample before any worker starts and on every
+row while Ray Data streams the split (no Ray and no torch here).
+
+A bad row is a null or non-text value in a text column, a null label, a label the job does not know, or a
+null audio value. Before the run, the first rows of each file are checked (``cluster.preflight``); a bad row
+deeper in a large dataset is found while streaming, and the run stops with the file and the row number
+(found by re-reading that one file), unless ``data.bad_rows: skip`` drops and counts such rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+PATH_COLUMN = "path"
+"""Column Ray Data's readers add with ``include_paths=True``: the file each row came from."""
+
+
+class BadRowError(ValueError):
+    """A data row the job cannot train on; the message names the split, the file and the row."""
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """The columns of a split and what each must hold."""
+
+    split: str
+    text_columns: tuple[str, ...] = ()
+    label_column: str | None = None
+    labels: tuple[str, ...] | None = None
+    other_columns: tuple[str, ...] = ()
+    """Columns that must only be non-null (audio, chat messages, ...)."""
+    skip: bool = False
+    fmt: str = "parquet"
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.text_columns, *([self.label_column] if self.label_column else []), *self.other_columns]
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def value_problem(rules: RowRules, column: str, value: Any) -> str | None:
+    """Why ``value`` in ``column`` is bad, or None."""
+    if _is_null(value):
+        return f"column '{column}' is empty (null)"
+    if column in rules.text_columns and isinstance(value, (bytes, bytearray)):
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"column '{column}' is not UTF-8 text (byte {exc.start} of the value); save the file as UTF-8"
+    elif column in rules.text_columns and not isinstance(value, str):
+        return f"column '{column}' holds {type(value).__name__} {str(value)[:40]!r}, not text"
+    if column == rules.label_column and rules.labels is not None:
+        known = str(value) in rules.labels or (isinstance(value, (int, np.integer)) and 0 <= int(value) < len(rules.labels))
+        if not known:
+            return f"column '{column}' holds the label {str(value)[:40]!r}, which is not one of model.labels {list(rules.labels)}"
+    return None
+
+
+def row_problem(rules: RowRules, row: dict[str, Any]) -> str | None:
+    """The first problem of one row, or None."""
+    for column in rules.columns:
+        problem = value_problem(rules, column, row.get(column))
+        if problem:
+            return problem
+    return None
+
+
+def first_bad_row(rules: RowRules, columns: dict[str, list[Any]]) -> tuple[int, str] | None:
+    """(index, problem) of the first bad row of column-wise values, or None."""
+    count = len(next(iter(columns.values()))) if columns else 0
+    for index in range(count):
+        problem = row_problem(rules, {c: values[index] for c, values in columns.items()})
+        if problem:
+            return index, problem
+    return None
+
+
+def bad_row_message(rules: RowRules, path: str, row: int | None, problem: str) -> str:
+    where = f"row {row}" if row is not None else "a row"
+    fix = "Fix or remove the row, or set data.bad_rows: skip to drop and count such rows."
+    return f"data.{rules.split}: file '{path}', {where} (counting data rows from 1): {problem}. {fix}"
+
+
+def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
+    """(1-based row, problem) of the first bad row of one file, read in batches with pyarrow."""
+    import pyarrow.dataset as pads
+
+    offset = 0
+    dataset = pads.dataset(path, format=rules.fmt)
+    present = [c for c in rules.columns if c in dataset.schema.names]
+    for batch in dataset.to_batches(columns=present):
+        found = first_bad_row(rules, {c: batch.column(c).to_pylist() for c in present})
+        if found:
+            return offset + found[0] + 1, found[1]
+        offset += batch.num_rows
+    return None
+
+
+def _batch_values(batch: dict[str, np.ndarray], column: str) -> list[Any]:
+    values = batch[column]
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+def check_batch(batch: dict[str, np.ndarray], rules: RowRules) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` step: raise :class:`BadRowError` at the first bad row (its file and row named),
+    or drop bad rows when ``rules.skip``; the reader's path column is removed either way."""
+    paths = batch.pop(PATH_COLUMN, None)
+    columns = {c: _batch_values(batch, c) for c in rules.columns if c in batch}
+    count = len(paths) if paths is not None else len(next(iter(batch.values()), []))
+    bad = np.array([row_problem(rules, {c: v[i] for c, v in columns.items()}) is not None for i in range(count)], dtype=bool)
+    if not bad.any():
+        return batch
+    if rules.skip:
+        log.warning("data.%s: skipped %d bad row(s) of %d in this block (data.bad_rows: skip)", rules.split, int(bad.sum()), count)
+        return {k: v[~bad] for k, v in batch.items()}
+    index = int(np.flatnonzero(bad)[0])
+    problem = row_problem(rules, {c: v[index] for c, v in columns.items()}) or "bad value"
+    path = str(paths[index]) if paths is not None else "?"
+    located = locate_in_file(rules, path) if paths is not None else None
+    raise BadRowError(bad_row_message(rules, path, located[0] if located else None, located[1] if located else problem))
+
+
+def bad_row_in(exc: BaseException) -> str | None:
+    """The :class:`BadRowError` message inside an error Ray raised (a worker's or a Ray Data task's,
+    carried as text in its traceback), or None when the failure was something else."""
+    import re
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        match = re.search(r"BadRowError: (data\.\w+: file .*?)(?:\n|$)", str(exc))
+        if match:
+            return match.group(1)
+        exc = exc.__cause__ or exc.__context__
+    return None
