@@ -89,6 +89,16 @@ def bad_row_message(rules: RowRules, path: str, row: int | None, problem: str) -
     return f"data.{rules.split}: file '{path}', {where} (counting data rows from 1): {problem}. {fix}"
 
 
+def column_values(column: Any) -> list[Any]:
+    """A pyarrow column as Python values; text that is not valid UTF-8 comes back as bytes (flagged per row)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        return column.cast(pa.binary()).to_pylist()
+
+
 def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
     """(1-based row, problem) of the first bad row of one file, read in batches with pyarrow."""
     import pyarrow.dataset as pads
@@ -97,7 +107,7 @@ def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
     dataset = pads.dataset(path, format=rules.fmt)
     present = [c for c in rules.columns if c in dataset.schema.names]
     for batch in dataset.to_batches(columns=present):
-        found = first_bad_row(rules, {c: batch.column(c).to_pylist() for c in present})
+        found = first_bad_row(rules, {c: column_values(batch.column(c)) for c in present})
         if found:
             return offset + found[0] + 1, found[1]
         offset += batch.num_rows

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.data_rows import RowRules, bad_row_message, first_bad_row
+from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row
 from cluster.preflight_text import check_text, text_required_columns
 from engine.config import ASR_TASKS, SPEECH_TASKS, JobSpec
 from engine.errors import JobError
@@ -192,7 +192,7 @@ def check_sample(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> No
             table = open_dataset([path], split.format).head(SAMPLE_ROWS, columns=rules.columns)
         except Exception as exc:  # pyarrow raises several types for unreadable files
             raise JobError(f"data.{split.name}: could not read '{path}' as {split.format}: {str(exc).splitlines()[0]}. Is it UTF-8 {split.format}?") from None
-        found = first_bad_row(rules, {c: table.column(c).to_pylist() for c in rules.columns})
+        found = first_bad_row(rules, {c: column_values(table.column(c)) for c in rules.columns})
         if found and not rules.skip:
             raise JobError(bad_row_message(rules, path, found[0] + 1, found[1]))
 
