@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.batch_size=8")
     train.add_argument("--resume", action="store_true", help="continue the run in the job's output folder from its latest checkpoint")
     train.add_argument("--compare-scratch", action="store_true", help="also train the same architecture from random weights and compare")
+    train.add_argument("--verbose", action="store_true", help="show Ray's, transformers' and the workers' output on the console, not only in the run's logs/")
 
     validate = sub.add_parser("validate", help="check a job file (schema, data files, columns, labels, model) without training")
     validate.add_argument("job")
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search in the job's output folder")
     tune.add_argument("--address", help="submit the search to this Ray cluster's Jobs API (like `shoulders submit --command tune`)")
+    tune.add_argument("--verbose", action="store_true", help="show Ray Tune's status tables and every worker's output on the console")
 
     data = sub.add_parser("data", help="build offline datasets")
     data.add_argument(
@@ -110,6 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     job, info = preflight(job, resume=args.resume)
+    from cluster.console import set_verbose, start_run
+
+    set_verbose(args.verbose)
+    start_run(job, info)  # logs into the run folder, Ray started, the header printed
     from cluster.report import print_summary
     from cluster.trainer import run_training
 

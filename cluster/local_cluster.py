@@ -47,9 +47,10 @@ def secure_embedded_token() -> Path | None:
 
     Left to itself, Ray 2.60 writes ``~/.ray/auth_token`` with the default umask (mode 644: every user of
     the machine could read it and run code through the cluster) and logs a warning that it turned token
-    authentication on. Here the file is created with mode 600 (or an existing one narrowed to it) and
-    ``RAY_AUTH_MODE=token`` is set explicitly. Nothing changes when the environment already chooses a mode
-    or a token (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``). Returns the token file.
+    authentication on. Here the file is created first with mode 600 (or an existing one narrowed to it);
+    Ray then turns token mode on and uses it. (Setting ``RAY_AUTH_MODE`` here instead would come too late:
+    Ray reads its configuration when it is imported.) Nothing changes when the environment already chooses
+    a mode or a token (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``). Returns the token file.
     """
     if any(os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
         return None
@@ -62,7 +63,6 @@ def secure_embedded_token() -> Path | None:
     except FileExistsError:
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)
-    os.environ["RAY_AUTH_MODE"] = "token"
     return path
 
 

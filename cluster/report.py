@@ -5,24 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from engine.config import JobSpec
 
 
-def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> None:
-    """Best validation and test metrics (and the from-scratch comparison when it ran)."""
-    table = Table(title=f"shoulders: {job.name}")
-    table.add_column("model")
+def text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain-text table, never cut: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(columns), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+
+
+def summary_table(summary: Any, scratch: Any | None = None) -> list[str]:
+    """Best validation and test metrics of the run (and of the from-scratch twin) as table lines."""
     keys = [k for k in summary.best if k.startswith("val_")] + [f"test_{k}" for k in (summary.test or {})]
-    for key in keys:
-        table.add_column(key, justify="right")
-    rows = [("pre-trained", summary)] + ([("from scratch", scratch)] if scratch else [])
-    for label, run in rows:
+    rows = []
+    for label, run in [("pre-trained", summary)] + ([("from scratch", scratch)] if scratch else []):
         values = {**run.best, **{f"test_{k}": v for k, v in (run.test or {}).items()}}
-        table.add_row(label, *(f"{values[k]:.4f}" if k in values else "-" for k in keys))
-    console = Console()
-    console.print(table)
+        rows.append([label, *(f"{values[k]:.4f}" if isinstance(values.get(k), (int, float)) else "-" for k in keys)])
+    return text_table(["model", *keys], rows)
+
+
+def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> None:
+    """Best validation and test metrics (and the from-scratch comparison when it ran), whole at any width."""
+    print(f"shoulders: {job.name}")
+    print("\n".join(summary_table(summary, scratch)), flush=True)
+    console = Console(soft_wrap=True, highlight=False)  # soft wrap: no line is cut or folded at 80 columns
     if summary.export_dir:
         console.print(f"exported model: {summary.export_dir}")
     console.print(f"metrics: {job.output_dir / 'metrics.json'}")

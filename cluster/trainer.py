@@ -178,6 +178,8 @@ class RunSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
     """Ray node id of each training worker, in rank order."""
+    layout: dict[str, Any] = field(default_factory=dict)
+    """Model size, trainable share, parameter groups and steps, as training rank 0 started (``cluster.console``)."""
 
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
@@ -190,11 +192,13 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     pad_token_id = job_preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
     from cluster.console import run_console
+    from cluster.tracking import Tracker
 
-    with run_console(job) as console:
-        result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, console=console).fit()
-    if result.error:
-        raise result.error
+    tracker = Tracker(job)  # TensorBoard / MLflow / W&B as the job's tracking section says
+    with run_console(job) as console, tracker.running() as callbacks:
+        result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=callbacks, console=console.worker_config).fit()
+        if result.error:
+            raise result.error
     candidates = result.best_checkpoints + unregistered_checkpoints(job, result.best_checkpoints)
     best_checkpoint, best = pick_best(candidates, f"val_{job.eval_metric}", job.eval_mode)
     with result.checkpoint.as_directory() as last:
@@ -212,8 +216,11 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
             export_dir = export_checkpoint(folder, job.output_dir / EXPORT_DIR, info.labels)
         if "test" in info.splits:
             test = evaluate_export(job, info, export_dir)
-    summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes)
+    summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes, layout=console.layout)
     write_metrics(job, summary)
+    from cluster.run_report import write_run_report
+
+    tracker.finish(summary, list(write_run_report(job, info, summary)))  # curves.png, report.md
     remove_stale_checkpoints(job, [checkpoint for checkpoint, _ in result.best_checkpoints] + [result.checkpoint], best_checkpoint)
     return summary
 

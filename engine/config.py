@@ -21,6 +21,7 @@ from engine.job_yaml import load_yaml, read_job_yaml
 from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is the schema's public home)
     Task, TASK_METRICS, SPEECH_TASKS, ASR_TASKS, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
+    TrackingSpec,
 )
 
 
@@ -58,6 +59,8 @@ class JobSpec(Section):
     """Search over freeze depth, LR ratios and any other key (``shoulders tune``)."""
     safeguards: SafeguardsSpec = SafeguardsSpec()
     """Negative transfer, forgetting, overfitting and gradual unfreezing."""
+    tracking: TrackingSpec = TrackingSpec()
+    """Experiment tracking: TensorBoard (on by default), MLflow and Weights & Biases."""
 
     @model_validator(mode="before")
     @classmethod

@@ -337,6 +337,20 @@ class RunSpec(Section):
     checkpoints survive the loss of a node. Left empty, the output folder (``output.dir``)."""
 
 
+class TrackingSpec(Section):
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``output.dir/tensorboard`` (every reported metric, each parameter
+    group's LR, throughput; a tune writes one folder per trial): ``tensorboard --logdir runs/NAME``."""
+    mlflow: str | None = None
+    """MLflow tracking URI (``file:./mlruns``, ``http://host:5000``, ``databricks``); set, each run (each
+    tune trial) is logged there as an MLflow run with the job as parameters. Needs the ``mlflow`` package."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment the runs go to; left empty, the job's name."""
+    wandb: str | None = None
+    """Weights & Biases project; set, each run's metrics are logged there when it ends (needs the ``wandb``
+    package and a login, or ``WANDB_MODE=offline``)."""
+
+
 SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 
 

@@ -37,6 +37,7 @@ from engine.packing import length_grouping_window, pack_batch
 from engine.perf import ThroughputMeter, apply_perf
 from engine.preprocess import SAMPLE_ID, cached_tokenizer, trim_batch
 from engine.safeguards import Safeguards
+from engine.worker_console import RunEvents
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 5.0
@@ -176,6 +177,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Model: load -> replace head -> freeze -> adapters; then groups at their LR ratios.
     prepared = prepare_model(job, labels, config.get("pad_token_id"))
     model = prepared.model.to(device)
+    events = RunEvents((config.get("console") or {}).get("queue"), rank)  # rank 0's lines on the driver's console
+    parameters = [(p.numel(), p.requires_grad) for p in model.parameters()]
     # Frozen linears stay plain parameters when gradual unfreezing trains them later or ZeRO-3 partitions them.
     apply_perf(model, job.perf, job.model.task, device, amp_dtype, keep_frozen_weights=bool(
         job.safeguards.unfreeze_every_steps or job.safeguards.unfreeze_every_epochs) or partitions_parameters(job))
@@ -216,6 +219,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metric_key = f"val_{job.eval_metric}"
     if rank == 0:
         log.info("training %d steps (%d per epoch) on %d worker(s), eval every %d", total_steps, steps_per_epoch, world_size, eval_every)
+    events.send("start", parameters=sum(n for n, _ in parameters), trainable=sum(n for n, grad in parameters if grad),
+                total_steps=total_steps, world_size=world_size, eval_every=eval_every, resumed_at=state["step"],
+                groups=[{"name": g["name"], "params": sum(p.numel() for p in g["params"]), "lr": g["initial_lr"],
+                         "weight_decay": g["weight_decay"]} for g in groups])
 
     backend.train()
     packing = job.perf.packing and job.model.task == "causal_lm"
@@ -255,6 +262,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last_log = time.perf_counter()
                 eta = (last_log - started) / state["step"] * (total_steps - state["step"])
                 log.info(progress_line(state["step"], total_steps, outputs.loss.item(), eta))
+            if events.progress_due(state["step"], total_steps):
+                elapsed = time.perf_counter() - started
+                events.send("progress", step=state["step"], total=total_steps, loss=outputs.loss.item(),
+                            eta=elapsed / state["step"] * (total_steps - state["step"]))
 
             if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                 throughput = meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
@@ -279,12 +290,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = stop or guard.stop_reason is not None
                 if guard.stop_reason and rank == 0:
                     log.info("stopping at step %d: %s", state["step"], guard.stop_reason)
-                if stop and state["step"] < total_steps and rank == 0:
+                    events.send("note", text=f"stopping at step {state['step']}: {guard.stop_reason}")
+                if stop and state["step"] < total_steps and rank == 0 and not guard.stop_reason:
                     log.info("early stopping at step %d: %s did not improve for %d evaluations", state["step"], metric_key, patience)
+                    events.send("note", text=f"early stopping at step {state['step']}: {metric_key} did not improve for {patience} evaluations")
                 state["history"].append(metrics)
                 report(metrics, backend, state, {**position, **audit(config.get("debug"), backend)}, job, rank, world_size, generators)
                 if rank == 0:
                     log.info("eval @ step %d: %s", state["step"], "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+                events.send("eval", metrics=metrics)
                 micro, loss_sum = 0, torch.zeros((), device=device)
                 meter.reset()
             if stop or state["step"] >= total_steps:

@@ -1,0 +1,82 @@
+"""Tracking through TensorBoard and MLflow read back with their own readers; curves.png and report.md of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.run_report import add_report_section, write_run_report
+from cluster.tracking import TB_DIR, Tracker
+from engine.config import build_job
+
+HISTORY = [
+    {"step": s, "epoch": 0, "train_loss": 1.0 / s, "val_loss": 1.2 / s, "val_accuracy": 0.3 + 0.1 * s,
+     "tokens_per_s": 900.0 + s, "lr_head": 1e-3 / s, "lr_backbone": 1e-4 / s, "train_val_gap": 0.2 / s}
+    for s in (2, 4, 6)
+]
+LAYOUT = {"parameters": 22115, "trainable": 22115, "total_steps": 6, "eval_every": 2,
+          "groups": [{"name": "head", "params": 99, "lr": 1e-3, "weight_decay": 0.01}, {"name": "backbone", "params": 22016, "lr": 1e-4, "weight_decay": 0.01}]}
+
+
+def run_job(tmp_path: Path, **tracking):
+    return build_job({"name": "tracked", "model": {"name": "tiny", "labels": ["a", "b"]}, "data": {"train": "unused.parquet"},
+                      "output": {"dir": str(tmp_path / "run")}, "tracking": tracking})
+
+
+def summary():
+    return SimpleNamespace(best=HISTORY[-1], test={"accuracy": 0.875, "loss": 0.4}, history=HISTORY, export_dir=None, layout=LAYOUT)
+
+
+def replay(tracker: Tracker) -> None:
+    """What Ray Train does with the callbacks: one after_report per evaluation, rank 0's metrics first."""
+    for callback in tracker.start():
+        for row in HISTORY:
+            callback.after_report(None, [row, {**row, "train_loss": 99.0}], None)
+
+
+def test_tensorboard_events_hold_every_reported_metric_per_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job = run_job(tmp_path)
+    tracker = Tracker(job)
+    replay(tracker)
+    tracker.finish(summary())
+    events = EventAccumulator(str(tmp_path / "run" / TB_DIR))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "val_loss", "val_accuracy", "tokens_per_s", "lr_head", "lr_backbone", "test_accuracy", "best_val_accuracy"} <= tags
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("lr_head")] == [(2, 5e-4), (4, 2.5e-4), (6, round(1e-3 / 6, 6))]
+    assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([0.5, 0.25, 1 / 6])  # rank 0's, not rank 1's
+
+
+def test_mlflow_run_in_a_local_file_store_with_params_metrics_and_files(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    job = run_job(tmp_path, tensorboard=False, mlflow=uri)
+    tracker = Tracker(job)
+    replay(tracker)
+    files = write_run_report(job, SimpleNamespace(splits={"train": SimpleNamespace(num_rows=96)}, labels=["a", "b"]), summary())
+    tracker.finish(summary(), list(files))
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optim.batch_size"] == str(job.optim.batch_size)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == pytest.approx([0.5, 0.7, 0.9])
+    assert run.data.metrics["test_accuracy"] == 0.875
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"curves.png", "report.md"}
+    assert not (tmp_path / "run" / TB_DIR).exists()  # tensorboard: false
+
+
+def test_every_run_gets_curves_and_a_report(tmp_path):
+    job = run_job(tmp_path, tensorboard=False)
+    info = SimpleNamespace(splits={"train": SimpleNamespace(num_rows=96), "validation": SimpleNamespace(num_rows=24)}, labels=["a", "b"])
+    curves, report = write_run_report(job, info, summary())
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+    text = report.read_text()
+    for expected in ("# Training report: tracked", "| train | 96 |", "| validation | 24 |", "| head | 99 | 0.001 | 0.01 | 0.000167 |",
+                     "best validation (step 6): val_loss 0.2000, val_accuracy 0.9000", "test (exported model): accuracy 0.8750",
+                     "train_val_gap: 0.0333", "![curves](curves.png)", str(tmp_path / "run" / "logs"), "22,115"):
+        assert expected in text, expected
+    add_report_section(tmp_path / "run", "Transfer verdict", ["positive transfer (margin 0.2)"])
+    assert report.read_text().endswith("## Transfer verdict\n\npositive transfer (margin 0.2)\n")
