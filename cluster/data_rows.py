@@ -114,27 +114,53 @@ def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
     return None
 
 
-def _batch_values(batch: dict[str, np.ndarray], column: str) -> list[Any]:
-    values = batch[column]
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+def column_bad_mask(rules: RowRules, column: str, values: np.ndarray) -> np.ndarray:
+    """Which values of one batch column are bad; numpy-fast for the usual column types, per value otherwise."""
+    kind = values.dtype.kind
+    if kind == "U" and (column != rules.label_column or rules.labels is None):
+        return np.zeros(len(values), dtype=bool)  # text, no nulls
+    if kind == "U":
+        return ~np.isin(values, np.array(rules.labels))
+    if kind in "iu" and column not in rules.text_columns:
+        if column != rules.label_column or rules.labels is None:
+            return np.zeros(len(values), dtype=bool)
+        return ~(((values >= 0) & (values < len(rules.labels))) | np.isin(values.astype(str), np.array(rules.labels)))
+    items = values.tolist()
+    if column in rules.text_columns:  # a quick pass that may over-flag (bytes that are UTF-8), then the exact rule
+        suspect = np.fromiter((type(v) is not str for v in items), dtype=bool, count=len(items))
+    elif column == rules.label_column and rules.labels is not None:
+        known = set(rules.labels)
+        suspect = np.fromiter((not (type(v) is str and v in known) for v in items), dtype=bool, count=len(items))
+    else:
+        suspect = np.fromiter((_is_null(v) for v in items), dtype=bool, count=len(items))
+    for index in np.flatnonzero(suspect):
+        suspect[index] = value_problem(rules, column, items[index]) is not None
+    return suspect
 
 
 def check_batch(batch: dict[str, np.ndarray], rules: RowRules) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` step: raise :class:`BadRowError` at the first bad row (its file and row named),
     or drop bad rows when ``rules.skip``; the reader's path column is removed either way."""
     paths = batch.pop(PATH_COLUMN, None)
-    columns = {c: _batch_values(batch, c) for c in rules.columns if c in batch}
-    count = len(paths) if paths is not None else len(next(iter(batch.values()), []))
-    bad = np.array([row_problem(rules, {c: v[i] for c, v in columns.items()}) is not None for i in range(count)], dtype=bool)
+    present = [c for c in rules.columns if c in batch]
+    if not present:
+        return batch
+    count = len(batch[present[0]])
+    bad = np.zeros(count, dtype=bool)
+    for column in present:
+        bad |= column_bad_mask(rules, column, np.asarray(batch[column]))
     if not bad.any():
         return batch
     if rules.skip:
         log.warning("data.%s: skipped %d bad row(s) of %d in this block (data.bad_rows: skip)", rules.split, int(bad.sum()), count)
         return {k: v[~bad] for k, v in batch.items()}
     index = int(np.flatnonzero(bad)[0])
-    problem = row_problem(rules, {c: v[index] for c, v in columns.items()}) or "bad value"
+    problem = row_problem(rules, {c: batch[c][index] for c in present}) or "bad value"
     path = str(paths[index]) if paths is not None else "?"
-    located = locate_in_file(rules, path) if paths is not None else None
+    try:
+        located = locate_in_file(rules, path) if paths is not None else None
+    except (OSError, ValueError):  # a remote file (Ray names it without its scheme): no row number then
+        located = None
     raise BadRowError(bad_row_message(rules, path, located[0] if located else None, located[1] if located else problem))
 
 
@@ -144,10 +170,15 @@ def bad_row_in(exc: BaseException) -> str | None:
     import re
 
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        match = re.search(r"BadRowError: (data\.\w+: file .*?)(?:\n|$)", str(exc))
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        match = re.search(r"BadRowError: (data\.\w+: file .*?)(?:\n|$)", str(error))
         if match:
             return match.group(1)
-        exc = exc.__cause__ or exc.__context__
+        # Ray Train's WorkerGroupError cuts its message short but keeps each worker's error
+        pending += [error.__cause__, error.__context__, *(getattr(error, "worker_failures", None) or {}).values()]
     return None

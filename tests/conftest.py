@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A Hugging Face cache of this session's own: tests put tiny models in it laid out as the hub's cache, and load
+# them by hub id offline, through the code path a user's hub id takes (Ray's workers inherit it).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="shoulders-hf-")
 
 import tiny  # noqa: E402
 
@@ -59,7 +65,37 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def hub_bert() -> str:
+    """A tiny BERT in the session's Hugging Face cache as the hub lays it out; returns its hub id."""
+    return tiny.save_to_hub_cache("shoulders-test/tiny-bert", lambda folder: tiny.save_tiny_model("bert", folder))
+
+
+@pytest.fixture(scope="session")
+def other_ray(tmp_path_factory):
+    """A second Ray instance on this host (``ray start --head``), as users run beside shoulders: every Ray test
+    runs with it up, and shoulders' embedded instance must neither join it nor confuse its own processes."""
+    from cluster.trainer import free_port
+
+    temp = tmp_path_factory.mktemp("other-ray")
+    env = {**os.environ, "RAY_TMPDIR": str(temp)}
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=1",
+           "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(temp.rglob("gcs_server.out")):
+        time.sleep(0.5)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory, other_ray):
     """One local Ray per test session with 4 logical CPUs (fractional workers leave room for Ray Data)."""
     import ray
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any, Callable
 
 WORDS = {
     "food": "apple bread cheese soup rice pasta salad butter honey sugar".split(),
@@ -103,3 +104,15 @@ def write_lm_data(folder: Path, rows: int = 200) -> dict[str, Path]:
                 f.write(json.dumps({"text": " ".join(WORDS[topic][:6])}) + "\n")
         out[split] = path
     return out
+
+
+def save_to_hub_cache(repo_id: str, save: Callable[[Path], Any], revision: str = "0" * 40) -> str:
+    """Save a model into ``$HF_HOME/hub`` laid out as ``huggingface_hub`` caches a download
+    (``models--org--name/snapshots/<rev>/`` and ``refs/main``), so ``from_pretrained(repo_id)`` finds it offline."""
+    import os
+
+    root = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    save(root / "snapshots" / revision)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return repo_id

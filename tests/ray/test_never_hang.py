@@ -1,0 +1,117 @@
+"""Real runs on a local Ray that must finish or fail fast, while another Ray instance runs on the host:
+
+- a model named by hub id, served offline from a local Hugging Face cache, through preflight and training;
+- a bad row deep in a multi-file dataset (past the rows the preflight samples) stops the run within bounded
+  time, the last words naming the file and the row, and nothing is exported;
+- ``shoulders train`` and ``shoulders tune`` as a user runs them (new processes, embedded Ray) beside a
+  ``ray start`` cluster: both exit 0, and Ray Train's placement-group cleaner finds its own instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.preflight import SAMPLE_ROWS
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+LABELS = ["food", "sport", "tech"]
+
+
+def small_job(model: str, data: dict, out: Path, **sections) -> dict:
+    raw = {
+        "name": "tiny",
+        "model": {"name": model, "labels": LABELS},
+        "data": {**{k: str(v) for k, v in data.items()}, "max_length": 16, "rows_per_block": 64},
+        "finetune": {"strategy": "full", "head_lr": 1e-2},
+        "optim": {"epochs": 1, "batch_size": 16, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "output": {"dir": str(out)},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def write(path: Path, raw: dict) -> str:
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_hub_id_served_from_the_local_cache_trains(ray_local, hub_bert, topic_data, tmp_path):
+    assert not Path(hub_bert).exists()  # a hub id, not a folder
+    job = write(tmp_path / "job.yaml", small_job(hub_bert, topic_data, tmp_path / "out"))
+    assert main(["validate", job]) == 0
+    assert main(["train", job]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.0 and (tmp_path / "out" / "model" / "config.json").is_file()
+    saved = json.loads((tmp_path / "out" / "model" / "shoulders_job.json").read_text())
+    assert saved["job"]["model"]["name"] == hub_bert  # the job keeps the hub id, no machine path
+
+
+def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path, capsys):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    rows_per_file, bad_file, bad_row = 400, 2, SAMPLE_ROWS + 57  # past what the preflight reads
+    for index in range(4):
+        labels = [LABELS[i % 3] for i in range(rows_per_file)]
+        texts = [f"apple bread {i}" if labels[i] == "food" else f"ball team {i}" for i in range(rows_per_file)]
+        if index == bad_file:
+            texts[bad_row - 1] = None
+        pq.write_table(pa.table({"text": texts, "label": labels}), folder / f"part-{index}.parquet")
+    valid = tmp_path / "validation.parquet"
+    pq.write_table(pa.table({"text": ["apple bread", "ball team", "disk cpu"], "label": LABELS}), valid)
+    from tiny import save_tiny_model
+
+    model = save_tiny_model("bert", tmp_path / "model")
+    out = tmp_path / "out"
+    job = write(tmp_path / "job.yaml", small_job(str(model), {"train": folder, "validation": valid}, out))
+    started = time.perf_counter()
+    code = main(["train", job])
+    elapsed = time.perf_counter() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and elapsed < 180, (code, elapsed)
+    last = err[-1]
+    assert last.startswith("error: data.train:") and f"part-{bad_file}.parquet" in last and f"row {bad_row} " in last, last
+    assert "'text' is empty (null)" in last and "data.bad_rows: skip" in last
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+
+    # data.bad_rows: skip trains on the rest
+    raw = small_job(str(model), {"train": folder, "validation": valid}, tmp_path / "out-skip", data={"bad_rows": "skip"})
+    assert main(["train", write(tmp_path / "skip.yaml", raw)]) == 0
+    assert (tmp_path / "out-skip" / "metrics.json").is_file()
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_TMPDIR": str(cwd / "ray-tmp")}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_and_tune_beside_another_ray_instance(other_ray, tiny_bert, topic_data, tmp_path):
+    assert other_ray.poll() is None  # the other instance is up
+    from ray._private.services import find_gcs_addresses
+
+    assert len(find_gcs_addresses()) >= 1
+    train = run_cli(["train", write(tmp_path / "train.yaml", small_job(str(tiny_bert), topic_data, tmp_path / "train-out"))], tmp_path, 300)
+    raw = small_job(str(tiny_bert), topic_data, tmp_path / "tune-out", tune={
+        "space": {"finetune.backbone_lr_ratio": {"grid": [0.1, 1.0]}}, "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1,
+    })
+    tune = run_cli(["tune", write(tmp_path / "tune.yaml", raw)], tmp_path, 420)
+    for name, proc in (("train", train), ("tune", tune)):
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{output[-4000:]}"
+        assert "multiple active Ray instances" not in output, f"{name}:\n{output[-4000:]}"
+    assert (tmp_path / "train-out" / "metrics.json").is_file()
+    assert (tmp_path / "tune-out" / "report.md").is_file()
