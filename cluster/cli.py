@@ -11,6 +11,7 @@ from cluster.cli_remote import REMOTE_COMMANDS, add_remote_commands
 from engine.errors import JobError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: stopped; finished checkpoints and results are kept (shoulders train JOB --resume continues)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bad row found while streaming: one line naming file and row, not Ray's tracebacks
+        from cluster.data_rows import bad_row_in
+
+        message = bad_row_in(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -139,18 +151,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.preflight import check_split
-    from cluster.trainer import ensure_ray, evaluate_export
-    from cluster.preflight import DataInfo
-    from engine.config import JobSpec
-    from engine.export import JOB_FILE
+    from cluster.preflight import check_eval_data, read_export_job
 
-    meta_path = Path(args.model_dir) / JOB_FILE
-    if not meta_path.is_file():
-        raise JobError(f"'{args.model_dir}' is not a shoulders export (no {JOB_FILE}); pass the model folder of a finished run.")
-    meta = json.loads(meta_path.read_text())
-    job = JobSpec.model_validate(meta["job"])
-    info = DataInfo(splits={"eval": check_split(job, "eval", args.data)}, labels=meta["labels"])
+    job, labels = read_export_job(Path(args.model_dir))
+    info = check_eval_data(job, labels, args.data)
+    from cluster.trainer import ensure_ray, evaluate_export
+
     ensure_ray()
     metrics = evaluate_export(job, info, Path(args.model_dir), split="eval")
     print(json.dumps(metrics, indent=1))
@@ -201,8 +207,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from cluster.cli_remote import submit_command
 
         return submit_command(args.job, args.overrides, args.address, command="tune")
+    from cluster.console import set_verbose
     from cluster.tune import run_tune
 
+    set_verbose(args.verbose)
     run_tune(args.job, args.overrides, resume=args.resume)
     return 0
 
