@@ -72,7 +72,9 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from cluster.console import is_verbose, log_dir
     from cluster.data import build_datasets
+    from cluster.tracking import Tracker
     from cluster.trainer import build_trainer
     from engine.models.speech import job_preprocessors
 
@@ -83,10 +85,14 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     job = trial_spec(base_raw, config["overrides"], tune.get_context().get_trial_id(), trials_root)
     datasets, num_train_rows = build_datasets(job, info)
     pad_token_id = job_preprocessors(job)[1]  # text: the tokenizer's; speech: the CTC blank or none
-    trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    tracker = Tracker(job)  # each trial: TensorBoard in its folder, its own MLflow run
+    with tracker.running() as tracking:
+        trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback(), *tracking],
+                                console=None if is_verbose() else {"queue": None, "log_dir": str(log_dir(job.output_dir))})
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    tracker.close("FINISHED")
 
 
 DATA_BUNDLE = 1
@@ -156,6 +162,7 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
     from ray.tune.search import BasicVariantGenerator
 
     from cluster.trainer import use_gpu
+    from cluster.tune_console import TrialTable, tune_verbosity
 
     out = job.output_dir
     trainable = tune.with_resources(
@@ -194,7 +201,10 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
                 points_to_evaluate=[{"overrides": first}] if first else None, random_state=job.seed, max_concurrent=concurrency,
             ),
         ),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out), verbose=1),
+        run_config=tune.RunConfig(  # a growing table of trials on the console, Tune's status boxes with --verbose
+            name=TUNE_DIR, storage_path=str(out), verbose=tune_verbosity(),
+            callbacks=[TrialTable(tune_metric(job), tune_mode(job), total_steps)],
+        ),
     )
 
 
@@ -321,7 +331,9 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     depth = _depth_or_none(job)
     check_space(base_raw, search_space(job, depth) if depth is not None else dict(job.tune.space))
     job.output_dir.mkdir(parents=True, exist_ok=True)
+    from cluster.console import start_run
 
+    start_run(job, info)  # logs into output.dir/logs, Ray started, the header printed
     outcome = run_search(job, info, base_raw, resume)
     test, verdict = None, None
     if outcome.best_job is not None and outcome.best_checkpoint:

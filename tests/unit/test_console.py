@@ -82,3 +82,23 @@ def test_worker_output_goes_to_its_log_file(tmp_path, capsys):
     assert "a print" not in capsys.readouterr().out
     with worker_log_file(None, rank=0) as path:  # --verbose: output stays where it was
         assert path is None
+
+
+def test_tune_trials_are_one_row_each_as_they_end():
+    from cluster.tune_console import TrialTable
+
+    out = io.StringIO()
+    table = TrialTable("val_accuracy", "max", planned_steps=8, stream=out)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"overrides": {"finetune.freeze_depth": i, "finetune.backbone_lr_ratio": 0.123456}})
+              for i in range(2)]
+    for trial in trials:
+        table.on_trial_start(0, trials, trial)
+    for step in (2, 4, 6, 8):
+        table.on_trial_result(0, trials, trials[0], {"step": step, "val_accuracy": 0.5 + step / 100, "time_total_s": 10.0 * step})
+    table.on_trial_result(0, trials, trials[1], {"step": 2, "val_accuracy": 0.3, "time_total_s": 12.0})
+    table.on_trial_complete(0, trials, trials[1])  # ASHA stopped it after one evaluation
+    table.on_trial_complete(0, trials, trials[0])
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].split()[:2] == ["trial", "ended"]
+    assert lines[1].split() == ["t1", "stopped", "early", "1", "2", "0.3000", "0.3000", "12s", "freeze_depth=1", "backbone_lr_ratio=0.123"]
+    assert lines[2].split() == ["t0", "done", "4", "8", "0.5800", "0.5800", "1m20s", "freeze_depth=0", "backbone_lr_ratio=0.123"]
