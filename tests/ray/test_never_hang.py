@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +29,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]
 
 
-def small_job(model: str, data: dict, out: Path, **sections) -> dict:
+def small_job(model: str, splits: dict, out: Path, **sections) -> dict:
     raw = {
         "name": "tiny",
         "model": {"name": model, "labels": LABELS},
-        "data": {**{k: str(v) for k, v in data.items()}, "max_length": 16, "rows_per_block": 64},
+        "data": {**{k: str(v) for k, v in splits.items()}, "max_length": 16, "rows_per_block": 64},
         "finetune": {"strategy": "full", "head_lr": 1e-2},
         "optim": {"epochs": 1, "batch_size": 16, "warmup_ratio": 0.0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
@@ -92,11 +93,15 @@ def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path,
     assert (tmp_path / "out-skip" / "metrics.json").is_file()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_TMPDIR": str(cwd / "ray-tmp")}
+def run_cli(args: list[str], cwd: Path, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``shoulders ARGS`` in a new process; returns it and everything it and its Ray instance logged."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths are limited to 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = [p.read_text(errors="replace") for p in Path(ray_tmp).rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")]
+    return proc, "\n".join([proc.stdout, proc.stderr, *logs])
 
 
 def test_train_and_tune_beside_another_ray_instance(other_ray, tiny_bert, topic_data, tmp_path):
@@ -109,9 +114,8 @@ def test_train_and_tune_beside_another_ray_instance(other_ray, tiny_bert, topic_
         "space": {"finetune.backbone_lr_ratio": {"grid": [0.1, 1.0]}}, "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1,
     })
     tune = run_cli(["tune", write(tmp_path / "tune.yaml", raw)], tmp_path, 420)
-    for name, proc in (("train", train), ("tune", tune)):
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{output[-4000:]}"
-        assert "multiple active Ray instances" not in output, f"{name}:\n{output[-4000:]}"
+    for name, (proc, logged) in (("train", train), ("tune", tune)):
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+        assert "multiple active Ray instances" not in logged  # the console, and every log of its Ray instance
     assert (tmp_path / "train-out" / "metrics.json").is_file()
     assert (tmp_path / "tune-out" / "report.md").is_file()
