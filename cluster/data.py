@@ -22,6 +22,7 @@ from cluster.preflight import DataInfo, SplitInfo, row_rules
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.chat import TRUNCATED, as_messages, encode_conversations, layout_columns, with_system
 from engine.packing import group_rows_by_length, length_grouping_window
+from engine.seq2seq import encode_pairs
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ def _tokenize_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: 
     return tokenize_batch(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
 
 
-def _encode_conversation_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, **kwargs: Any) -> dict[str, np.ndarray]:
-    return encode_conversations(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
+def _encode_conversation_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, seq2seq: bool = False,
+                              **kwargs: Any) -> dict[str, np.ndarray]:
+    encode = encode_pairs if seq2seq else encode_conversations
+    return encode(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
 
 
 def preprocess(
@@ -116,7 +119,7 @@ def preprocess(
             _encode_conversation_rows, tokenizer_name=tokenizer_name or job.model.name, revision=job.model.revision,
             layout=job.data.layout, columns=layout_columns(job.data), max_length=job.data.max_length,
             system_prompt=job.data.system_prompt, chat_template=job.data.chat_template, mark_truncated=keep_ids,
-            id_column=job.data.id_column if keep_ids else None,
+            id_column=job.data.id_column if keep_ids else None, seq2seq=job.model.task == "seq2seq",
         )
         return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
     fn = functools.partial(

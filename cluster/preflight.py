@@ -119,7 +119,7 @@ def required_columns(job: JobSpec) -> list[str]:
 
 def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None:
     """The class names: the job's, checked against every split, or the sorted values found in training."""
-    if job.model.task in ("causal_lm", *ASR_TASKS):
+    if job.model.task in ("causal_lm", "seq2seq", *ASR_TASKS):
         return None
     declared = job.model.labels
     found_train: set[str] = set()

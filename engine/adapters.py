@@ -16,7 +16,7 @@ from engine.models.blocks import BlockStack
 
 log = logging.getLogger(__name__)
 
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 ADAPTER_MARKERS = ("lora_", "ia3_", "lora_magnitude_vector")
 """Substrings that mark a parameter as adapter weight (as opposed to a pre-trained or head weight)."""
 

@@ -83,8 +83,11 @@ class JobSpec(Section):
     def _check_consistency(self) -> JobSpec:
         if self.output.export == "adapter" and self.peft.method == "none":
             raise ValueError("output.export is 'adapter' but peft.method is 'none': set a PEFT method or export 'merged'")
-        if self.data.layout != "text" and self.model.task != "causal_lm":
-            raise ValueError(f"data.layout is '{self.data.layout}' but model.task is '{self.model.task}': prompt/completion and chat data train model.task causal_lm")
+        allowed = {"prompt_completion": ("causal_lm", "seq2seq"), "chat": ("causal_lm",)}.get(self.data.layout)
+        if allowed and self.model.task not in allowed:
+            raise ValueError(f"data.layout is '{self.data.layout}' but model.task is '{self.model.task}': {self.data.layout} data trains model.task {' or '.join(allowed)}")
+        if self.model.task == "seq2seq" and self.data.layout != "prompt_completion":
+            raise ValueError("model.task seq2seq reads a source and a target column: set data.layout: prompt_completion (data.prompt_column, data.completion_column)")
         if self.model.task == "causal_lm" and self.model.labels:
             raise ValueError("model.labels is set but model.task is 'causal_lm', which has no classes: remove model.labels")
         if self.model.task in ASR_TASKS and self.model.labels:
@@ -128,7 +131,7 @@ class JobSpec(Section):
         """The validation metric that picks checkpoints."""
         if self.eval.metric:
             return self.eval.metric
-        return {"causal_lm": "loss", "ctc": "wer", "speech_seq2seq": "wer"}.get(self.model.task, "accuracy")
+        return {"causal_lm": "loss", "seq2seq": "loss", "ctc": "wer", "speech_seq2seq": "wer"}.get(self.model.task, "accuracy")
 
     @property
     def eval_mode(self) -> Literal["max", "min"]:

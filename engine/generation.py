@@ -24,8 +24,9 @@ def generate_answer(
     amp_dtype: torch.dtype | None = None, synced_gpus: bool = False,
 ) -> str:
     """The greedy answer of ``model`` to ``messages`` (ending with a user turn), decoded without special tokens."""
-    template = template_of(tokenizer, chat_template)
-    text = prompt_text(tokenizer, messages, template)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))  # seq2seq: the source text, no template
+    template = None if encoder_decoder else template_of(tokenizer, chat_template)
+    text = messages[-1]["content"] if encoder_decoder else prompt_text(tokenizer, messages, template)
     device = next(model.parameters()).device
     inputs = tokenizer(text, add_special_tokens=template is None, return_tensors="pt").to(device)
     inputs.pop("token_type_ids", None)
@@ -36,7 +37,8 @@ def generate_answer(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             synced_gpus=synced_gpus,
         )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    new_tokens = out[0] if encoder_decoder else out[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def score_answers(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -99,18 +101,20 @@ def write_generations(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def load_for_generation(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """An exported folder (merged model or PEFT adapter) as (model, tokenizer, its ``shoulders_job.json``)."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     from engine.evaluate import load_exported
-    from engine.models.loading import load_tokenizer
+    from engine.models.loading import AUTO_CLASSES, load_tokenizer
 
     model_dir = Path(model_dir)
     meta_path = model_dir / "shoulders_job.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    task = ((meta.get("job") or {}).get("model") or {}).get("task", "causal_lm")
+    task = task if task in ("causal_lm", "seq2seq") else "causal_lm"
     if (model_dir / "adapter_config.json").is_file():
-        model = load_exported(model_dir, "causal_lm", None)
+        model = load_exported(model_dir, task, None)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(model_dir)
     return model.eval(), load_tokenizer(str(model_dir)), meta
 
 

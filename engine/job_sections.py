@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-Task = Literal["sequence_classification", "causal_lm", "audio_classification", "ctc", "speech_seq2seq"]
+Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "sequence_classification": ("loss", "accuracy", "macro_f1"),
     "causal_lm": ("loss", "perplexity", "exact_match", "rougeL"),  # the last two with data.layout prompt_completion or chat
+    "seq2seq": ("loss", "exact_match", "rougeL"),
     "audio_classification": ("loss", "accuracy", "macro_f1"),
     "ctc": ("loss", "wer", "cer"),
     "speech_seq2seq": ("loss", "wer", "cer"),

@@ -83,8 +83,11 @@ def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from engine.preprocess_speech import trim_speech_batch
 
         return trim_speech_batch(batch)
+    from engine.seq2seq import trim_targets
+
+    batch, seq2seq_labels = trim_targets(batch)  # text-to-text targets: cut to their own longest
     mask = batch.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return batch
-    longest = max(int(mask.sum(axis=1).max()), 1)
-    return {k: (v[:, :longest] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+    if mask is not None and mask.ndim == 2:
+        longest = max(int(mask.sum(axis=1).max()), 1)
+        batch = {k: (v[:, :longest] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+    return batch if seq2seq_labels is None else {**batch, "labels": seq2seq_labels}

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 AUTO_CLASSES: dict[str, str] = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
     "audio_classification": "AutoModelForAudioClassification",
     "ctc": "AutoModelForCTC",
     "speech_seq2seq": "AutoModelForSpeechSeq2Seq",
@@ -27,6 +28,7 @@ AUTO_CLASSES: dict[str, str] = {
 TASK_MAPPINGS: dict[str, str] = {
     "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
     "audio_classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
     "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
     "speech_seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
@@ -36,6 +38,7 @@ TASK_MAPPINGS: dict[str, str] = {
 HEAD_MODULES: dict[str, tuple[str, ...]] = {
     "sequence_classification": ("classifier", "score"),
     "causal_lm": (),
+    "seq2seq": (),
     "audio_classification": ("projector", "classifier"),
     "ctc": ("lm_head",),
     "speech_seq2seq": (),
@@ -45,7 +48,7 @@ HEAD_MODULES: dict[str, tuple[str, ...]] = {
 MULTI_PART_HEADS = ("audio_classification",)
 """Tasks whose head is several modules (wav2vec2/Whisper classifiers: ``projector`` then ``classifier``)."""
 
-BLOCK_STACK_PREFER: dict[str, str] = {"speech_seq2seq": "encoder"}
+BLOCK_STACK_PREFER: dict[str, str] = {"speech_seq2seq": "encoder", "seq2seq": "encoder"}
 """Task -> which stack ``finetune.freeze_depth`` counts in encoder-decoder models (Whisper: the encoder's
 blocks, bottom first; the decoder stays trainable unless every encoder block is frozen)."""
 

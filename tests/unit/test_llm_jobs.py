@@ -50,3 +50,24 @@ def test_llm_job_passes_preflight_on_a_tiny_local_model(tiny_instruct, name, lay
     targets = (out["labels"] != IGNORE_INDEX).sum(axis=1)
     prompts = ((out["labels"] == IGNORE_INDEX) & (out["attention_mask"] == 1)).sum(axis=1)
     assert (targets > 0).all() and (prompts > targets).all()  # every row learns a short answer, not its prompt
+
+
+def test_t5_job_passes_preflight_on_a_tiny_local_t5(tmp_path):
+    from engine.seq2seq import encode_pairs
+
+    raw = load_job(ROOT / "jobs" / "t5_seq2seq.yaml")
+    assert raw.model.name == "google/flan-t5-small" and raw.model.task == "seq2seq" and raw.peft.method == "lora"
+    t5 = tiny_chat.save_tiny_t5(tmp_path / "t5")
+    job = load_job(ROOT / "jobs" / "t5_seq2seq.yaml", [
+        f"model.name={t5}", f"data.train={ROOT / raw.data.train}", f"data.validation={ROOT / raw.data.validation}",
+    ])
+    check_model(job)
+    assert check_data(job).splits["validation"].num_rows == 16
+    import pyarrow.json as pj
+
+    from engine.models.loading import load_tokenizer
+
+    table = pj.read_json(job.data.train).slice(0, 8).to_pydict()
+    out = encode_pairs({k: object_column(v) for k, v in table.items()}, tokenizer=load_tokenizer(str(t5)),
+                       columns=layout_columns(job.data), max_length=job.data.max_length)
+    assert ((out["labels"] != IGNORE_INDEX).sum(axis=1) > 1).all()  # every target has its tokens and EOS
