@@ -1,9 +1,10 @@
-"""Evaluating an exported model folder (merged model or PEFT adapter) on tokenized batches."""
+"""Evaluating an exported model folder (merged model or PEFT adapter) on tokenized batches, and the
+helpers that let the workers' validation pass count every row exactly once."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,41 @@ def evaluate_model(
         batch = {k: v.to(device) for k, v in batch.items()}
         metrics.update(model(**batch), batch)
     return metrics.compute()
+
+
+def sum_across_workers(value: int, device: torch.device) -> int:
+    """``value`` summed over every worker of the process group (itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def in_lockstep(batches: list[dict[str, torch.Tensor]], device: torch.device) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """This worker's validation batches as ``(batch, counted)``, then uncounted repeats until it runs as many
+    forwards as the busiest worker.
+
+    Validation rows are split unevenly (every row on exactly one worker), so workers may hold different
+    numbers of batches. Where every forward is collective (DeepSpeed ZeRO-3 gathers the parameters in each),
+    all workers must run the same number of forwards, so the counts are exchanged before the first one
+    (which is why the batches come as a list). A short worker repeats its first batch, or one borrowed from
+    the first worker that has any.
+    """
+    import torch.distributed as dist
+
+    own = [(batch, True) for batch in batches]
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return own
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(batches)], dtype=torch.int64, device=device))
+    counts = [int(c.item()) for c in counts]
+    template = batches[0] if batches else None
+    if min(counts) == 0 and max(counts) > 0:  # a worker without any batch borrows the first one's
+        src = next(rank for rank, c in enumerate(counts) if c > 0)
+        holder = [{k: v.cpu() for k, v in template.items()} if dist.get_rank() == src else None]
+        dist.broadcast_object_list(holder, src=src)
+        template = template if template is not None else holder[0]
+    return own + [(template, False)] * (max(counts) - len(batches))

@@ -29,6 +29,7 @@ from engine.checkpoint import (
 )
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
+from engine.evaluate import in_lockstep, sum_across_workers
 from engine.models.prepare import prepare_model
 from engine.faults import after_step, audit
 from engine.generation import AnswerProbe
@@ -123,14 +124,19 @@ class ValidationBatches:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Any, job: JobSpec, num_labels: int | None, device: torch.device, amp_dtype) -> dict[str, float]:
-    """One pass over this worker's validation batches; metrics reduced across workers."""
+    """One pass over this worker's validation rows (every row is on exactly one worker, see
+    ``cluster.data.EveryRowDataConfig``); metrics reduced across workers, ``rows`` counted over all of them."""
     model.eval()
     metrics = build_metrics(job, num_labels, device, model, amp_dtype)
-    for batch in batches:
+    lockstep = partitions_parameters(job)  # ZeRO-3: every forward is collective, so all workers run as many
+    uncounted = build_metrics(job, num_labels, device, model, amp_dtype) if lockstep else None
+    rows = 0
+    for batch, counted in in_lockstep(list(batches), device) if lockstep else ((b, True) for b in batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        metrics.update(loss_step(model, batch, amp_dtype, device), batch)
+        (metrics if counted else uncounted).update(loss_step(model, batch, amp_dtype, device), batch)
+        rows += batch_rows(batch) if counted else 0
     model.train()
-    return metrics.compute()
+    return {**metrics.compute(), "rows": sum_across_workers(rows, device)}
 
 
 def progress_line(step: int, total: int, loss: float, eta_s: float, width: int = 24) -> str:
