@@ -67,9 +67,12 @@ class _OwnWarnings(logging.Filter):
 def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
     """Send this process's logging (Ray's, Ray Data's, transformers', Python warnings) to
     ``logs/driver.log`` in the run folder; the console keeps shoulders' warnings and every error.
-    Does nothing with ``--verbose``. Returns the log file."""
+    Handlers that write elsewhere (a test's log capture) stay; a second run in the same process replaces
+    the first one's. Does nothing with ``--verbose``. Returns the log file."""
     if is_verbose():
         return None
+    import ray.data  # noqa: F401  (Ray and Ray Data set up their loggers when imported: rewire them after)
+
     folder = log_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / DRIVER_LOG
@@ -79,9 +82,15 @@ def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
     to_console.setLevel(logging.WARNING)
     to_console.addFilter(_OwnWarnings())
     to_console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    for handler in (to_file, to_console):
+        handler.shoulders = True  # type: ignore[attr-defined]
     root = logging.getLogger()
+    console_streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if getattr(handler, "shoulders", False) or (
+            type(handler) is logging.StreamHandler and id(getattr(handler, "stream", None)) in console_streams
+        ):
+            root.removeHandler(handler)
     root.addHandler(to_file)
     root.addHandler(to_console)
     root.setLevel(logging.INFO)
@@ -90,7 +99,9 @@ def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
     for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")] + ["ray", "ray.data"]:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if getattr(handler, "shoulders", False) or (
+                isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            ):
                 logger.removeHandler(handler)
         if logger.handlers or name == "ray":
             logger.addHandler(to_file)
@@ -158,12 +169,21 @@ def bar_line(step: int, total: int, loss: float | None, eta_s: float | None, wid
     return text
 
 
+COUNTS = ("val_rows",)
+"""Reported numbers that are counts, not metrics: left out of the evaluation lines and the table."""
+
+
+def metric_keys(metrics: dict[str, Any]) -> list[str]:
+    """The validation metrics of a report, in order (counts left out)."""
+    return [k for k, v in metrics.items() if k.startswith("val_") and k not in COUNTS and isinstance(v, (int, float))]
+
+
 def eval_line(metrics: dict[str, Any]) -> str:
     """One line per evaluation: step, training loss and the validation metrics."""
     parts = [f"eval @ step {metrics.get('step')}"]
     if "train_loss" in metrics:
         parts.append(f"train_loss {metrics['train_loss']:.4f}")
-    parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))]
+    parts += [f"{k} {metrics[k]:.4f}" for k in metric_keys(metrics)]
     return "  ".join(parts)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cluster.console import COUNTS, metric_keys
 from engine.config import JobSpec
 
 
@@ -21,7 +22,7 @@ def text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
 
 def summary_table(summary: Any, scratch: Any | None = None) -> list[str]:
     """Best validation and test metrics of the run (and of the from-scratch twin) as table lines."""
-    keys = [k for k in summary.best if k.startswith("val_")] + [f"test_{k}" for k in (summary.test or {})]
+    keys = metric_keys(summary.best) + [f"test_{k}" for k in (summary.test or {}) if f"val_{k}" not in COUNTS]
     rows = []
     for label, run in [("pre-trained", summary)] + ([("from scratch", scratch)] if scratch else []):
         values = {**run.best, **{f"test_{k}": v for k, v in (run.test or {}).items()}}

@@ -88,7 +88,7 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
     cluster = as_client
     # 1. A long job: stop it once its training workers run. The cluster stays usable.
     long_id = submit_id(capsys, [str(job_file), "name=long-run", "optim.max_steps=100000"])
-    wait_for_log(cluster, long_id, "runs on node", timeout_s=600)
+    wait_for_log(cluster, long_id, "trainable (", timeout_s=600)  # the console line once training rank 0 started
     assert main(["stop", long_id]) == 0
     assert main(["status", long_id]) == 3  # STOPPED
     assert "STOPPED" in capsys.readouterr().out
