@@ -173,3 +173,37 @@ def test_label_counts_and_judging_a_run_from_files(tmp_path):
     on_val = judge_run(job, no_test, None, {"val_accuracy": 0.75, "step": 3})
     assert on_val.evaluated_on == "validation" and on_val.n == 8
     assert run_baselines(job, DataInfo(splits=splits, labels=None), "test") is None  # not classification
+
+
+def test_scratch_lr_search_picks_the_best_candidate_on_validation(tmp_path, monkeypatch):
+    import cluster.trainer
+
+    ran = []
+
+    def fake_run(job, info):  # validation accuracy peaks at lr 3e-3; the lr 1e-1 candidate diverges
+        ran.append(job)
+        if job.finetune.head_lr == 1e-1:
+            raise RuntimeError("loss is nan")
+        return SimpleNamespace(best={"val_accuracy": {1e-3: 0.5, 3e-3: 0.7}[job.finetune.head_lr]}, test={"accuracy": 0.6})
+
+    monkeypatch.setattr(cluster.trainer, "run_training", fake_run)
+    job = build_job({"name": "j", "model": {"name": "m", "labels": LABELS}, "data": {"train": "t.parquet"},
+                     "optim": {"epochs": 2, "batch_size": 10}, "scaling": {"num_workers": 1},
+                     "safeguards": {"scratch_lrs": [1e-3, 3e-3, 1e-1]}, "output": {"dir": str(tmp_path)}})
+    info = DataInfo(splits={"train": SplitInfo("train", ["t.parquet"], "parquet", 200)}, labels=LABELS)
+    from cluster.transfer import train_scratch_twin
+
+    summary, search = train_scratch_twin(job, info, tmp_path / "scratch")
+    # 200 rows / 10 per step x 2 epochs = 40 steps; each candidate trains 25% of them, without export
+    assert [j.finetune.head_lr for j in ran] == [1e-3, 3e-3, 1e-1, 3e-3]
+    assert all(j.optim.max_steps == 10 and j.output.export == "none" for j in ran[:3])
+    assert [j.output_dir for j in ran[:3]] == [tmp_path / "scratch" / f"lr-{i}" for i in range(3)]
+    twin = ran[3]
+    assert twin.optim == job.optim and twin.output_dir == tmp_path / "scratch" and twin.output.export == "merged"
+    assert search.chosen == 3e-3 and search.scores == [0.5, 0.7, None] and (search.steps, search.total_steps) == (10, 40)
+    assert summary.test == {"accuracy": 0.6}
+    # a fraction of 1: each candidate trains the whole budget and the best run is the twin (no fifth run)
+    ran.clear()
+    full = job.model_copy(update={"safeguards": job.safeguards.model_copy(update={"scratch_search_fraction": 1.0})})
+    _, search = train_scratch_twin(full, info, tmp_path / "scratch-full")
+    assert len(ran) == 3 and all(j.optim == job.optim and j.output.export == "merged" for j in ran) and search.chosen == 3e-3
