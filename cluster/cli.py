@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cluster.trainer import run_training
 
     summary = run_training(job, info)
-    from cluster.transfer import judge_run, print_verdict, train_scratch_twin, write_verdict
+    from cluster.transfer import add_to_run_report, judge_run, print_verdict, train_scratch_twin, write_verdict
 
     scratch, search = None, None
     if args.compare_scratch or job.safeguards.compare_scratch:  # the fair twin, with its own learning rate
@@ -145,6 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if verdict is not None:
         print_verdict(verdict, search)
         write_verdict(job.output_dir, verdict, search)
+        add_to_run_report(job.output_dir / "report.md", verdict, search)  # the same section as the search's report
     return 0
 
 

@@ -182,3 +182,17 @@ def write_verdict(out_dir: Path, verdict: TransferVerdict, search: ScratchSearch
     tmp.write_text(json.dumps({**verdict.to_dict(), "scratch_lr_search": asdict(search) if search else None}, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSearch | None = None) -> Path | None:
+    """Put the verdict section (as in the search's report) into a run's ``report.md``, replacing an earlier
+    one; nothing when the run wrote no report."""
+    from cluster.tune_report import _write_atomic, verdict_section
+
+    if not report.is_file():
+        return None
+    text = report.read_text()
+    head, found, rest = text.partition("## Transfer verdict")
+    tail = rest[rest.index("\n## ") + 1:] if found and "\n## " in rest else ""
+    section = "\n".join(verdict_section((verdict, search)))
+    return _write_atomic(report, head.rstrip("\n") + "\n\n" + section + ("\n" + tail if tail else ""))

@@ -152,6 +152,8 @@ class TuneOutcome:
     best_checkpoint: str | None = None
     note: str | None = None
     """Why the chosen trial (the first row) is not the highest-scoring one, when it is not."""
+    validation_rows: int | None = None
+    """Rows the trials were ranked on (the noise of their comparisons)."""
 
 
 def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool) -> Any:
@@ -235,7 +237,7 @@ def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -
     sign = 1 if mode == "max" else -1
     rows.sort(key=lambda r: -sign * r["best"] if r["best"] is not None else math.inf)
     rows, note = keep_incumbent(rows, _base_point_or_none(job), mode, validation_rows(job, info))
-    outcome = TuneOutcome(out_dir=job.output_dir, trials=rows, histories=histories, note=note)
+    outcome = TuneOutcome(out_dir=job.output_dir, trials=rows, histories=histories, note=note, validation_rows=validation_rows(job, info))
     if rows and rows[0]["best"] is not None:
         best = rows[0]
         outcome.best_job = trial_job(base_raw, best["overrides"])
@@ -298,6 +300,9 @@ def trial_row(
         and last.get("stop_reason") is None,
         "forgetting": last.get("forgetting"),
         "train_val_gap": last.get("train_val_gap"),
+        "freeze_depth": job.finetune.freeze_depth or 0,  # as the trial ran (presets filled): for the report
+        "peft_method": job.peft.method,
+        "backbone_lr_ratio": job.finetune.backbone_lr_ratio,
         "error": str(error).splitlines()[0][:200] if error else None,
     }
 
@@ -389,7 +394,9 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
     write_results_csv(out / RESULTS_FILE, outcome.trials)
     if outcome.best_job is not None:
         write_best_job(out / "best_job.yaml", outcome.best_job, out)
-    plots = plot_results(out, outcome.trials, outcome.histories, tune_metric(job), depth)
+    baselines = verdict[0].baselines if verdict is not None else None  # chance line on accuracy plots
+    chance = baselines.best if baselines is not None and tune_metric(job) == "val_accuracy" else None
+    plots = plot_results(out, outcome.trials, outcome.histories, tune_metric(job), depth, chance, tune_mode(job))
     report = write_report(out, job, outcome, depth, test, verdict, plots, elapsed_s, job_path)
     print_ranked(outcome.trials, tune_metric(job))
     if outcome.note:

@@ -60,53 +60,111 @@ def recommendation(n_frozen: int, depth: int, peft_method: str) -> tuple[str, st
     if peft_method != "none":
         return "parameter-efficient fine-tuning", f"adapters ({peft_method}) on the top {depth - n_frozen} of {depth} blocks; the base weights stay frozen."
     if n_frozen >= depth:
-        return "feature extraction", "freeze the whole backbone and train the head: the pre-trained features already fit this task."
+        return "feature extraction", "freeze the whole backbone and train the head."
     if n_frozen == 0:
-        return "full fine-tuning", "every block learns: the task differs enough from the source that all layers adapt."
+        return "full fine-tuning", "fine-tune every block with the head."
     return "light fine-tuning", f"freeze the bottom {n_frozen} of {depth} blocks and fine-tune the top {depth - n_frozen} with the head."
 
 
 def plot_results(out_dir: Path, rows: list[dict[str, Any]], histories: dict[str, list[dict[str, Any]]], metric: str,
-                 depth: int | None) -> list[Path]:
-    """PNG plots: best metric against freeze depth and against backbone LR ratio; learning curves of the top trials."""
+                 depth: int | None, chance: float | None = None, mode: str = "max") -> list[Path]:
+    """PNG plots: the metric against freeze depth and against backbone LR ratio, and learning curves.
+
+    The scatter plots show every trial twice: at the budget all of them reached (equal budget; ASHA stops
+    trials at different steps) and at its best within its own budget (steps written beside it). Trials for
+    which the LR ratio means nothing (fully frozen backbone, adapters only) are left out of its plot. The
+    chosen trial is a star; ``chance`` (the better of chance and majority, for accuracy) is a dashed line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cluster.tune_evidence import best_up_to, trial_strategy
+
     scored = [r for r in rows if r["best"] is not None]
+    if not scored:
+        return []
+    chosen = rows[0]["trial_id"]
+    equal_step = min(int(r.get("last_step") or 0) for r in scored)
     paths = []
     for key, name, log_x in (("finetune.freeze_depth", "metric_vs_freeze_depth.png", False),
                              ("finetune.backbone_lr_ratio", "metric_vs_lr_ratio.png", True)):
-        points = [(resolve_value(key, r["overrides"].get(key), depth), r["best"], r["stopped_early"]) for r in scored]
-        points = [p for p in points if p[0] is not None]
+        kept = [r for r in scored if key != "finetune.backbone_lr_ratio"
+                or trial_strategy(r, depth)[0] not in ("feature extraction", "parameter-efficient fine-tuning")]
+        points = [(resolve_value(key, r["overrides"].get(key), depth), r) for r in kept]
+        points = [(x, r) for x, r in points if x is not None]
         if not points:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early (ASHA)")):
-            sel = [p for p in points if p[2] == stopped]
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        at_equal = [(x, best_up_to(histories.get(r["trial_id"], []), metric, mode, equal_step)) for x, r in points]
+        at_equal = [(x, y) for x, y in at_equal if y is not None]
+        if at_equal:
+            ax.scatter(*zip(*at_equal), facecolors="none", edgecolors="tab:blue", s=60, label=f"every trial at step {equal_step} (equal budget)")
+        for stopped, marker, label in ((False, "o", "best in its own budget, ran to the end"), (True, "x", "best in its own budget, stopped early (ASHA)")):
+            sel = [(x, r) for x, r in points if bool(r["stopped_early"]) == stopped]
             if sel:
-                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, label=label)
+                ax.scatter([x for x, _ in sel], [r["best"] for _, r in sel], marker=marker, color="tab:orange", label=label)
+        for x, r in points:
+            ax.annotate(f"{r.get('last_step')} steps", (x, r["best"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
+            if r["trial_id"] == chosen:
+                ax.scatter([x], [r["best"]], marker="*", s=220, color="tab:red", zorder=3, label=f"chosen trial {chosen}")
+        _chance_and_limits(ax, [y for _, y in at_equal] + [r["best"] for _, r in points], chance, metric)
         if log_x:
             ax.set_xscale("log")
+        dropped = len(scored) - len(kept)
+        ax.set_title(f"{len(points)} trials" + (f"; {dropped} left out: fully frozen or adapter-only, the ratio means nothing there" if dropped else ""), fontsize=8)
         ax.set_xlabel(key)
-        ax.set_ylabel(f"best {metric}")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
         fig.tight_layout()
         paths.append(_save_fig(fig, out_dir / name))
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for row in scored[:5]:
+    curves = scored[:5] + [r for r in scored[5:] if r["trial_id"] == chosen]
+    fig, ax = plt.subplots(figsize=(7, 4.0 + 0.22 * len(curves)))
+    values = []
+    for row in curves:
         curve = [(h["step"], h[metric]) for h in histories.get(row["trial_id"], []) if h.get(metric) is not None]
         if curve:
-            ax.plot(*zip(*curve), marker=".", label=f"{row['trial_id']}: {row['command'][:40]}")
+            values += [y for _, y in curve]
+            mine = row["trial_id"] == chosen
+            ax.plot(*zip(*curve), marker=".", linewidth=2.5 if mine else 1.2, label=("chosen " if mine else "") + legend_label(row))
+    _chance_and_limits(ax, values, chance, metric)
+    ax.axvline(equal_step, color="gray", linewidth=0.8, linestyle=":", label=f"step {equal_step}: every trial got this far")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     fig.tight_layout()
     paths.append(_save_fig(fig, out_dir / "learning_curves.png"))
     plt.close(fig)
     return paths
+
+
+SHORT_KEYS = {"finetune.freeze_depth": "depth", "finetune.backbone_lr_ratio": "lr_ratio", "finetune.head_lr": "head_lr",
+              "finetune.strategy": "strategy", "peft.method": "peft"}
+
+
+def legend_label(row: dict[str, Any]) -> str:
+    """A trial's id and every setting it varies, short but whole: ``ab12_00003: head_lr=0.0012 lr_ratio=0.31 depth=2``."""
+    def show(value: Any) -> str:
+        return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+    settings = " ".join(f"{SHORT_KEYS.get(k, k)}={show(v)}" for k, v in sorted(row["overrides"].items()))
+    return f"{row['trial_id']}: {settings}" if settings else row["trial_id"]
+
+
+def _chance_and_limits(ax: Any, values: list[float], chance: float | None, metric: str) -> None:
+    """The chance line, and for metrics in 0..1 a y range of at least 0.2 that includes it, so noise
+    around chance does not fill the plot like structure."""
+    from engine.safeguards_transfer import PROPORTION_METRICS
+
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance / majority class {chance:.3f}")
+        values = values + [chance]
+    if values and metric.removeprefix("val_") in PROPORTION_METRICS:
+        low, high = min(values), max(values)
+        pad = max(0.2 - (high - low), 0.0) / 2 + 0.02
+        ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
 
 
 def _save_fig(fig: Any, path: Path) -> Path:
@@ -172,10 +230,18 @@ def write_report(
             lines.append(f"- forgetting delta (retention set, last evaluation vs step 0; {unit}): {best['forgetting']:.4f}")
         if best.get("train_val_gap") is not None:
             lines.append(f"- train/validation loss gap (last evaluation): {best['train_val_gap']:.4f}")
-        lines += ["", *verdict_section(verdict)]
-        lines += ["## Recommendation", "", f"**{name}**: {advice}", ""]
-        if verdict is not None and verdict[0].flagged:
-            lines += [f"But: {verdict[0].advice}", ""]
+        lines += ["", *verdict_section(verdict), "## Recommendation", ""]
+        if verdict is not None and verdict[0].verdict == "no_signal":
+            lines += [f"None: {verdict[0].advice}", ""]
+        else:
+            from cluster.tune_evidence import compare_strategies, recommendation_lines
+            from cluster.tune_space import tune_mode
+
+            num_val = getattr(outcome, "validation_rows", None)
+            comparisons = compare_strategies(rows, outcome.histories, metric, tune_mode(job), depth, num_val)
+            lines += recommendation_lines(name, advice, comparisons, metric, num_val)
+            if verdict is not None and verdict[0].flagged:
+                lines += [f"But: {verdict[0].advice}", ""]
     lines += ["## Trials (chosen first, then best first)" if getattr(outcome, "note", None) else "## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting |",
               "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(rows, 1):

@@ -207,3 +207,16 @@ def test_scratch_lr_search_picks_the_best_candidate_on_validation(tmp_path, monk
     full = job.model_copy(update={"safeguards": job.safeguards.model_copy(update={"scratch_search_fraction": 1.0})})
     _, search = train_scratch_twin(full, info, tmp_path / "scratch-full")
     assert len(ran) == 3 and all(j.optim == job.optim and j.output.export == "merged" for j in ran) and search.chosen == 3e-3
+
+
+def test_verdict_section_goes_into_the_run_report_once(tmp_path):
+    from cluster.transfer import add_to_run_report
+
+    assert add_to_run_report(tmp_path / "report.md", verdict(0.45, 0.70, baselines=BASE)) is None  # no report: nothing
+    report = tmp_path / "report.md"
+    report.write_text("# Run report\n\n## Metrics\n\nval 0.5\n")
+    add_to_run_report(report, verdict(0.45, 0.70, baselines=BASE))
+    add_to_run_report(report, verdict(0.80, 0.50, baselines=BASE))  # a rerun replaces the section
+    text = report.read_text()
+    assert text.startswith("# Run report\n\n## Metrics\n\nval 0.5\n\n## Transfer verdict")
+    assert text.count("## Transfer verdict") == 1 and "**transfer verdict: positive transfer**" in text and "negative" not in text

@@ -167,6 +167,7 @@ def test_quickstart_tune_job_searches_valid_keys_one_trial_at_a_time_on_two_core
     n = shtune.compute_concurrency(2, 0, job.scaling.num_workers, job.scaling.cpus_per_worker, False, job.tune.data_cpus)
     assert n == 1
     assert job.tune.scheduler == "asha" and job.optim.epochs == load_job(path.with_name("quickstart.yaml")).optim.epochs
+    assert job.safeguards.compare_scratch  # the shipped search measures the gain over scratch
 
 
 def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_path):
