@@ -1,5 +1,6 @@
 """Instruction tuning end to end through Ray: prompt/completion and chat on a tiny instruct model, answers
-generated at every evaluation into the run folder, and the export answering through ``shoulders generate``."""
+generated at every evaluation into the run folder, and the export answering through ``shoulders generate``; T5-style
+text seq2seq the same way."""
 
 from __future__ import annotations
 
@@ -101,3 +102,22 @@ def test_chat_with_lora_trains_the_assistant_turns_and_the_adapter_export_answer
     prompts = tmp_path / "chats.jsonl"
     prompts.write_text("".join(json.dumps({"messages": row["messages"][:-1]}) + "\n" for row in validation))
     assert generate_jsonl(export, prompts, capsys) == [r["answer"] for r in last]
+
+
+def test_t5_seq2seq_trains_generates_and_the_adapter_export_answers_alike(instruct, tmp_path, capsys):
+    _, data = instruct
+    t5 = tiny_chat.save_tiny_t5(tmp_path / "t5")
+    job = base_job(t5, tmp_path, train=str(data["pc_train"]), validation=str(data["pc_validation"]), layout="prompt_completion")
+    job["model"]["task"] = "seq2seq"
+    job.update(finetune={"strategy": "lora", "head_lr": 5e-2}, peft={"r": 8, "target_modules": ["q", "k", "v", "o", "wi", "wo"]})
+    job["output"]["export"] = "adapter"
+    metrics = run_job(tmp_path, job)
+    history = metrics["history"]
+    assert len(history) == 2 and history[-1]["val_loss"] < history[0]["val_loss"]
+    validation = read_jsonl(data["pc_validation"])[:4]
+    last = check_generations(tmp_path, history, [row["completion"] for row in validation])
+    assert [r["prompt"] for r in last] == [row["prompt"] for row in validation]
+    assert (tmp_path / "out" / "model" / "adapter_config.json").is_file()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(row["prompt"] + "\n" for row in validation))
+    assert generate_jsonl(tmp_path / "out" / "model", prompts, capsys) == [r["answer"] for r in last]
