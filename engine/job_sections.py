@@ -145,7 +145,7 @@ class DataSpec(Section):
 class FinetuneSpec(Section):
     strategy: Strategy | None = None
     """Preset that fills the fields below when they are not set: ``feature_extraction`` (freeze the whole
-    backbone, train the head), ``light`` (train the top 2 blocks and the head), ``full`` (train everything,
+    backbone, train the head as a linear probe at ``head_lr`` 1e-2), ``light`` (train the top 2 blocks and the head), ``full`` (train everything,
     backbone at ``backbone_lr_ratio``), ``lora`` (LoRA adapters on every block, base weights frozen)."""
     freeze_depth: int | Literal["all"] | None = None
     """Number of bottom transformer blocks to freeze; ``all`` freezes every block, a negative number -k

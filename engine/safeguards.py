@@ -4,7 +4,9 @@
   (:func:`scratch_job`) and the verdicts against it and against chance (:func:`judge_transfer`).
 - *Forgetting*: :class:`RetentionProbe` measures a retention set at step 0 and at every evaluation, with the
   source objective where the model keeps it (causal-LM loss) or else representation drift (1 - linear CKA
-  of mean-pooled last hidden states against the step-0, i.e. pre-trained, features).
+  of mean-pooled last hidden states against the step-0, i.e. pre-trained, features). On
+  ``safeguards.retention_data`` (text like the source, apart from the task) that is ``forgetting``; on the
+  target's own rows (no retention data) it is named ``drift``: the model moving, not losing the source.
 - *Overfitting*: the train/validation loss gap, dropout and token-dropout augmentation.
 - *Gradual unfreezing*: :class:`GradualUnfreezer` unfreezes one more block from the top every k steps.
 
@@ -234,10 +236,19 @@ class Safeguards:
         out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.probe:
             out.update(self.probe.delta(model))
+            name = drift_or_forgetting(self.job)
+            if name == "drift":  # measured on the target's own rows: representation drift, not forgetting
+                out["drift"] = out.pop("forgetting")
             limit = self.job.safeguards.max_forgetting
-            if limit is not None and out["forgetting"] > limit:
-                self.stop_reason = f"forgetting {out['forgetting']:.4f} exceeded safeguards.max_forgetting {limit}"
+            if limit is not None and out[name] > limit:
+                self.stop_reason = f"{name} {out[name]:.4f} exceeded safeguards.max_forgetting {limit}"
         return out
+
+
+def drift_or_forgetting(job: JobSpec) -> str:
+    """What the retention probe measures: ``forgetting`` of the source on ``safeguards.retention_data``
+    (source-like text apart from the task), or ``drift`` when it falls back to the target's own rows."""
+    return "forgetting" if job.safeguards.retention_data else "drift"
 
 
 @contextmanager

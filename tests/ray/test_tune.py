@@ -1,6 +1,6 @@
 """``shoulders tune`` and the safeguards on a local Ray with tiny models.
 
-- a 2-trial grid over the backbone LR ratio: results file, best job, report and plots; the forgetting delta
+- a 2-trial grid over the backbone LR ratio: results file, best job, report and plots; the drift
   rises from ratio 0.01 to 1 (issue item 4);
 - gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule (item 5);
 - the tune driver killed mid-search and ``--resume``d: finished trials are not rerun, the unfinished one
@@ -59,8 +59,8 @@ def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, t
     rows = read_results_csv(out / "tune_results.csv")
     assert len(rows) == 2 and {r["finetune.backbone_lr_ratio"] for r in rows} == {"0.01", "1.0"}
     assert all(r["iterations"] == "3" and r["stopped_early"] == "False" and not r["error"] for r in rows)
-    forgetting = {float(r["finetune.backbone_lr_ratio"]): float(r["forgetting"]) for r in rows}
-    assert 0.0 <= forgetting[0.01] < forgetting[1.0]  # item 4: the backbone LR ratio drives forgetting
+    drift = {float(r["finetune.backbone_lr_ratio"]): float(r["drift"]) for r in rows}  # no retention_data: target rows
+    assert 0.0 <= drift[0.01] < drift[1.0]  # item 4: the backbone LR ratio drives how far the backbone moves
     for name in ("best_job.yaml", "report.md", "metric_vs_lr_ratio.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 0
     from engine.config import load_job
@@ -68,7 +68,8 @@ def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, t
     best = load_job(out / "best_job.yaml")
     assert best.finetune.backbone_lr_ratio == float(rows[0]["finetune.backbone_lr_ratio"])
     report = (out / "report.md").read_text()
-    assert "forgetting delta" in report and "train/validation loss gap" in report and "Recommendation" in report
+    assert "drift on target data" in report and "train/validation loss gap" in report and "Recommendation" in report
+    assert "## Transfer verdict" in report and (out / "transfer.json").is_file()  # judged against chance, no twin
     assert (out / "model" / "config.json").exists()  # the best trial exported and tested
 
 

@@ -106,7 +106,8 @@ def test_forgetting_rises_with_the_backbone_lr_ratio(tiny_bert, tmp_path, topic_
     for ratio in (0.01, 1.0):
         job = job_for(tiny_bert, tmp_path, finetune={"strategy": "full", "head_lr": 3e-3, "backbone_lr_ratio": ratio})
         metrics, _, _ = train_steps(job, topic_rows)
-        deltas[ratio] = metrics["forgetting"]
+        assert "forgetting" not in metrics  # no retention_data: the probe ran on target rows, which is drift
+        deltas[ratio] = metrics["drift"]
     assert 0.0 <= deltas[0.01] < deltas[1.0]
     assert deltas[1.0] > 3 * deltas[0.01]
 
@@ -195,3 +196,10 @@ def test_train_val_gap_and_forgetting_limit_stop(tiny_bert, tmp_path, topic_rows
             p.add_(torch.randn_like(p))
     guard.on_eval(prepared.model, {})
     assert guard.stop_reason and "max_forgetting" in guard.stop_reason
+
+
+def test_retention_data_measures_forgetting_target_rows_measure_drift(tiny_bert, tmp_path, topic_rows):
+    job = job_for(tiny_bert, tmp_path, finetune={"strategy": "full", "head_lr": 3e-3, "backbone_lr_ratio": 1.0},
+                  safeguards={"retention_data": str(tmp_path / "general.parquet")})
+    metrics, _, _ = train_steps(job, topic_rows, steps=5)
+    assert metrics["forgetting"] > 0 and "drift" not in metrics
