@@ -44,7 +44,9 @@ def is_verbose() -> bool:
 
 def ray_init_kwargs() -> dict[str, Any]:
     """``ray.init`` arguments for this console: worker output reaches the driver only with ``--verbose``."""
-    return {"log_to_driver": is_verbose()}
+    if is_verbose():
+        return {"log_to_driver": True}
+    return {"log_to_driver": False, "configure_logging": False}  # Ray's loggers keep going to logs/driver.log
 
 
 def say(text: str, stream: TextIO | None = None) -> None:
@@ -95,18 +97,15 @@ def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
     root.addHandler(to_console)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    # Ray's and Ray Data's loggers print through handlers of their own: send them to the file instead.
-    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")] + ["ray", "ray.data"]:
+    # Ray's and Ray Data's loggers print through console handlers of their own and do not propagate: drop
+    # those and let them propagate to the handlers above (``ray.init(configure_logging=False)`` then clears
+    # the "ray" logger's handlers and leaves it so; their own session log files stay).
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")] + ["ray"]:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
-            if getattr(handler, "shoulders", False) or (
-                isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
-            ):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
-        if logger.handlers or name == "ray":
-            logger.addHandler(to_file)
-            logger.addHandler(to_console)
-            logger.propagate = False
+        logger.propagate = True
     quiet_transformers()
     divert_raylet_warnings()
     return path

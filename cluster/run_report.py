@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster.console import log_dir
+from cluster.console import log_dir, metric_keys
 from cluster.tune_report import _save_fig, _write_atomic
 
 CURVES = "curves.png"
@@ -90,12 +90,12 @@ def write_run_report(job: Any, info: Any, summary: Any) -> tuple[Path, Path]:
         lines += ["", f"{len(info.labels)} labels: {', '.join(info.labels)}"]
     lines += ["", "## Parameter groups", "", *group_lines(layout, summary.history)]
     lines += ["", "## Results", "", f"- best validation (step {summary.best.get('step')}): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in summary.best.items() if k.startswith("val_") and isinstance(v, (int, float)))]
+              + ", ".join(f"{k} {summary.best[k]:.4f}" for k in metric_keys(summary.best))]
     if summary.test:
         lines.append("- test (exported model): " + ", ".join(f"{k} {v:.4f}" for k, v in summary.test.items()))
     if summary.export_dir:
         lines.append(f"- exported model: `{summary.export_dir}`")
-    lines += ["", "## Safeguards", "", *safeguard_lines(summary.history)]
+    lines += ["", "## Safeguards", "", *safeguard_lines(summary.history)]  # the transfer verdict is added after the run
     lines += ["", "## Curves", "", f"![curves]({CURVES})", "", "## Logs", "",
               f"- driver and workers: `{log_dir(job.output_dir)}` (`driver.log`, `worker-<rank>.log`)",
               f"- metrics: `{out / 'metrics.json'}`; TensorBoard: `tensorboard --logdir {out}`" if job.tracking.tensorboard else
@@ -110,10 +110,3 @@ def safeguard_lines(history: list[dict[str, Any]]) -> list[str]:
     found = [f"- {k}: {v:.4f}" for k, v in last.items() if k.startswith(SAFEGUARD_KEYS) and isinstance(v, (int, float))]
     return found or ["- no safeguard measured a problem worth a number at the last evaluation"]
 
-
-def add_report_section(out_dir: Path, title: str, lines: list[str]) -> Path | None:
-    """Append a section (the transfer verdict, decided after the run) to the run's ``report.md``."""
-    path = Path(out_dir) / REPORT
-    if not path.is_file():
-        return None
-    return _write_atomic(path, path.read_text() + "\n".join(["", f"## {title}", "", *lines]) + "\n")

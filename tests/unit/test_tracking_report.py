@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.run_report import add_report_section, write_run_report
+from cluster.run_report import write_run_report
 from cluster.tracking import TB_DIR, Tracker
 from engine.config import build_job
 
@@ -78,5 +78,3 @@ def test_every_run_gets_curves_and_a_report(tmp_path):
                      "best validation (step 6): val_loss 0.2000, val_accuracy 0.9000", "test (exported model): accuracy 0.8750",
                      "train_val_gap: 0.0333", "![curves](curves.png)", str(tmp_path / "run" / "logs"), "22,115"):
         assert expected in text, expected
-    add_report_section(tmp_path / "run", "Transfer verdict", ["positive transfer (margin 0.2)"])
-    assert report.read_text().endswith("## Transfer verdict\n\npositive transfer (margin 0.2)\n")
