@@ -7,7 +7,8 @@ import logging
 import warnings
 from types import SimpleNamespace
 
-from cluster.console import ProgressPrinter, bar_line, route_driver_logs, set_verbose
+from cluster.console import ProgressPrinter, bar_line, set_verbose
+from cluster.driver_logs import route_driver_logs
 from cluster.report import summary_table, text_table
 from engine.worker_console import worker_log_file
 
