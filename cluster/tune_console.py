@@ -3,6 +3,7 @@ Ray Tune's status boxes (``RunConfig(verbose=0)``; ``--verbose`` brings them bac
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
@@ -12,8 +13,13 @@ from cluster.console import format_duration, is_verbose
 
 
 def tune_verbosity() -> int:
-    """Ray Tune's own status output: none, unless ``--verbose``."""
-    return 1 if is_verbose() else 0
+    """Ray Tune's own status output: none, unless ``--verbose``. (Tune's newer output prints its
+    configuration box and result paths even at ``verbose=0``; its classic reporter, chosen by
+    ``RAY_AIR_NEW_OUTPUT=0``, prints nothing at 0.)"""
+    if is_verbose():
+        return 1
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return 0
 
 
 def override_text(overrides: dict[str, Any]) -> str:
