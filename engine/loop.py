@@ -128,7 +128,9 @@ def evaluate(model: nn.Module, batches: Any, job: JobSpec, num_labels: int | Non
     ``cluster.data.EveryRowDataConfig``); metrics reduced across workers, ``rows`` counted over all of them."""
     model.eval()
     metrics = build_metrics(job, num_labels, device, model, amp_dtype)
-    lockstep = partitions_parameters(job)  # ZeRO-3: every forward is collective, so all workers run as many
+    # Every forward is collective under ZeRO-3 (parameters gathered) and DDP (buffers broadcast): all workers
+    # must run as many, or the one with more batches waits forever for the others.
+    lockstep = partitions_parameters(job) or isinstance(model, nn.parallel.DistributedDataParallel)
     uncounted = build_metrics(job, num_labels, device, model, amp_dtype) if lockstep else None
     rows = 0
     for batch, counted in in_lockstep(list(batches), device) if lockstep else ((b, True) for b in batches):
