@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import zlib
 from typing import Any
@@ -25,7 +24,6 @@ from engine.packing import group_rows_by_length, length_grouping_window
 from engine.seq2seq import encode_pairs
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
-log = logging.getLogger(__name__)
 READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
 
 
@@ -177,7 +175,9 @@ def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.
     """Count (one streaming pass) and log the training rows cut to ``data.max_length``, then drop the marks."""
     cut = train.sum(TRUNCATED) or 0
     if cut:
-        log.warning("data.max_length %d: %d training rows were longer and cut (their start; the last answer kept)", max_length, cut)
+        from cluster.console import say
+
+        say(f"data.max_length {max_length}: {cut} training rows were longer and were cut (their start; the last answer kept)")
     return train.drop_columns([TRUNCATED])
 
 

@@ -88,10 +88,12 @@ def test_prompt_completion_full_finetune_writes_generations_and_the_merged_expor
 def test_chat_with_lora_trains_the_assistant_turns_and_the_adapter_export_answers_alike(instruct, tmp_path, capsys):
     model, data = instruct
     job = base_job(model, tmp_path, train=str(data["chat_train"]), validation=str(data["chat_validation"]), layout="chat")
+    job["data"]["max_length"] = 36  # every chat renders to 37 tokens: each loses its first one, answers kept
     job.update(finetune={"strategy": "lora", "head_lr": 5e-2}, peft={"r": 8, "target_modules": "all-linear"})
     job["eval"]["metric"] = "rougeL"
     job["output"]["export"] = "adapter"
     metrics = run_job(tmp_path, job)
+    assert "data.max_length 36: 96 training rows were longer and were cut" in capsys.readouterr().out
     history = metrics["history"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     validation = read_jsonl(data["chat_validation"])[:4]
