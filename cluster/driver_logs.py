@@ -62,7 +62,18 @@ def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
         logger.propagate = True
     quiet_transformers()
     divert_raylet_warnings()
+    quiet_deepspeed()
     return path
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed, when anything imports it, prints "Setting accelerator to CPU ..." to stdout through a
+    handler of its own unless ``DS_ACCELERATOR`` names the accelerator: name it on a machine without a GPU
+    (an embedded Ray's workers inherit it; a cluster's workers keep their own environment)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def divert_raylet_warnings() -> None:

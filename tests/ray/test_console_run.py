@@ -33,7 +33,8 @@ output: {{dir: "{run}"}}
 """)
     ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths are limited to 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "DS_ACCELERATOR"):  # as a user's shell has them: DeepSpeed must stay quiet on its own
+        env.pop(key, None)
     shoulders = str(Path(sys.executable).parent / "shoulders")
     with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
         done = subprocess.run([shoulders, "train", str(job)], stdout=out, stderr=err, env=env, timeout=800)
