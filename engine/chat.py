@@ -178,3 +178,22 @@ def layout_columns(data: Any) -> dict[str, str]:
     if data.layout == "prompt_completion":
         return {"prompt": data.prompt_column, "completion": data.completion_column}
     return {"text": data.text_column}
+
+
+def retention_column(job: Any) -> str | None:
+    """The column whose first rows form the forgetting retention set (``safeguards.track_forgetting``): the
+    text, the prompts, or the chats of instruction data; None for ``seq2seq``, where no retention measure
+    applies (an encoder-decoder has neither the LM loss nor the pooled hidden states it uses)."""
+    if job.model.task == "seq2seq":
+        return None
+    if job.safeguards.retention_data:
+        return job.data.text_column
+    columns = layout_columns(job.data)
+    return columns.get("text") or columns.get("prompt") or columns["messages"]
+
+
+def retention_text(value: Any) -> str:
+    """One retention row as text: a chat's messages joined by newlines, anything else as it is."""
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(m.get("content") or "") for m in value if isinstance(m, dict))
+    return str(value)

@@ -280,5 +280,10 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     else:
         name = "validation" if "validation" in split_files else "train"
         files, fmt = split_files[name]
-    table = pads.dataset(files, format=fmt).head(spec.retention_rows, columns=[job.data.text_column])
-    return [str(t) for t in table.column(0).to_pylist()]
+    from engine.chat import retention_column, retention_text
+
+    column = retention_column(job)  # the text column, or instruction data's prompts / chats
+    if column is None:
+        return None
+    table = pads.dataset(files, format=fmt).head(spec.retention_rows, columns=[column])
+    return [retention_text(t) for t in table.column(0).to_pylist()]

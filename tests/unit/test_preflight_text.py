@@ -85,3 +85,15 @@ def test_layout_needs_causal_lm_and_a_missing_template_file_is_named():
 def test_text_preflight_imports_no_torch():
     code = "import sys, cluster.preflight_text, cluster.preflight; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_retention_set_of_instruction_data_reads_prompts_or_chats(models, tmp_path):
+    from engine.safeguards import read_retention_texts
+
+    chat = write_jsonl(tmp_path / "c.jsonl", [GOOD_CHAT])
+    pc = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what colour is sky", "completion": "blue"}])
+    splits = lambda path: {"train": ([path], "json")}  # noqa: E731
+    assert read_retention_texts(job(models["chat"], chat, "chat"), splits(chat)) == ["hi\nhello"]
+    assert read_retention_texts(job(models["chat"], pc, "prompt_completion"), splits(pc)) == ["what colour is sky"]
+    t5 = build_job({"model": {"name": "m", "task": "seq2seq"}, "data": {"train": pc, "layout": "prompt_completion"}})
+    assert read_retention_texts(t5, splits(pc)) is None  # no retention measure for encoder-decoders
