@@ -21,7 +21,7 @@ def series(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]
 
 def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> Path:
     """Three panels against the optimizer step: train and validation loss, the validation metric, and
-    each parameter group's learning rate (log scale)."""
+    each parameter group's learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,8 +40,7 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> Path:
     for key in groups:
         if points := series(history, key):
             lr_ax.plot(*zip(*points), marker=".", label=key.removeprefix("lr_"))
-    if groups:
-        lr_ax.set_yscale("log")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # linear: the schedule may end at 0
     lr_ax.set_title("learning rate per parameter group")
     for ax in (loss_ax, metric_ax, lr_ax):
         ax.set_xlabel("optimizer step")
