@@ -16,6 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from cluster.data import build_datasets, build_eval_dataset, generation_samples
+from cluster.interrupts import watch_interrupts
 from cluster.preflight import DataInfo, check_resources
 from engine.config import JobSpec
 from engine.errors import JobError
@@ -195,7 +196,7 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     from cluster.tracking import Tracker
 
     tracker = Tracker(job)  # TensorBoard / MLflow / W&B as the job's tracking section says
-    with run_console(job) as console, tracker.running() as callbacks:
+    with watch_interrupts(), run_console(job) as console, tracker.running() as callbacks:  # Ctrl-C: exit 130, checkpoints kept
         result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=callbacks, console=console.worker_config).fit()
         if result.error:
             raise result.error

@@ -325,6 +325,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
     import time
 
+    from cluster.interrupts import Interrupted, watch_interrupts
     from cluster.preflight import check_resources, preflight
     from engine.config import read_job_file
 
@@ -340,7 +341,11 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     from cluster.console import start_run
 
     start_run(job, info)  # logs into output.dir/logs, Ray started, the header printed
-    outcome = run_search(job, info, base_raw, resume)
+    with watch_interrupts() as interrupted:
+        outcome = run_search(job, info, base_raw, resume)
+    if interrupted():  # Tune stopped the search on Ctrl-C: report what finished, untested, then exit 130
+        write_outputs(job, outcome, depth, None, None, time.perf_counter() - started, job_path)
+        raise Interrupted()
     test, verdict = None, None
     if outcome.best_job is not None and outcome.best_checkpoint:
         test = evaluate_best(outcome, info)
