@@ -127,15 +127,16 @@ def evaluate(model: nn.Module, batches: Any, job: JobSpec, num_labels: int | Non
     """One pass over this worker's validation rows (every row is on exactly one worker, see
     ``cluster.data.EveryRowDataConfig``); metrics reduced across workers, ``rows`` counted over all of them."""
     model.eval()
-    metrics = build_metrics(job, num_labels, device, model, amp_dtype)
-    # Every forward is collective under ZeRO-3 (parameters gathered) and DDP (buffers broadcast): all workers
-    # must run as many, or the one with more batches waits forever for the others.
-    lockstep = partitions_parameters(job) or isinstance(model, nn.parallel.DistributedDataParallel)
-    uncounted = build_metrics(job, num_labels, device, model, amp_dtype) if lockstep else None
+    # DDP: the module itself. DDP's forward broadcasts buffers (the first after a training step), a collective
+    # that a worker with fewer or no validation rows would never join: the others would wait forever.
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    metrics = build_metrics(job, num_labels, device, net, amp_dtype)
+    lockstep = partitions_parameters(job)  # ZeRO-3: every forward gathers parameters, so all workers run as many
+    uncounted = build_metrics(job, num_labels, device, net, amp_dtype) if lockstep else None
     rows = 0
     for batch, counted in in_lockstep(list(batches), device) if lockstep else ((b, True) for b in batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        (metrics if counted else uncounted).update(loss_step(model, batch, amp_dtype, device), batch)
+        (metrics if counted else uncounted).update(loss_step(net, batch, amp_dtype, device), batch)
         rows += batch_rows(batch) if counted else 0
     model.train()
     return {**metrics.compute(), "rows": sum_across_workers(rows, device)}

@@ -23,11 +23,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]
 
 
-def job_file(tmp_path: Path, model: Path, data: dict[str, Path], **sections) -> str:
+def job_file(tmp_path: Path, model: Path, splits: dict[str, Path], **sections) -> str:
     raw = {
         "name": "verdict",
         "model": {"name": str(model), "labels": LABELS},
-        "data": {**{k: str(v) for k, v in data.items()}, "max_length": 16, "rows_per_block": 16},
+        "data": {**{k: str(v) for k, v in splits.items()}, "max_length": 16, "rows_per_block": 16},
         "finetune": {"head_lr": 1e-2, "backbone_lr_ratio": 0.5},
         "optim": {"epochs": 3, "batch_size": 16, "warmup_ratio": 0.0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.45},
@@ -109,8 +109,10 @@ def test_shuffled_labels_are_no_signal(ray_local, tiny_bert, shuffled_labels, tm
 def test_validation_counts_every_row_on_two_workers(ray_local, tiny_bert, tmp_path):
     data = tiny.write_topic_data(tmp_path / "data", rows=300)  # 75 validation rows: odd, over two workers
     assert pq.read_metadata(data["validation"]).num_rows == 75
+    # blocks of 128 rows, as in the quickstart: the validation split is one block, so one worker gets no row
+    # at all (DDP's buffer broadcast in a forward it never ran hung the other)
     path = job_file(tmp_path, tiny_bert, data, finetune={"strategy": "full"}, optim={"max_steps": 4, "epochs": None},
-                    eval={"every_n_steps": 2}, scaling={"num_workers": 2, "cpus_per_worker": 0.45})
+                    eval={"every_n_steps": 2}, scaling={"num_workers": 2, "cpus_per_worker": 0.45}, data={"rows_per_block": 128})
     assert main(["train", path]) == 0
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     assert [h["step"] for h in history] == [2, 4]
