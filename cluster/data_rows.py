@@ -38,6 +38,12 @@ class RowRules:
     fmt: str = "parquet"
 
     @property
+    def known_labels(self) -> frozenset[str]:
+        """Label values a row may hold: a class name, or its index (as a number or as text)."""
+        labels = self.labels or ()
+        return frozenset(labels) | frozenset(str(i) for i in range(len(labels)))
+
+    @property
     def columns(self) -> list[str]:
         return [*self.text_columns, *([self.label_column] if self.label_column else []), *self.other_columns]
 
@@ -58,8 +64,9 @@ def value_problem(rules: RowRules, column: str, value: Any) -> str | None:
     elif column in rules.text_columns and not isinstance(value, str):
         return f"column '{column}' holds {type(value).__name__} {str(value)[:40]!r}, not text"
     if column == rules.label_column and rules.labels is not None:
-        known = str(value) in rules.labels or (isinstance(value, (int, np.integer)) and 0 <= int(value) < len(rules.labels))
-        if not known:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # an integer column with nulls reaches numpy as floats
+        if str(value) not in rules.known_labels or isinstance(value, (float, bool)):
             return f"column '{column}' holds the label {str(value)[:40]!r}, which is not one of model.labels {list(rules.labels)}"
     return None
 
@@ -119,17 +126,15 @@ def column_bad_mask(rules: RowRules, column: str, values: np.ndarray) -> np.ndar
     kind = values.dtype.kind
     if kind == "U" and (column != rules.label_column or rules.labels is None):
         return np.zeros(len(values), dtype=bool)  # text, no nulls
-    if kind == "U":
-        return ~np.isin(values, np.array(rules.labels))
-    if kind in "iu" and column not in rules.text_columns:
+    if kind in "Uiu" and column not in rules.text_columns:
         if column != rules.label_column or rules.labels is None:
             return np.zeros(len(values), dtype=bool)
-        return ~(((values >= 0) & (values < len(rules.labels))) | np.isin(values.astype(str), np.array(rules.labels)))
+        return ~np.isin(values.astype(str), np.array(sorted(rules.known_labels)))
     items = values.tolist()
     if column in rules.text_columns:  # a quick pass that may over-flag (bytes that are UTF-8), then the exact rule
         suspect = np.fromiter((type(v) is not str for v in items), dtype=bool, count=len(items))
     elif column == rules.label_column and rules.labels is not None:
-        known = set(rules.labels)
+        known = rules.known_labels
         suspect = np.fromiter((not (type(v) is str and v in known) for v in items), dtype=bool, count=len(items))
     else:
         suspect = np.fromiter((_is_null(v) for v in items), dtype=bool, count=len(items))
