@@ -159,7 +159,27 @@ def check_data(job: JobSpec) -> DataInfo:
     labels = check_labels(job, splits)
     for split in splits.values():
         check_sample(job, split, labels)
+    check_retention(job)
     return DataInfo(splits=splits, labels=labels)
+
+
+def check_retention(job: JobSpec) -> None:
+    """``safeguards.retention_data``: readable files with the text column, not empty."""
+    spec = job.safeguards
+    if not (spec.track_forgetting and spec.retention_data) or is_uri(spec.retention_data) or job.model.task in SPEECH_TASKS:
+        return
+    key = "safeguards.retention_data"
+    files = resolve_files(spec.retention_data, key)
+    fmt = detect_format(files, "auto", key)
+    try:
+        dataset = open_dataset(files, fmt)
+        columns, rows = dataset.schema.names, dataset.count_rows()
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise JobError(f"{key}: could not read '{spec.retention_data}' as {fmt}: {str(exc).splitlines()[0]}") from None
+    if job.data.text_column not in columns:
+        raise JobError(f"{key}: '{spec.retention_data}' has no column '{job.data.text_column}' (data.text_column); its columns are {sorted(columns)}.")
+    if rows == 0:
+        raise JobError(f"{key}: '{spec.retention_data}' has no rows. Give general text of the source domain, or remove {key}.")
 
 
 TEXT_COLUMN_KEYS = ("text_column", "text_pair_column", "transcript_column", "prompt_column", "completion_column")

@@ -187,6 +187,10 @@ simple("data: JSON array, not JSON lines", lambda c: c.with_train(_bytes(c, json
 simple("data: one distinct label", lambda c: c.train({**c.job(data={"train": str(c.rows([{"text": "a", "label": "food"}] * 5))}),
                                                       "model": {"name": str(c.model)}}), "fewer than 2")
 simple("data: no validation at all", lambda c: c.train({**c.job(), "data": {"train": str(c.data["train"]), "validation_fraction": 0}}), "validation_fraction")
+simple("data: retention file missing", lambda c: c.train(c.job(safeguards={"retention_data": str(c.root / "general.parquet")})),
+       "safeguards.retention_data", "general.parquet")
+simple("data: retention file without the text column", lambda c: c.train(c.job(safeguards={"retention_data": str(c.rows([{"body": "x"}], "general.jsonl"))})),
+       "safeguards.retention_data", "'text'")
 simple("data: null text in parquet", lambda c: c.with_train(_parquet(c, {"text": ["a", None, "b"], "label": ["food", "tech", "food"]})), "row 2", "'text'")
 
 # ---------------------------------------------------------------------------------------------------
