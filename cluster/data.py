@@ -16,7 +16,7 @@ import numpy as np
 import ray.data
 import ray.train
 
-from cluster.data_rows import RowRules, check_batch
+from cluster.data_rows import PATH_COLUMN, RowRules, check_batch
 from cluster.preflight import DataInfo, SplitInfo, row_rules
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.chat import TRUNCATED, as_messages, encode_conversations, layout_columns, with_system
@@ -39,9 +39,10 @@ def read_split(
     every execution, for resume).
     """
     shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if shuffle_seed is not None else None
-    dataset = READERS[split.format](split.files, shuffle=shuffle, include_paths=rules is not None)
+    with_paths = rules is not None and PATH_COLUMN not in split.columns  # never over a column of the data's own
+    dataset = READERS[split.format](split.files, shuffle=shuffle, include_paths=with_paths)
     if rules is not None:  # every row checked as it streams (fused with the read); the first bad one stops the run
-        dataset = dataset.map_batches(check_batch, fn_kwargs=dict(rules=rules), batch_format="numpy", batch_size=None)
+        dataset = dataset.map_batches(check_batch, fn_kwargs=dict(rules=rules, with_paths=with_paths), batch_format="numpy", batch_size=None)
     return dataset.repartition(target_num_rows_per_block=rows_per_block) if recut else dataset
 
 

@@ -36,6 +36,9 @@ class RowRules:
     """Columns that must only be non-null (audio, chat messages, ...)."""
     skip: bool = False
     fmt: str = "parquet"
+    files: tuple[str, ...] = ()
+    """The split's files, searched for the bad row when the batch does not say its file (the data has a
+    column of its own named ``path``, so Ray's path column is not added)."""
 
     @property
     def known_labels(self) -> frozenset[str]:
@@ -143,10 +146,10 @@ def column_bad_mask(rules: RowRules, column: str, values: np.ndarray) -> np.ndar
     return suspect
 
 
-def check_batch(batch: dict[str, np.ndarray], rules: RowRules) -> dict[str, np.ndarray]:
+def check_batch(batch: dict[str, np.ndarray], rules: RowRules, with_paths: bool = True) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` step: raise :class:`BadRowError` at the first bad row (its file and row named),
-    or drop bad rows when ``rules.skip``; the reader's path column is removed either way."""
-    paths = batch.pop(PATH_COLUMN, None)
+    or drop bad rows when ``rules.skip``. ``with_paths``: the reader added its path column, removed here."""
+    paths = batch.pop(PATH_COLUMN, None) if with_paths else None
     present = [c for c in rules.columns if c in batch]
     if not present:
         return batch
@@ -161,11 +164,16 @@ def check_batch(batch: dict[str, np.ndarray], rules: RowRules) -> dict[str, np.n
         return {k: v[~bad] for k, v in batch.items()}
     index = int(np.flatnonzero(bad)[0])
     problem = row_problem(rules, {c: batch[c][index] for c in present}) or "bad value"
-    path = str(paths[index]) if paths is not None else "?"
-    try:
-        located = locate_in_file(rules, path) if paths is not None else None
-    except (OSError, ValueError):  # a remote file (Ray names it without its scheme): no row number then
-        located = None
+    candidates = [str(paths[index])] if paths is not None else list(rules.files)
+    path, located = candidates[0] if len(candidates) == 1 else "?", None
+    for candidate in candidates:
+        try:
+            located = locate_in_file(rules, candidate)
+        except (OSError, ValueError):  # a remote file (Ray names it without its scheme): no row number then
+            continue
+        if located:
+            path = candidate
+            break
     raise BadRowError(bad_row_message(rules, path, located[0] if located else None, located[1] if located else problem))
 
 

@@ -29,6 +29,7 @@ class SplitInfo:
     files: list[str]
     format: str
     num_rows: int
+    columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def check_split(job: JobSpec, name: str, path: str) -> SplitInfo:
             )
     if num_rows == 0:
         raise JobError(f"{key}: '{path}' has no rows. Give a split with data, or remove {key}.")
-    return SplitInfo(name=name, files=files, format=fmt, num_rows=num_rows)
+    return SplitInfo(name=name, files=files, format=fmt, num_rows=num_rows, columns=sorted(columns))
 
 
 def required_columns(job: JobSpec) -> list[str]:
@@ -201,6 +202,7 @@ def row_rules(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> RowRu
         other_columns=tuple(getattr(job.data, k) for k in keys if k not in TEXT_COLUMN_KEYS and k != "label_column"),
         skip=job.data.bad_rows == "skip",
         fmt=split.format,
+        files=tuple(split.files),
     )
 
 

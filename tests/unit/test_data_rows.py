@@ -66,3 +66,14 @@ def test_the_row_is_found_in_its_file_and_named_in_ray_errors(tmp_path):
     wrapped = WorkerGroupError({0: RuntimeError(f"ray::SplitCoordinator.get()\ncluster.data_rows.BadRowError: {message}\nmore")})
     assert bad_row_in(wrapped) == message
     assert bad_row_in(RuntimeError("something else")) is None
+
+
+def test_a_column_of_the_data_named_path_is_kept_and_the_file_searched(tmp_path):
+    rules = RowRules(split="train", label_column="label", labels=("a", "b"), other_columns=("path",), fmt="parquet",
+                     files=(str(tmp_path / "x.parquet"), str(tmp_path / "y.parquet")))
+    pq.write_table(pa.table({"path": ["a.wav", "b.wav"], "label": ["a", "b"]}), tmp_path / "x.parquet")
+    pq.write_table(pa.table({"path": ["c.wav", None], "label": ["a", "b"]}), tmp_path / "y.parquet")
+    good = check_batch({"path": np.array(["a.wav", "b.wav"], dtype=object), "label": np.array(["a", "b"], dtype=object)}, rules, with_paths=False)
+    assert good["path"].tolist() == ["a.wav", "b.wav"]  # the audio column, not Ray's file column
+    with pytest.raises(BadRowError, match=r"y\.parquet', row 2 .*'path' is empty"):
+        check_batch({"path": np.array(["c.wav", None], dtype=object), "label": np.array(["a", "b"], dtype=object)}, rules, with_paths=False)
