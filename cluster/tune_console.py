@@ -35,12 +35,12 @@ class TrialTable(Callback):
 
     def __init__(self, metric: str, mode: str, planned_steps: int, stream: TextIO | None = None):
         self.metric, self.mode, self.planned = metric, mode, planned_steps
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: sys.stdout when printing (Tune pickles its callbacks; a captured stdout cannot be)
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.header_shown = False
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if not self.header_shown:
