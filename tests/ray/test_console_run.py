@@ -63,6 +63,12 @@ output: {{dir: "{run}"}}
     assert "training 12 steps" in worker_logs["worker-0.log"] and "param group head" in worker_logs["worker-1.log"]
     assert "ray" in (logs / "driver.log").read_text().lower()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))  # tensorboard's own reader, on the run's files
+    events.Reload()
+    assert {"train_loss", "val_loss", "val_accuracy", "lr_head", "test_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_accuracy")] == [6, 12]  # every evaluation, at its step
     assert (run / "curves.png").stat().st_size > 10_000
     report = (run / "report.md").read_text()
     assert "## Parameter groups" in report and "| head |" in report and "test (exported model): loss" in report
