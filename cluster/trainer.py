@@ -24,7 +24,7 @@ from engine.errors import JobError
 log = logging.getLogger(__name__)
 TRAIN_DIR = "train"
 EXPORT_DIR = "model"
-CONTROLLER_RETRIES = 2
+CONTROLLER_RETRIES = 4
 """Times Ray Train may retry starting a worker group (each try waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
 60 s by default) before the run fails; Ray's own default is without limit."""
 
