@@ -50,6 +50,7 @@ def route_driver_logs(output_dir: str | os.PathLike) -> Path | None:
     root.addHandler(to_file)
     root.addHandler(to_console)
     root.setLevel(logging.INFO)
+    logging.captureWarnings(False)  # a stale capture (an earlier run in this process) would make True a no-op
     logging.captureWarnings(True)
     # Ray's and Ray Data's loggers print through console handlers of their own and do not propagate: drop
     # those and let them propagate to the handlers above (``ray.init(configure_logging=False)`` then clears

@@ -30,6 +30,7 @@ def worker_log_file(log_dir: str | None, rank: int) -> Iterator[Path | None]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.handlers[:] = [handler]
         root.setLevel(logging.INFO)
+        logging.captureWarnings(False)  # a stale capture would make True a no-op
         logging.captureWarnings(True)
         _route_transformers()
         try:
