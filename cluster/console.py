@@ -90,11 +90,13 @@ def metric_keys(metrics: dict[str, Any]) -> list[str]:
 
 
 def eval_line(metrics: dict[str, Any]) -> str:
-    """One line per evaluation: step, training loss and the validation metrics."""
+    """One line per evaluation: step, training loss, the validation metrics, forgetting and drift."""
     parts = [f"eval @ step {metrics.get('step')}"]
     if "train_loss" in metrics:
         parts.append(f"train_loss {metrics['train_loss']:.4f}")
     parts += [f"{k} {metrics[k]:.4f}" for k in metric_keys(metrics)]
+    # the safeguards' probes: forgetting of the source on the retention set, drift on the target's rows
+    parts += [f"{k} {metrics[k]:.4f}" for k in ("forgetting", "drift") if isinstance(metrics.get(k), (int, float))]
     return "  ".join(parts)
 
 

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster.console import log_dir, metric_keys
-from cluster.tune_report import _save_fig, _write_atomic
+from cluster.tune_report import _save_fig, _write_atomic, forgetting_lines
 
 CURVES = "curves.png"
 REPORT = "report.md"
-SAFEGUARD_KEYS = ("forgetting", "train_val_gap", "frozen_blocks")
-"""Prefixes of the safeguards' per-evaluation numbers that the report lists."""
+SAFEGUARD_KEYS = ("train_val_gap", "frozen_blocks", "retention_")
+"""Prefixes of the safeguards' other per-evaluation numbers that the report lists (forgetting and drift come
+first, named with their units: ``cluster.tune_report.forgetting_lines``)."""
 
 
 def series(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -94,7 +95,7 @@ def write_run_report(job: Any, info: Any, summary: Any) -> tuple[Path, Path]:
         lines.append("- test (exported model): " + ", ".join(f"{k} {v:.4f}" for k, v in summary.test.items()))
     if summary.export_dir:
         lines.append(f"- exported model: `{summary.export_dir}`")
-    lines += ["", "## Safeguards", "", *safeguard_lines(summary.history)]  # the transfer verdict is added after the run
+    lines += ["", "## Safeguards", "", *safeguard_lines(summary.history, job)]  # the transfer verdict is added after the run
     lines += ["", "## Curves", "", f"![curves]({CURVES})", "", "## Logs", "",
               f"- driver and workers: `{log_dir(job.output_dir)}` (`driver.log`, `worker-<rank>.log`)",
               f"- metrics: `{out / 'metrics.json'}`; TensorBoard: `tensorboard --logdir {out}`" if job.tracking.tensorboard else
@@ -103,9 +104,12 @@ def write_run_report(job: Any, info: Any, summary: Any) -> tuple[Path, Path]:
     return curves, report
 
 
-def safeguard_lines(history: list[dict[str, Any]]) -> list[str]:
-    """The safeguards' numbers at the last evaluation (forgetting, train/validation gap, ...)."""
+def safeguard_lines(history: list[dict[str, Any]], job: Any = None) -> list[str]:
+    """The safeguards' numbers at the last evaluation: forgetting of the source and drift on target data
+    (with what they measure, given the ``job``), then the train/validation gap and the rest."""
     last = history[-1] if history else {}
-    found = [f"- {k}: {v:.4f}" for k, v in last.items() if k.startswith(SAFEGUARD_KEYS) and isinstance(v, (int, float))]
+    found = forgetting_lines(last, job) if job is not None else [
+        f"- {k}: {last[k]:.4f}" for k in ("forgetting", "drift") if isinstance(last.get(k), (int, float))]
+    found += [f"- {k}: {v:.4f}" for k, v in last.items() if k.startswith(SAFEGUARD_KEYS) and isinstance(v, (int, float))]
     return found or ["- no safeguard measured a problem worth a number at the last evaluation"]
 

@@ -94,9 +94,10 @@ def build_trainer(
     ``console``: the workers' log folder and rank 0's event queue (``cluster.console.run_console``).
     """
     from engine.faults import debug_hooks
-    from engine.safeguards import read_retention_texts
+    from engine.safeguards import read_drift_texts, read_retention_texts
 
     gpu = use_gpu(job)
+    split_files = {s.name: (s.files, s.format) for s in info.splits.values()}
     resources = {"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
         _train_loop,
@@ -105,7 +106,8 @@ def build_trainer(
             "labels": info.labels,
             "num_train_rows": num_train_rows,
             "pad_token_id": pad_token_id,
-            "retention_texts": read_retention_texts(job, {s.name: (s.files, s.format) for s in info.splits.values()}),
+            "retention_texts": read_retention_texts(job, split_files),
+            "drift_texts": read_drift_texts(job, split_files),  # target rows beside the retention set
             "debug": debug_hooks(),
             "generation_samples": generation_samples(job, info),  # validation prompts answered at each evaluation
             "console": console,  # the workers' log folder and rank 0's event queue (cluster.console)

@@ -299,7 +299,7 @@ def trial_row(
         "stopped_early": bool(history) and error is None and last_step < planned and not stopped_by_patience
         and last.get("stop_reason") is None,
         "forgetting": last.get("forgetting"),  # on safeguards.retention_data
-        "drift": last.get("drift"),  # on the target's own rows (no retention data)
+        "drift": last.get("drift"),  # on the target's own rows (beside forgetting when there is retention data)
         "train_val_gap": last.get("train_val_gap"),
         "freeze_depth": job.finetune.freeze_depth or 0,  # as the trial ran (presets filled): for the report
         "peft_method": job.peft.method,

@@ -416,10 +416,14 @@ class SafeguardsSpec(Section):
     (the whole margin for metrics without a standard error: loss, perplexity)."""
     track_forgetting: bool = True
     """Evaluate a retention set at step 0 and at every evaluation and report the forgetting delta."""
-    forgetting_measure: Literal["auto", "lm_loss", "cka"] = "auto"
+    forgetting_measure: Literal["auto", "lm_loss", "mlm_loss", "cka"] = "auto"
     """``lm_loss``: the source objective (causal-LM loss on the retention text; needs a model that keeps its
-    LM head); ``cka``: representation drift, 1 - linear CKA of mean-pooled last hidden states against the
-    pre-trained model; ``auto``: ``lm_loss`` for ``causal_lm``, else ``cka``."""
+    LM head); ``mlm_loss``: masked-LM loss on the retention text through the checkpoint's own masked-LM head
+    (kept aside, frozen) on the fine-tuned encoder; ``cka``: representation drift, 1 - linear CKA of
+    mean-pooled last hidden states against the pre-trained model; ``auto``: ``lm_loss`` for ``causal_lm``,
+    ``mlm_loss`` for a checkpoint saved with a masked-LM head (a ``*ForMaskedLM`` in its config's
+    ``architectures``), else ``cka``. With ``retention_data``, drift (CKA) on a few validation rows is
+    reported beside it."""
     retention_data: str | None = None
     """General text for the retention set (parquet/jsonl/csv with ``data.text_column``); left empty, the
     first ``retention_rows`` validation (else training) rows."""

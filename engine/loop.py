@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch, total_steps = plan_steps(job, config["num_train_rows"], world_size)
     # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)
-    guard.start(model, config.get("retention_texts"), text_tokenizer(job), device)
+    guard.start(model, config.get("retention_texts"), text_tokenizer(job), device, config.get("drift_texts"))
     answers = AnswerProbe(config.get("generation_samples"), job, text_tokenizer(job))  # greedy answers at each evaluation
     with guard.param_groups_scope(model):
         groups = build_param_groups(

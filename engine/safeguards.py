@@ -3,10 +3,13 @@
 - *Negative transfer*: ``engine.safeguards_transfer`` (re-exported here): the fair from-scratch twin
   (:func:`scratch_job`) and the verdicts against it and against chance (:func:`judge_transfer`).
 - *Forgetting*: :class:`RetentionProbe` measures a retention set at step 0 and at every evaluation, with the
-  source objective where the model keeps it (causal-LM loss) or else representation drift (1 - linear CKA
-  of mean-pooled last hidden states against the step-0, i.e. pre-trained, features). On
-  ``safeguards.retention_data`` (text like the source, apart from the task) that is ``forgetting``; on the
-  target's own rows (no retention data) it is named ``drift``: the model moving, not losing the source.
+  source objective where the model has it (causal-LM loss with the LM head; masked-LM loss through the
+  checkpoint's own masked-LM head, kept aside, for an encoder saved with one) or else representation drift
+  (1 - linear CKA of mean-pooled last hidden states against the step-0, i.e. pre-trained, features). On
+  ``safeguards.retention_data`` (text like the source, apart from the task) that is ``forgetting``, and a
+  second probe on a few of the target's validation rows reports ``drift`` (CKA) beside it; without
+  retention data the probe runs on the target's rows and only ``drift`` is reported: the model moving, not
+  losing the source.
 - *Overfitting*: the train/validation loss gap, dropout and token-dropout augmentation.
 - *Gradual unfreezing*: :class:`GradualUnfreezer` unfreezes one more block from the top every k steps.
 
@@ -49,22 +52,52 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / norms) if norms > 0 else 0.0
 
 
+DRIFT_ROWS = 32
+"""Target validation rows of the drift probe that runs beside the retention set: a fixed handful, measured
+only at evaluations, so the second measure costs a forward pass of 32 rows."""
+
+MASK_SHARE = 0.15
+"""Share of each retention text's tokens (special tokens never) masked for the masked-LM loss, as in BERT."""
+
+
 def forgetting_measure(job: JobSpec) -> str:
-    """``lm_loss`` where the model keeps its source objective (causal LM), else ``cka``."""
+    """``lm_loss`` for a causal LM (it keeps its LM head), ``mlm_loss`` for a checkpoint saved with a
+    masked-LM head (``architectures`` in its config name a ``*ForMaskedLM``), else ``cka``."""
     chosen = job.safeguards.forgetting_measure
-    if chosen == "auto":
-        return "lm_loss" if job.model.task == "causal_lm" else "cka"
-    return chosen
+    if chosen != "auto":
+        return chosen
+    if job.model.task == "causal_lm":
+        return "lm_loss"
+    if job.model.task == "sequence_classification" and not job.model.from_scratch and any(
+            a.endswith("ForMaskedLM") for a in checkpoint_architectures(job)):
+        return "mlm_loss"
+    return "cka"
+
+
+def checkpoint_architectures(job: JobSpec) -> list[str]:
+    """``architectures`` of the checkpoint's ``config.json`` (empty when it cannot be read)."""
+    from engine.errors import JobError
+    from engine.models.loading import read_config_json
+
+    try:
+        return list(read_config_json(job.model.name, job.model.revision).get("architectures") or [])
+    except JobError:
+        return []
 
 
 class RetentionProbe:
     """A fixed retention set, measured at step 0 (the pre-trained model) and at every evaluation.
 
-    ``delta`` is the forgetting: LM-loss increase in nats (``lm_loss``) or ``1 - CKA`` against the step-0
-    features (``cka``); 0 at step 0, rising as the model drifts from what it was pre-trained to do.
+    ``delta`` is the forgetting: LM-loss increase in nats (``lm_loss``; ``mlm_loss`` scores a fixed 15% of
+    the tokens, masked, with the checkpoint's masked-LM ``head`` on the model's last hidden states) or
+    ``1 - CKA`` against the step-0 features (``cka``); 0 at step 0, rising as the model drifts from what it
+    was pre-trained to do.
     """
 
-    def __init__(self, texts: list[str], tokenizer: Any, measure: str, max_length: int, device: torch.device, batch_size: int = 16):
+    def __init__(self, texts: list[str], tokenizer: Any, measure: str, max_length: int, device: torch.device,
+                 batch_size: int = 16, head: nn.Module | None = None, seed: int = 0):
+        if measure == "mlm_loss" and (head is None or tokenizer.mask_token_id is None):
+            raise ValueError("the mlm_loss measure needs the checkpoint's masked-LM head and a tokenizer with a mask token")
         # Texts sorted by length and padded per batch: a fixed order, and little padding to compute.
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
         ordered = [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
@@ -72,6 +105,10 @@ class RetentionProbe:
         for start in range(0, len(ordered), batch_size):
             encoded = tokenizer(ordered[start:start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             self.batches.append({k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        if measure == "mlm_loss":
+            generator = torch.Generator().manual_seed(seed)
+            self.batches = [mask_tokens(b, tokenizer, generator) for b in self.batches]
+        self.head = head.to(device) if head is not None else None
         self.measure = measure
         self.device = device
         self.reference: torch.Tensor | float | None = None
@@ -106,6 +143,15 @@ class RetentionProbe:
                 count = int((labels[:, 1:] != -100).sum())
                 total, tokens = total + float(out.loss) * count, tokens + count
             return total / max(tokens, 1)
+        if self.measure == "mlm_loss":
+            total, tokens = 0.0, 0
+            for batch in self._batches():
+                labels = batch.pop("labels")
+                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+                logits = self.head(hidden).float()
+                total += float(nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
+                tokens += int((labels != -100).sum())
+            return total / max(tokens, 1)
         pooled = []
         for batch in self._batches():
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
@@ -120,10 +166,23 @@ class RetentionProbe:
     def delta(self, model: nn.Module) -> dict[str, float]:
         """Forgetting since step 0, with the raw retention value."""
         now = self._measure(model)
-        if self.measure == "lm_loss":
+        if self.measure in ("lm_loss", "mlm_loss"):
             return {"forgetting": now - self.reference, "retention_loss": now, "retention_loss_start": self.reference}
         cka = linear_cka(self.reference, now)
         return {"forgetting": 1.0 - cka, "retention_cka": cka}
+
+
+def mask_tokens(batch: dict[str, torch.Tensor], tokenizer: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A batch with a fixed ``MASK_SHARE`` of its real, non-special tokens (at least one a row) replaced
+    by the mask token, and ``labels`` holding the original ids there (-100 elsewhere)."""
+    ids = batch["input_ids"]
+    special = torch.isin(ids, torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype))
+    candidates = (batch["attention_mask"] == 1) & ~special
+    scores = torch.rand(ids.shape, generator=generator).masked_fill(~candidates, 2.0)
+    per_row = (candidates.sum(1).float() * MASK_SHARE).ceil().long().clamp(min=1)
+    ranks = scores.argsort(1).argsort(1)
+    chosen = (ranks < per_row.unsqueeze(1)) & candidates
+    return {**batch, "input_ids": ids.masked_fill(chosen, tokenizer.mask_token_id), "labels": ids.masked_fill(~chosen, -100)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,6 +256,7 @@ class Safeguards:
         spec = job.safeguards
         self.job = job
         self.probe: RetentionProbe | None = None
+        self.drift_probe: RetentionProbe | None = None  # target rows beside the retention set (drift, CKA)
         self.stop_reason: str | None = None
         self.generator = torch.Generator().manual_seed(job.seed)
         every = spec.unfreeze_every_steps or (spec.unfreeze_every_epochs or 0) * steps_per_epoch
@@ -208,13 +268,30 @@ class Safeguards:
         """Context in which to build parameter groups: with gradual unfreezing, every block it will unfreeze."""
         return self.unfreezer.all_unfrozen(model) if self.unfreezer else _nothing()
 
-    def start(self, model: nn.Module, retention_texts: list[str] | None, tokenizer: Any, device: torch.device) -> None:
-        """Measure the retention set on the pre-trained model (call before any training step or resume)."""
-        if self.job.safeguards.track_forgetting and retention_texts:
-            measure = forgetting_measure(self.job)
-            self.probe = RetentionProbe(retention_texts, tokenizer, measure, self.job.data.max_length, device)
+    def start(self, model: nn.Module, retention_texts: list[str] | None, tokenizer: Any, device: torch.device,
+              drift_texts: list[str] | None = None) -> None:
+        """Measure the retention set (and the drift rows of the target, :func:`read_drift_texts`) on the
+        pre-trained model (call before any training step or resume)."""
+        if not self.job.safeguards.track_forgetting:
+            return
+        max_length = self.job.data.max_length
+        if retention_texts:  # the target's own rows without retention_data: drift, always as CKA
+            measure = forgetting_measure(self.job) if self.job.safeguards.retention_data else "cka"
+            head = None
+            if measure == "mlm_loss":
+                from engine.models.loading import load_masked_lm_head
+
+                head = load_masked_lm_head(self.job.model.name, self.job.model.revision) if tokenizer.mask_token_id is not None else None
+                if head is None:
+                    log.warning("no masked-LM head or mask token: forgetting measured as cka (representation drift) instead")
+                    measure, head = "cka", None
+            self.probe = RetentionProbe(retention_texts, tokenizer, measure, max_length, device, head=head, seed=self.job.seed)
             self.probe.start(model)
-            log.info("retention set: %d texts, forgetting measured as %s", len(retention_texts), measure)
+            log.info("retention set: %d texts, %s measured as %s", len(retention_texts), drift_or_forgetting(self.job), measure)
+        if drift_texts and self.job.safeguards.retention_data:
+            self.drift_probe = RetentionProbe(drift_texts, tokenizer, "cka", max_length, device)
+            self.drift_probe.start(model)
+            log.info("drift on target data: %d validation rows, measured as cka", len(drift_texts))
 
     def unfreeze_due(self, step: int) -> bool:
         return bool(self.unfreezer and self.unfreezer.due(step))
@@ -239,6 +316,8 @@ class Safeguards:
             name = drift_or_forgetting(self.job)
             if name == "drift":  # measured on the target's own rows: representation drift, not forgetting
                 out["drift"] = out.pop("forgetting")
+            if self.drift_probe:  # the second measure: how far the model moved on the target's own rows
+                out["drift"] = self.drift_probe.delta(model)["forgetting"]
             limit = self.job.safeguards.max_forgetting
             if limit is not None and out[name] > limit:
                 self.stop_reason = f"{name} {out[name]:.4f} exceeded safeguards.max_forgetting {limit}"
@@ -254,6 +333,26 @@ def drift_or_forgetting(job: JobSpec) -> str:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]) -> list[str] | None:
+    """The first ``DRIFT_ROWS`` validation (else training) texts, for the drift measure beside a retention
+    set; None without ``safeguards.retention_data`` (the retention probe then runs on these rows itself)."""
+    spec = job.safeguards
+    if not (spec.track_forgetting and spec.retention_data):
+        return None
+    from engine.chat import layout_columns, retention_text
+
+    if job.model.task == "seq2seq":
+        return None
+    columns = layout_columns(job.data)
+    column = columns.get("text") or columns.get("prompt") or columns["messages"]
+    name = "validation" if "validation" in split_files else "train"
+    files, fmt = split_files[name]
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(files, format=fmt).head(DRIFT_ROWS, columns=[column])
+    return [retention_text(t) for t in table.column(0).to_pylist()]
 
 
 def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]) -> list[str] | None:

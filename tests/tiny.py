@@ -43,12 +43,16 @@ def tiny_tokenizer(path: Path):
 
 
 def save_tiny_model(kind: str, path: Path, task: str = "sequence_classification", num_labels: int = 3, layers: int = 2) -> Path:
-    """Save a tiny ``bert`` or ``llama`` (``layers`` blocks, hidden 32) with its tokenizer to ``path``."""
+    """Save a tiny ``bert`` or ``llama`` (``layers`` blocks, hidden 32) with its tokenizer to ``path``; ``task``
+    ``causal_lm`` keeps the LM head, ``masked_lm`` a BERT's masked-LM head, anything else the bare encoder."""
     import torch
     import transformers
 
     path = Path(path)
     tokenizer = tiny_tokenizer(path)
+    if task == "masked_lm":  # a mask token for the masked-LM objective (the last id: no other id moves)
+        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+        tokenizer.save_pretrained(path)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64)
     if kind == "bert":
         config = transformers.BertConfig(max_position_embeddings=64, **common)
@@ -60,7 +64,7 @@ def save_tiny_model(kind: str, path: Path, task: str = "sequence_classification"
     else:
         raise ValueError(kind)
     torch.manual_seed(0)
-    auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModel
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM}.get(task, transformers.AutoModel)
     model = auto.from_config(config)
     model.save_pretrained(path)
     return path

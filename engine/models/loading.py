@@ -200,3 +200,33 @@ def head_module_names(model: Any, task: str) -> list[str]:
     """Attribute names of the task head present on ``model`` (empty for tasks that keep their head)."""
     present = [name for name in HEAD_MODULES[task] if hasattr(model, name)]
     return present if task in MULTI_PART_HEADS else present[:1]
+
+
+def load_masked_lm_head(name: str, revision: str | None = None) -> Any | None:
+    """The checkpoint's own masked-LM head (BERT's ``cls``, RoBERTa's ``lm_head``, ALBERT's ``predictions``),
+    frozen, to score the source objective on a model that replaced it with a task head.
+
+    Loads ``AutoModelForMaskedLM`` once and keeps only the module that maps the encoder's last hidden states
+    to vocabulary logits (a tied decoder keeps the pre-trained embedding matrix, a copy). None when the
+    checkpoint's head is not one such module (DistilBERT, ELECTRA: several pieces with code between them) or
+    it cannot be loaded as a masked LM.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(name, revision=revision, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("'%s' has no masked-LM head to load (%s)", name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    base = model.base_model
+    heads = [(n, m) for n, m in model.named_children() if m is not base and any(True for _ in m.parameters())]
+    if len(heads) != 1:
+        log.warning("the masked-LM head of '%s' is %d modules, not one: its loss is not measured", name, len(heads))
+        return None
+    head_name, head = heads[0]
+    missing = [k for k in info["missing_keys"] if k.startswith(head_name + ".")]
+    if missing:  # a head built fresh (a checkpoint saved without it) scores nothing the model knew
+        log.warning("'%s' has no trained masked-LM head (missing %s)", name, ", ".join(missing[:3]))
+        return None
+    head.eval().requires_grad_(False)
+    return head

@@ -63,7 +63,7 @@ def test_retention_probe_is_zero_at_start_and_rises_when_the_backbone_moves(tmp_
     assert probe.delta(prepared.model)["forgetting"] > 0.01
 
 
-def train_steps(job, data, steps=30):
+def train_steps(job, data, steps=30, drift_texts=None):
     """A plain loop over the engine's own model preparation and LR groups (what engine.loop does per step)."""
     prepared = prepare_model(job, LABELS)
     model = prepared.model
@@ -71,7 +71,7 @@ def train_steps(job, data, steps=30):
 
     tokenizer = load_tokenizer(job.model.name)
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch=10)
-    guard.start(model, tiny.corpus()[:32], tokenizer, torch.device("cpu"))
+    guard.start(model, tiny.corpus()[:32], tokenizer, torch.device("cpu"), drift_texts)
     with guard.param_groups_scope(model):
         groups = build_param_groups(model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio, 1.0, 0.01)
     optimizer = build_optimizer(groups, (0.9, 0.999), torch.device("cpu"))
@@ -203,3 +203,101 @@ def test_retention_data_measures_forgetting_target_rows_measure_drift(tiny_bert,
                   safeguards={"retention_data": str(tmp_path / "general.parquet")})
     metrics, _, _ = train_steps(job, topic_rows, steps=5)
     assert metrics["forgetting"] > 0 and "drift" not in metrics
+
+
+def test_with_retention_data_drift_on_target_rows_is_reported_beside_forgetting(tiny_bert, tmp_path, topic_rows):
+    """Forgetting on the retention set and drift (1 - CKA) on a few target rows, each from its own rows."""
+    job = job_for(tiny_bert, tmp_path, finetune={"strategy": "full", "head_lr": 3e-3, "backbone_lr_ratio": 1.0},
+                  safeguards={"retention_data": str(tmp_path / "general.parquet")})
+    texts = topic_rows[0][:8]
+    metrics, _, model = train_steps(job, topic_rows, steps=5, drift_texts=texts)
+    assert metrics["forgetting"] > 0 and metrics["drift"] > 0 and metrics["forgetting"] != metrics["drift"]
+    # the drift is 1 - linear CKA of the trained model's pooled features on those rows against the pre-trained one's
+    from engine.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_bert))
+    probe = RetentionProbe(texts, tokenizer, "cka", 16, torch.device("cpu"))
+    probe.start(prepare_model(job, LABELS).model)
+    assert metrics["drift"] == pytest.approx(1.0 - linear_cka(probe.reference, probe._measure(model)), abs=1e-9)
+
+
+def test_drift_rows_are_the_first_validation_rows_and_only_beside_retention_data(tiny_bert, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.safeguards import DRIFT_ROWS, read_drift_texts
+
+    rows = [f"row {i}" for i in range(DRIFT_ROWS + 8)]
+    pq.write_table(pa.table({"text": rows, "label": ["food"] * len(rows)}), tmp_path / "validation.parquet")
+    pq.write_table(pa.table({"text": ["general text"]}), tmp_path / "general.parquet")
+    splits = {"train": ([str(tmp_path / "validation.parquet")], "parquet"), "validation": ([str(tmp_path / "validation.parquet")], "parquet")}
+    with_retention = job_for(tiny_bert, tmp_path, safeguards={"retention_data": str(tmp_path / "general.parquet")})
+    assert read_drift_texts(with_retention, splits) == rows[:DRIFT_ROWS]
+    assert read_drift_texts(job_for(tiny_bert, tmp_path), splits) is None  # the retention probe runs on these rows itself
+    off = job_for(tiny_bert, tmp_path, safeguards={"retention_data": str(tmp_path / "general.parquet"), "track_forgetting": False})
+    assert read_drift_texts(off, splits) is None
+
+
+def test_mask_tokens_masks_a_fixed_share_of_real_tokens_never_special_or_padding(tmp_path):
+    from engine.models.loading import load_tokenizer
+    from engine.safeguards import mask_tokens
+
+    path = tiny.save_tiny_model("bert", tmp_path / "mlm", task="masked_lm")
+    tokenizer = load_tokenizer(str(path))
+    texts = ["apple bread cheese soup rice pasta salad butter honey sugar", "disk kernel"]  # 10 and 2 words
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    out = mask_tokens(dict(batch), tokenizer, torch.Generator().manual_seed(0))
+    masked = out["input_ids"] == tokenizer.mask_token_id
+    assert masked.sum(1).tolist() == [2, 1]  # ceil(0.15 x 10), ceil(0.15 x 2)
+    assert torch.equal(out["labels"] != -100, masked)
+    assert torch.equal(out["labels"][masked], batch["input_ids"][masked])
+    special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert not (masked & (special | (batch["attention_mask"] == 0))).any()
+    again = mask_tokens(dict(batch), tokenizer, torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], out["input_ids"])  # a fixed mask: the same positions every evaluation
+
+
+def test_a_bert_saved_with_its_masked_lm_head_measures_forgetting_as_masked_lm_loss(tmp_path, tiny_bert):
+    """auto picks mlm_loss for a *ForMaskedLM checkpoint; at step 0 the probe's loss is exactly the masked LM's own
+    loss on the same masked rows; it rises when the fine-tuned encoder moves; a checkpoint without the head falls back."""
+    import transformers
+
+    from engine.models.loading import load_tokenizer
+    from engine.safeguards import forgetting_measure, mask_tokens
+
+    path = tiny.save_tiny_model("bert", tmp_path / "mlm", task="masked_lm")
+    tokenizer = load_tokenizer(str(path))
+    texts = [" ".join(tiny.WORDS[topic]) for topic in sorted(tiny.WORDS)] * 8  # fixed sentences: learnable in context
+    mlm = transformers.AutoModelForMaskedLM.from_pretrained(str(path))
+    encoded = dict(tokenizer(texts, truncation=True, max_length=16, padding=True, return_tensors="pt"))
+    optimizer = torch.optim.AdamW(mlm.parameters(), lr=1e-2)
+    for step in range(40):  # a source objective worth forgetting, on fresh masks each step
+        mlm(**mask_tokens(encoded, tokenizer, torch.Generator().manual_seed(step))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    mlm.save_pretrained(path)
+    job = job_for(path, tmp_path, safeguards={"retention_data": str(tmp_path / "general.parquet")})
+    assert forgetting_measure(job) == "mlm_loss"
+    assert forgetting_measure(job_for(tiny_bert, tmp_path)) == "cka"  # MiniLM-like: an encoder saved without the head
+    prepared = prepare_model(job, LABELS)
+    guard = Safeguards(job, prepared.model, prepared.stack, prepared.n_frozen, prepared.head_names, 10)
+    guard.start(prepared.model, texts, tokenizer, torch.device("cpu"))
+    assert guard.probe.measure == "mlm_loss"
+    # step 0: the classifier's encoder is the masked LM's, so the loss through the kept head is the masked LM's own
+    mlm.eval()
+    with torch.no_grad():
+        own = [(float(mlm(**b).loss), int((b["labels"] != -100).sum())) for b in guard.probe.batches]
+    assert guard.probe.reference == pytest.approx(sum(l * n for l, n in own) / sum(n for _, n in own), rel=1e-5)
+    assert guard.probe.reference < 1.0  # trained: well below ln(vocab) = 3.9
+    assert guard.on_eval(prepared.model, {})["forgetting"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in prepared.stack.blocks.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    out = guard.on_eval(prepared.model, {})
+    assert out["forgetting"] > 0.1 and out["retention_loss"] == pytest.approx(guard.probe.reference + out["forgetting"])
+    # asked for mlm_loss on an encoder saved without the head: no trained head to load, CKA instead
+    forced = job_for(tiny_bert, tmp_path, safeguards={"retention_data": str(tmp_path / "general.parquet"), "forgetting_measure": "mlm_loss"})
+    plain = prepare_model(forced, LABELS)
+    fallback = Safeguards(forced, plain.model, plain.stack, plain.n_frozen, plain.head_names, 10)
+    fallback.start(plain.model, texts, load_tokenizer(str(tiny_bert)), torch.device("cpu"))
+    assert fallback.probe.measure == "cka"

@@ -78,3 +78,39 @@ def test_every_run_gets_curves_and_a_report(tmp_path):
                      "best validation (step 6): val_loss 0.2000, val_accuracy 0.9000", "test (exported model): accuracy 0.8750",
                      "train_val_gap: 0.0333", "![curves](curves.png)", str(tmp_path / "run" / "logs"), "22,115"):
         assert expected in text, expected
+
+
+def test_forgetting_and_drift_reach_tensorboard_the_report_and_the_console(tmp_path):
+    """With a retention set a run reports forgetting of the source and, beside it, drift on target rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cluster.console import eval_line
+    from cluster.report import print_summary
+
+    history = [{**row, "forgetting": 0.05 * row["step"], "retention_cka": 1 - 0.05 * row["step"], "drift": 0.02 * row["step"]}
+               for row in HISTORY]
+    run = SimpleNamespace(best=history[-1], test={"accuracy": 0.875}, history=history, export_dir=None, layout=LAYOUT)
+    job = build_job({"name": "tracked", "model": {"name": "tiny", "labels": ["a", "b"]}, "data": {"train": "unused.parquet"},
+                     "output": {"dir": str(tmp_path / "run")}, "safeguards": {"retention_data": "general.parquet"}})
+    tracker = Tracker(job)
+    for callback in tracker.start():
+        for row in history:
+            callback.after_report(None, [row], None)
+    tracker.finish(run)
+    events = EventAccumulator(str(tmp_path / "run" / TB_DIR))
+    events.Reload()
+    assert [round(e.value, 6) for e in events.Scalars("forgetting")] == [0.1, 0.2, 0.3]
+    assert [round(e.value, 6) for e in events.Scalars("drift")] == [0.04, 0.08, 0.12]
+    info = SimpleNamespace(splits={"train": SimpleNamespace(num_rows=96)}, labels=["a", "b"])
+    text = write_run_report(job, info, run)[1].read_text()
+    assert "- forgetting of the source (retention set general.parquet, last evaluation vs step 0; 1 - linear CKA" in text
+    assert "): 0.3000" in text and "- drift on target data (first 32 validation rows, last evaluation vs step 0; 1 - linear CKA" in text
+    assert "): 0.1200, how far the model moved on the task's own inputs" in text
+    assert eval_line(history[-1]).endswith("val_accuracy 0.9000  forgetting 0.3000  drift 0.1200")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_summary(job, run)
+    assert "forgetting of the source (retention set general.parquet" in out.getvalue() and "drift on target data" in out.getvalue()
