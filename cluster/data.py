@@ -19,12 +19,38 @@ import ray.train
 from cluster.data_rows import PATH_COLUMN, RowRules, check_batch
 from cluster.preflight import DataInfo, SplitInfo, row_rules
 from engine.config import SPEECH_TASKS, JobSpec
+from engine.datafiles import ARROW_STREAM
 from engine.chat import TRUNCATED, as_messages, encode_conversations, layout_columns, with_system
 from engine.packing import group_rows_by_length, length_grouping_window
 from engine.seq2seq import encode_pairs
 from engine.preprocess import cached_tokenizer, tokenize_batch
 
-READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}
+
+class ArrowStreamDatasource(ray.data.datasource.FileBasedDatasource):
+    """Ray Data reader of the Arrow stream files behind a Hugging Face ``datasets`` split (its cache, or a
+    ``save_to_disk`` folder): one read task per file, a block per record batch, streamed to the workers.
+
+    Not ``ray.data.from_huggingface``: for a ``datasets.Dataset`` it first asks the hub for the split's parquet
+    export (an HTTP request without a timeout, which hangs on a machine with no network even with
+    ``HF_HUB_OFFLINE=1``), and otherwise falls back to ``from_arrow`` of the whole table, copied into the object
+    store from the driver. Reading the files the dataset already lives in needs neither.
+    """
+
+    _FILE_EXTENSIONS = ["arrow"]
+
+    def _read_stream(self, f: Any, path: str) -> Any:
+        import pyarrow as pa
+
+        for batch in pa.ipc.open_stream(f):
+            yield pa.Table.from_batches([batch])
+
+
+def read_arrow_stream_files(files: list[str], **kwargs: Any) -> ray.data.Dataset:
+    """A lazy Ray dataset over Arrow stream files (``shuffle``, ``include_paths`` as for the other readers)."""
+    return ray.data.read_datasource(ArrowStreamDatasource(files, **kwargs))
+
+
+READERS = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv, ARROW_STREAM: read_arrow_stream_files}
 
 
 def read_split(

@@ -111,10 +111,10 @@ def column_values(column: Any) -> list[Any]:
 
 def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
     """(1-based row, problem) of the first bad row of one file, read in batches with pyarrow."""
-    import pyarrow.dataset as pads
+    from engine.datafiles import open_files
 
     offset = 0
-    dataset = pads.dataset(path, format=rules.fmt)
+    dataset = open_files([path], rules.fmt)
     present = [c for c in rules.columns if c in dataset.schema.names]
     for batch in dataset.to_batches(columns=present):
         found = first_bad_row(rules, {c: column_values(batch.column(c)) for c in present})

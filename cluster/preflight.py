@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row
 from cluster.preflight_text import check_text, text_required_columns
-from engine.config import ASR_TASKS, SPEECH_TASKS, JobSpec
+from engine.config import ASR_TASKS, SPEECH_TASKS, DatasetSource, JobSpec
+from engine.datafiles import ARROW_STREAM, open_files
 from engine.errors import JobError
 
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -73,32 +74,40 @@ def detect_format(files: list[str], declared: str, key: str) -> str:
 
 
 def open_dataset(files: list[str], fmt: str):
-    """A lazy pyarrow dataset over ``files``."""
-    import pyarrow.dataset as pads
-
-    return pads.dataset(files, format=fmt)
+    """A lazy pyarrow dataset over ``files`` (Hugging Face ``datasets``' Arrow stream files included)."""
+    return open_files(files, fmt)
 
 
-def check_split(job: JobSpec, name: str, path: str) -> SplitInfo:
-    """Check one split: files exist, the needed columns are there, it is not empty."""
+def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo:
+    """Check one split: files exist (or the Hugging Face dataset and its split), the needed columns are there,
+    it is not empty."""
     key = f"data.{name}"
-    files = resolve_files(path, key)
-    fmt = detect_format(files, job.data.format, key)
+    if isinstance(path, DatasetSource):
+        from cluster.preflight_hf import dataset_split_files
+
+        files, expected_rows = dataset_split_files(path, key)
+        fmt, where = ARROW_STREAM, path.describe()
+    else:
+        files, expected_rows = resolve_files(path, key), None
+        fmt, where = detect_format(files, job.data.format, key), f"'{path}'"
     try:
         dataset = open_dataset(files, fmt)
         columns = set(dataset.schema.names)
         num_rows = dataset.count_rows()
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise JobError(f"{key}: could not read '{path}' as {fmt}: {exc}") from None
+        raise JobError(f"{key}: could not read {where} as {fmt}: {exc}") from None
+    if expected_rows is not None and num_rows != expected_rows:  # a view (select, shuffle) of its files
+        raise JobError(f"{key}: {where} has {expected_rows} rows but its files hold {num_rows}. Save it with "
+                       f"flatten_indices() and save_to_disk, and give that folder as {key}: {{hf_disk: folder}}.")
     for column_key in required_columns(job):
         column = getattr(job.data, column_key)
         if column not in columns:
             raise JobError(
-                f"{key}: column '{column}' (data.{column_key}) is not in '{path}'; its columns are "
+                f"{key}: column '{column}' (data.{column_key}) is not in {where}; its columns are "
                 f"{sorted(columns)}. Set data.{column_key} to the right column."
             )
     if num_rows == 0:
-        raise JobError(f"{key}: '{path}' has no rows. Give a split with data, or remove {key}.")
+        raise JobError(f"{key}: {where} has no rows. Give a split with data, or remove {key}.")
     return SplitInfo(name=name, files=files, format=fmt, num_rows=num_rows, columns=sorted(columns))
 
 

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import yaml
 
 from cluster.preflight import check_data, check_model, is_uri, resolve_files
-from engine.config import JobSpec, build_job, load_job
+from engine.config import DatasetSource, JobSpec, build_job, load_job
 from engine.errors import JobError
 
 JOB_FILE = "job.yaml"
@@ -158,8 +158,16 @@ def plan_package(job: JobSpec) -> Package:
     """
     files: dict[str, Path] = {}
     rewrites: dict[str, str] = {}
+    disk_folders: dict[str, str] = {}
     for key in DATA_KEYS:
         value = get_key(job, key)
+        if isinstance(value, DatasetSource):  # a hub id is read from the cluster's own cache; a save_to_disk folder travels
+            if value.hf_disk is not None:
+                folder = Path(os.path.expanduser(value.hf_disk))
+                for source in sorted(p for p in folder.rglob("*") if p.is_file()):
+                    files[f"{INPUTS_DIR}/{key}/{source.relative_to(folder).as_posix()}"] = source
+                disk_folders[key] = f"{INPUTS_DIR}/{key}"
+            continue
         if not value or is_uri(value):
             continue
         sources = [Path(f) for f in resolve_files(value, key)]
@@ -180,6 +188,9 @@ def plan_package(job: JobSpec) -> Package:
     for key, value in rewrites.items():
         section, field = key.split(".")
         raw[section][field] = value
+    for key, value in disk_folders.items():
+        section, field = key.split(".")
+        raw[section][field]["hf_disk"] = value
     total = sum(path.stat().st_size for path in files.values())
     return Package(job=build_job(raw, "packed job"), files=files, total_bytes=total)
 
@@ -252,9 +263,9 @@ def submission_id(job: JobSpec) -> str:
 def local_splits_only(job: JobSpec) -> JobSpec | None:
     """The job with its remote (URI) validation/test splits dropped, for checking here; ``None`` when the training
     data itself is remote (the cluster may hold credentials this machine lacks; the job driver checks it there)."""
-    if is_uri(job.data.train):
+    if isinstance(job.data.train, str) and is_uri(job.data.train):
         return None
-    remote = {k: None for k in ("validation", "test") if getattr(job.data, k) and is_uri(getattr(job.data, k))}
+    remote = {k: None for k in ("validation", "test") if isinstance(getattr(job.data, k), str) and is_uri(getattr(job.data, k))}
     return job.model_copy(update={"data": job.data.model_copy(update=remote)}) if remote else job
 
 

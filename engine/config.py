@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from engine.job_yaml import load_yaml, read_job_yaml
 from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is the schema's public home)
     Task, TASK_METRICS, SPEECH_TASKS, ASR_TASKS, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
-    TrackingSpec,
+    TrackingSpec, DatasetSource, DataSource, SOURCE_TAGS,
 )
 
 
@@ -221,6 +222,7 @@ def job_to_yaml(job: JobSpec) -> str:
 
 def _describe_error(err: dict[str, Any]) -> str:
     loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+    loc = [part for i, part in enumerate(loc) if not (part in SOURCE_TAGS and i >= 2 and loc[i - 2] == "data")]  # union tags
     key = ".".join(loc) or "(job)"
     if err["type"] == "extra_forbidden":
         valid = sorted(_fields_at(loc[:-1]))
@@ -239,11 +241,22 @@ def _fields_at(path: list[str]) -> set[str]:
     model: type[BaseModel] = JobSpec
     for part in path:
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        found = _model_in(getattr(field, "annotation", None))
+        if found is None:
             return set()
-        model = annotation
+        model = found
     return set(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The schema section an annotation names, also inside a union (``data.train``: a path or a mapping)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def field_docs(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -6,9 +6,9 @@ carries a docstring (``shoulders validate --explain`` prints them). No torch or 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, field_validator, model_validator
 
 Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -67,15 +67,65 @@ class ModelSpec(Section):
         return self
 
 
+class DatasetSource(Section):
+    """A split of a Hugging Face ``datasets`` dataset: ``{hf: org/name, split: train}`` (a hub dataset id, read
+    with ``datasets.load_dataset``, from the local cache when ``HF_HUB_OFFLINE=1``) or ``{hf_disk: folder}`` (a
+    folder written by ``save_to_disk``, with ``split`` when it holds a ``DatasetDict``). Its columns are named
+    by the ``data.*_column`` keys as for files."""
+
+    hf: str | None = None
+    """Hub dataset id (``org/name``), read with ``datasets.load_dataset`` (offline: from ``$HF_HOME/datasets``)."""
+    hf_disk: str | None = None
+    """A folder written by ``datasets``' ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    split: str | None = None
+    """The split to read (``train``, ``validation``, ...): required with ``hf``; with ``hf_disk``, required
+    when the folder holds a ``DatasetDict`` and left out for a single ``Dataset``. Slices (``train[:100]``)
+    are not supported."""
+    config: str | None = None
+    """``hf``: the dataset's configuration (subset) name; left empty, its default."""
+    revision: str | None = None
+    """``hf``: hub revision (branch, tag or commit)."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DatasetSource:
+        if (self.hf is None) == (self.hf_disk is None):
+            raise ValueError("give exactly one of hf (a hub dataset id) and hf_disk (a save_to_disk folder)")
+        if self.hf is not None and not self.split:
+            raise ValueError(f"hf '{self.hf}' needs a split, e.g. split: train")
+        if self.hf_disk is not None and (self.config or self.revision):
+            raise ValueError("config and revision apply to hf (a hub dataset id), not to an hf_disk folder")
+        if self.split and any(c in self.split for c in "[]+%"):
+            raise ValueError(f"split '{self.split}': slices and split arithmetic are not supported; name one split")
+        return self
+
+    def describe(self) -> str:
+        """How messages name this source: ``hub dataset 'org/name' split 'train'`` or ``save_to_disk folder '...'``."""
+        split = f" split '{self.split}'" if self.split else ""
+        if self.hf is not None:
+            return f"hub dataset '{self.hf}'{f' config {self.config!r}' if self.config else ''}{split}"
+        return f"save_to_disk folder '{self.hf_disk}'{split}"
+
+
+SOURCE_TAGS = ("path", "dataset")
+"""Tags of the :data:`DataSource` union (pydantic puts them in error locations; ``engine.config`` drops them)."""
+DataSource = Annotated[
+    Annotated[str, Tag("path")] | Annotated[DatasetSource, Tag("dataset")],
+    Discriminator(lambda v: "path" if isinstance(v, str) else "dataset"),
+]
+"""A data split: files (a path, folder, glob or URI) or a :class:`DatasetSource` mapping."""
+
+
 class DataSpec(Section):
-    train: str
-    """Training data: a file, folder or glob of parquet, jsonl or csv files (local path or filesystem URI)."""
-    validation: str | None = None
-    """Validation data (same formats). Left empty, ``validation_fraction`` of the training rows is held out."""
-    test: str | None = None
+    train: DataSource
+    """Training data: a file, folder or glob of parquet, jsonl or csv files (local path or filesystem URI), or
+    a Hugging Face dataset: ``{hf: org/name, split: train}`` (optional ``config``, ``revision``) or
+    ``{hf_disk: folder, split: train}`` (a ``save_to_disk`` folder)."""
+    validation: DataSource | None = None
+    """Validation data (same forms). Left empty, ``validation_fraction`` of the training rows is held out."""
+    test: DataSource | None = None
     """Test data, evaluated once on the best checkpoint after training."""
     format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
-    """File format; ``auto`` picks it from the file extension."""
+    """File format; ``auto`` picks it from the file extension (Hugging Face datasets need none)."""
     text_column: str = "text"
     """Column with the input text."""
     text_pair_column: str | None = None

@@ -349,9 +349,9 @@ def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]
     column = columns.get("text") or columns.get("prompt") or columns["messages"]
     name = "validation" if "validation" in split_files else "train"
     files, fmt = split_files[name]
-    import pyarrow.dataset as pads
+    from engine.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
 
-    table = pads.dataset(files, format=fmt).head(DRIFT_ROWS, columns=[column])
+    table = open_files(files, fmt).head(DRIFT_ROWS, columns=[column])
     return [retention_text(t) for t in table.column(0).to_pylist()]
 
 
@@ -364,7 +364,7 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     spec = job.safeguards
     if not spec.track_forgetting:
         return None
-    import pyarrow.dataset as pads
+    from engine.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
 
     if spec.retention_data:
         from pathlib import Path
@@ -384,5 +384,5 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     column = retention_column(job)  # the text column, or instruction data's prompts / chats
     if column is None:
         return None
-    table = pads.dataset(files, format=fmt).head(spec.retention_rows, columns=[column])
+    table = open_files(files, fmt).head(spec.retention_rows, columns=[column])
     return [retention_text(t) for t in table.column(0).to_pylist()]

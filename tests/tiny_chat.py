@@ -105,3 +105,39 @@ def save_tiny_t5(path: Path) -> Path:
     model = transformers.AutoModelForSeq2SeqLM.from_config(config)
     model.save_pretrained(path)
     return path
+
+
+def save_to_datasets_cache(repo_id: str, data_files: dict[str, Path]) -> str:
+    """Put jsonl splits into the session's ``datasets`` cache (``$HF_HOME/datasets``) as ``datasets.load_dataset
+    (repo_id)`` leaves them after a first load from the hub (``org___name/default/0.0.0/<hash>/``, Arrow files
+    and ``dataset_info.json``), so ``load_dataset(repo_id, split=...)`` finds them with ``HF_HUB_OFFLINE=1``.
+    Returns ``repo_id``."""
+    import shutil
+    import tempfile
+
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.json.json import Json
+
+    namespace, name = repo_id.split("/")
+    name = camelcase_to_snakecase(name)
+    target = Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{name}" / "default" / "0.0.0" / ("0" * 16)
+    if target.is_dir():  # saved earlier in this session
+        return repo_id
+    files = datasets.data_files.DataFilesDict.from_patterns({split: [str(path)] for split, path in data_files.items()})
+    build = Path(tempfile.mkdtemp(prefix="datasets-build-"))
+    builder = Json(cache_dir=str(build), dataset_name=name, config_name="default", data_files=files, hash="0" * 16)
+    builder.download_and_prepare()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(builder.cache_dir, target)
+    shutil.rmtree(build)
+    return repo_id
+
+
+def save_to_disk(folder: Path, data_files: dict[str, Path]) -> Path:
+    """jsonl splits saved as a ``datasets.DatasetDict`` with ``save_to_disk`` into ``folder``."""
+    import datasets
+
+    splits = {split: datasets.Dataset.from_json(str(path), cache_dir=str(Path(folder).parent / "json-cache")) for split, path in data_files.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return Path(folder)

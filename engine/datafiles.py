@@ -1,0 +1,32 @@
+"""A pyarrow dataset over a split's files, whatever wrote them: parquet, jsonl and csv files, or the Arrow
+*stream* files Hugging Face ``datasets`` keeps (its cache and ``save_to_disk`` folders).
+
+pyarrow's ``dataset(format="arrow")`` reads only the Arrow IPC *file* format (with a footer); ``datasets``
+writes the stream format, so those files are opened here as memory-mapped tables (no copy: their buffers are
+the mapped file, as ``datasets`` itself reads them). No torch and no Ray here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARROW_STREAM = "arrow"
+"""The format name of Hugging Face ``datasets``' Arrow stream files in a split's description."""
+
+
+def read_arrow_stream(path: str) -> Any:
+    """One Arrow stream file as a ``pyarrow.Table`` backed by the memory-mapped file."""
+    import pyarrow as pa
+
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def open_files(files: list[str], fmt: str) -> Any:
+    """A lazy ``pyarrow.dataset.Dataset`` over ``files`` of one format (``parquet``, ``json``, ``csv`` or
+    :data:`ARROW_STREAM`)."""
+    import pyarrow.dataset as pads
+
+    if fmt == ARROW_STREAM:
+        return pads.dataset([read_arrow_stream(f) for f in files])
+    return pads.dataset(files, format=fmt)
