@@ -8,6 +8,8 @@ Runs, each in its own process so that peak memory and failures stay separate:
 * ``engine_plain``: the same model, settings and step without Ray (the Ray-overhead reference) + a profile;
 * ``engine_plain_alt``: the same with FP8 flipped (off on GPUs, on (emulated) on CPU): FP8's share and the
   FP8-vs-bf16 loss parity on the same batches;
+* ``engine_chat``: instruction tuning, the same model, LoRA and step without Ray on chat rows (``data.layout:
+  chat``, a chat template, labels on the answers only, packed), the rows encoded as ``shoulders train`` does;
 * ``engine_whisper_full`` / ``engine_w2v2_ctc`` (+ ``_<variant>``): the engine's step (perf + backend) on the peer's
   speech shapes, once per ``perf`` variant of ``SPEECH_VARIANTS``;
 * ``engine_whisper_full_ray`` / ``engine_w2v2_ctc_ray``: the same shapes through ``shoulders train``'s path, the
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.workload import lm_job, peer_script, speech_job, write_lm_workload, write_speech_workload
+from benchmarks.workload import chat_job, lm_job, peer_script, speech_job, write_chat_workload, write_lm_workload, write_speech_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"lora_speedup": 1.4, "speech_speedup": 1.5, "ray_overhead_pct": 2.0}
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peer-cases", default=None, help="peer_baseline.py cases (default: best peer + speech on GPU, loop_lora on CPU)")
-    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_whisper_full,engine_w2v2_ctc,"
+    parser.add_argument("--cases", default="peers,engine_ray,engine_plain,engine_plain_alt,engine_chat,engine_whisper_full,engine_w2v2_ctc,"
                         "engine_whisper_full_ray,engine_w2v2_ctc_ray,deepspeed")
     parser.add_argument("--speech-variants", default=None,
                         help=f"engine perf variants per speech shape, of {','.join(SPEECH_VARIANTS)} (default: all on GPU, base on CPU)")
@@ -256,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if "engine_plain_alt" in cases:
         alt_row = run_engine("engine_plain_alt", "plain", alt, args, env, work)
         rows.append(alt_row)
+        save(rows, info, workload, args, out, t0)
+    if "engine_chat" in cases:  # instruction tuning: the same LoRA step on chat rows, loss on the answers only
+        chat = chat_job(write_chat_workload(workload), work / "runs" / "chat", args.warm, args.steps, gpu)
+        rows.append(run_engine("engine_chat", "plain", chat, args, env, work))
         save(rows, info, workload, args, out, t0)
     if "engine_ray" in cases:
         # If the default settings crashed without Ray and the alternative ran, measure Ray with that one.

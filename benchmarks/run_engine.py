@@ -64,15 +64,25 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     from engine.loop import Collate
     from engine.preprocess import cached_tokenizer, tokenize_batch
 
+    from engine.chat import encode_conversations, layout_columns
+
     tokenizer = cached_tokenizer(job.model.name, job.model.revision)
-    texts = pq.read_table(job.data.train).column(job.data.text_column).to_numpy(zero_copy_only=False)[:rows]
+    columns = layout_columns(job.data)  # text, or instruction data (data.layout chat / prompt_completion)
+    table = pq.read_table(job.data.train, columns=list(columns.values())).slice(0, rows)
+    values = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns.values()}
     packing = job.perf.packing and job.model.task == "causal_lm"
     collate = Collate(job.data.max_length if packing else None, tokenizer.pad_token_id or 0)
     bs = job.optim.batch_size
     out = []
-    for i in range(0, len(texts) - bs + 1, bs):
-        encoded = tokenize_batch({"text": texts[i : i + bs]}, tokenizer=tokenizer, task=job.model.task,
-                                 text_column="text", max_length=job.data.max_length)
+    for i in range(0, table.num_rows - bs + 1, bs):
+        batch = {c: v[i : i + bs] for c, v in values.items()}
+        if job.data.layout == "text":
+            encoded = tokenize_batch(batch, tokenizer=tokenizer, task=job.model.task, text_column=job.data.text_column,
+                                     max_length=job.data.max_length)
+        else:  # as cluster.data's preprocess: the chat template, labels on the answers only
+            encoded = encode_conversations(batch, tokenizer=tokenizer, layout=job.data.layout, columns=columns,
+                                           max_length=job.data.max_length, system_prompt=job.data.system_prompt,
+                                           chat_template=job.data.chat_template)
         out.append(collate(encoded))
     return out
 
@@ -158,6 +168,10 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
             meter.add(batch)
     out: dict[str, Any] = meter.read()
     out["train_loss"] = [round(float(x), 5) for x in torch.stack(losses).cpu()]
+    if "labels" in batches[0]:  # the share of the real tokens that are targets (answer-only labels: below 1)
+        targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+        real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)  # packed: no padding
+        out["target_token_share"] = round(targets / real, 4)
     out["perf_plan"] = {k: v for k, v in plan.__dict__.items()}
     if profile and device.type == "cuda":
         out["profile"] = profile_steps(step, batches)

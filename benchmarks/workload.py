@@ -91,7 +91,7 @@ def write_lm_workload(folder: Path, tiny: bool, micro_batch: int, steps: int, se
     flops, n_params = peer.lora_flops_per_token(cfg)
     return {
         "model_dir": str(model_dir), "train": str(data / "train.parquet"), "validation": str(data / "validation.parquet"),
-        "seq": seq, "micro_batch": micro_batch, "flops_per_token": flops, "params_compute": n_params,
+        "seq": seq, "micro_batch": micro_batch, "rows": micro_batch * steps, "flops_per_token": flops, "params_compute": n_params,
         "model_config": json.loads(cfg.to_json_string()),
     }
 
@@ -107,6 +107,43 @@ def lm_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, gpu: 
         "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         **timed_run(workload["micro_batch"], out_dir, warm, steps, gpu, perf),
     }
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+"""The chat workload's template, in the word-level tokenizer's terms: each turn is ``<s> role content </s>``
+(3 tokens besides its content; role names are ``<unk>`` to this vocabulary); ``</s>`` ends an answer."""
+
+
+def write_chat_workload(workload: dict[str, Any], seed: int = 1) -> dict[str, Any]:
+    """Instruction data for the LM workload's model: one user turn and one answer per row, each half the
+    sequence, rendered by :data:`CHAT_TEMPLATE` to exactly ``seq`` tokens (so the loss is on about half of
+    them: the answer and its ``</s>``). Written beside the LM data; returns the workload with ``chat_train``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seq, vocab = workload["seq"], workload["model_config"]["vocab_size"]
+    rng = np.random.default_rng(seed)
+    user_words, answer_words = seq // 2 - 3, seq - seq // 2 - 3
+
+    def words(n: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(len(SPECIALS), vocab, size=n))
+
+    rows = workload["micro_batch"] * (workload["rows"] // workload["micro_batch"])
+    chats = [[{"role": "user", "content": words(user_words)}, {"role": "assistant", "content": words(answer_words)}] for _ in range(rows)]
+    path = Path(workload["train"]).parent / "chat_train.parquet"
+    pq.write_table(pa.table({"messages": chats}), path)
+    return {**workload, "chat_train": str(path)}
+
+
+def chat_job(workload: dict[str, Any], out_dir: Path, warm: int, steps: int, gpu: bool, perf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The LoRA job on chat rows (:func:`write_chat_workload`): ``data.layout: chat``, loss on the answers only."""
+    job = lm_job(workload, out_dir, warm, steps, gpu, perf)
+    job["name"] = "bench-chat-lora"
+    job["data"].update(train=workload["chat_train"], layout="chat", chat_template=CHAT_TEMPLATE)
+    return job
 
 
 def timed_run(batch: int, out_dir: Path, warm: int, steps: int, gpu: bool, perf: dict[str, Any] | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def test_benchmark_cpu_smoke_runs_every_case(tmp_path):
     result = json.loads((tmp_path / "out" / "bench-cpu-tiny.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
     logs = {p.name: p.read_text()[-2000:] for p in (tmp_path / "work").glob("*.log")}
-    expected = ("loop_lora", "engine_ray", "engine_plain", "engine_plain_alt", "engine_whisper_full", "engine_w2v2_ctc",
+    expected = ("loop_lora", "engine_ray", "engine_plain", "engine_plain_alt", "engine_chat", "engine_whisper_full", "engine_w2v2_ctc",
                 "engine_whisper_full_ray", "engine_w2v2_ctc_ray")
     assert set(rows) >= set(expected), logs
     for name in expected:
@@ -45,6 +45,12 @@ def test_benchmark_cpu_smoke_runs_every_case(tmp_path):
         ray_row = rows[f"{speech}_ray"]
         assert ray_row["windows"] == 2 and all(0 < loss < math.inf for loss in ray_row["train_loss"]), ray_row
         assert result["summary"][f"{speech.removeprefix('engine_')}_ray_overhead_pct"]["variant"] == "base"
+    # Instruction tuning: chat rows through the chat template, the LoRA fast path on the answer-only labels. Each row
+    # renders to one sequence, half of it the answer (and its end-of-turn token): only those tokens are targets.
+    chat = rows["engine_chat"]
+    assert chat["job"]["data"]["layout"] == "chat" and chat["perf_plan"]["fused_lora"] > 0
+    assert 0.45 < chat["target_token_share"] < 0.55, chat["target_token_share"]
+    assert len(chat["train_loss"]) == 2 and all(0 < loss < math.inf for loss in chat["train_loss"]), chat
     # The alternative run flips FP8 on (emulated on CPU) and trains to the same losses within FP8 error.
     assert rows["engine_plain_alt"]["perf_plan"]["fp8"] and not rows["engine_plain"]["perf_plan"]["fp8"]
     assert result["summary"]["fp8_parity"]["max_rel_loss_diff"] < 0.05
