@@ -39,9 +39,10 @@ def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
     import ray
 
     from cluster.preflight import preflight
-    from cluster.trainer import run_training
+    from cluster.trainer import EMBEDDED_TRAIN_ENV, run_training
     from engine.config import build_job
 
+    os.environ.update(EMBEDDED_TRAIN_ENV)  # as shoulders' own embedded Ray runs
     t0 = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 2, 4), num_gpus=1 if gpu else 0, include_dashboard=False, configure_logging=False)
     ray_init_s = time.perf_counter() - t0

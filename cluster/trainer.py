@@ -53,6 +53,24 @@ def ensure_ray(address: str | None = None) -> None:
         start_embedded_ray(**ray_init_kwargs())
 
 
+EMBEDDED_TRAIN_ENV = {
+    # Nothing preempts a machine's own Ray: its watcher is one more Python process per run (seconds of start-up
+    # on a laptop's CPUs, for every train and every tune trial).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train's controller polls its workers this often (default 2 s): a short run ends up to a poll later.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+    # Ray Data reads each parquet split's footers with a pool of 32 actors by default (sized for clusters and
+    # thousands of files): on one machine that asked for 96 worker processes per run, most started only to
+    # sit idle, over a minute of CPU for a run of seconds. One actor reads a laptop's footers (128 threads).
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # The raylet starts a worker per CPU when the driver connects and more for every queued task: on a laptop
+    # those idle processes cost more CPU than the few seconds they save; workers start as tasks need them.
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_enable_worker_prestart": "0",
+}
+"""Ray Train settings of an embedded local Ray (left as they are on a cluster)."""
+
+
 def start_embedded_ray(**init_kwargs: Any) -> None:
     """Start a local Ray whose own processes find it, and only it, while other Ray instances run on the host.
 
@@ -64,6 +82,7 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
     """
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ.update(EMBEDDED_TRAIN_ENV)
     init_kwargs.setdefault("configure_logging", False)
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,20 +73,33 @@ def hub_bert() -> str:
     return tiny.save_to_hub_cache("shoulders-test/tiny-bert", lambda folder: tiny.save_tiny_model("bert", folder))
 
 
-@pytest.fixture(scope="session")
-def other_ray(tmp_path_factory):
-    """A second Ray instance on this host (``ray start --head``), as users run beside shoulders: every Ray test
-    runs with it up, and shoulders' embedded instance must neither join it nor confuse its own processes."""
+def start_other_ray(temp: Path) -> subprocess.Popen:
+    """``ray start --head --block`` in ``temp``; returns once its raylet says it started. On a loaded machine a
+    raylet may die while starting (its dashboard agent too slow to write its port file): then it tries again."""
     from cluster.trainer import free_port
 
-    temp = tmp_path_factory.mktemp("other-ray")
     env = {**os.environ, "RAY_TMPDIR": str(temp)}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=1",
-           "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(temp.rglob("gcs_server.out")):
-        time.sleep(0.5)
+    for attempt in range(3):
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=1",
+               "--include-dashboard=false", f"--temp-dir={temp / str(attempt)}", "--disable-usage-stats"]
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if any("Raylet of id" in p.read_text(errors="replace") for p in (temp / str(attempt)).rglob("raylet.out")):
+                return process
+            time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the GCS and raylet it started go too
+        process.wait()
+    raise RuntimeError(f"a second Ray instance did not start in 3 tries; see {temp}")
+
+
+@pytest.fixture(scope="session")
+def other_ray():
+    """A second Ray instance on this host (``ray start --head``), as users run beside shoulders: every Ray test
+    runs with it up, and shoulders' embedded instance must neither join it nor confuse its own processes."""
+    temp = Path(tempfile.mkdtemp(prefix="other-ray-"))  # short: Ray's socket paths have a length limit
+    process = start_other_ray(temp)
     try:
         yield process
     finally:
@@ -92,6 +108,7 @@ def other_ray(tmp_path_factory):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

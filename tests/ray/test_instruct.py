@@ -85,9 +85,15 @@ def test_prompt_completion_full_finetune_writes_generations_and_the_merged_expor
     assert generate_jsonl(tmp_path / "out" / "model", prompts, capsys) == [r["answer"] for r in last]
 
 
-def test_chat_with_lora_trains_the_assistant_turns_and_the_adapter_export_answers_alike(instruct, tmp_path, capsys):
+def test_chat_with_lora_from_a_hub_dataset_and_a_disk_folder_trains_the_assistant_turns_and_the_adapter_export_answers_alike(
+        instruct, tmp_path, capsys):
+    """Also must-show 4 of the datasets work: the training rows come from a hub dataset id found offline in the local
+    ``datasets`` cache, the validation rows from a ``save_to_disk`` folder, both streamed from their Arrow files."""
     model, data = instruct
-    job = base_job(model, tmp_path, train=str(data["chat_train"]), validation=str(data["chat_validation"]), layout="chat")
+    repo = tiny_chat.save_to_datasets_cache("shoulders-test/colour-chat", {"train": data["chat_train"]})
+    disk = tiny_chat.save_to_disk(tmp_path / "disk", {"validation": data["chat_validation"]})
+    job = base_job(model, tmp_path, train={"hf": repo, "split": "train"}, validation={"hf_disk": str(disk), "split": "validation"},
+                   layout="chat", messages_column="messages")
     job["data"]["max_length"] = 36  # every chat renders to 37 tokens: each loses its first one, answers kept
     job.update(finetune={"strategy": "lora", "head_lr": 5e-2}, peft={"r": 8, "target_modules": "all-linear"})
     job["eval"]["metric"] = "rougeL"
@@ -95,8 +101,9 @@ def test_chat_with_lora_trains_the_assistant_turns_and_the_adapter_export_answer
     metrics = run_job(tmp_path, job)
     assert "data.max_length 36: 96 training rows were longer and were cut" in capsys.readouterr().out
     history = metrics["history"]
+    assert [h["step"] for h in history] == [6, 12]  # 96 rows read from the hub split: 6 steps of 16 per epoch
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    validation = read_jsonl(data["chat_validation"])[:4]
+    validation = read_jsonl(data["chat_validation"])[:4]  # the generations' prompts come from the disk folder's rows
     last = check_generations(tmp_path, history, [row["messages"][-1]["content"] for row in validation])
     assert [r["prompt"] for r in last] == [row["messages"][-2]["content"] for row in validation]  # each chat's second question
     export = tmp_path / "out" / "model"
@@ -123,21 +130,3 @@ def test_t5_seq2seq_trains_generates_and_the_adapter_export_answers_alike(instru
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(row["prompt"] + "\n" for row in validation))
     assert generate_jsonl(tmp_path / "out" / "model", prompts, capsys) == [r["answer"] for r in last]
-
-
-def test_chat_from_a_hub_dataset_id_offline_with_validation_from_a_save_to_disk_folder(instruct, tmp_path, capsys):
-    """Must-show 4 in one run: training rows from a hub dataset id found offline in the local ``datasets`` cache,
-    validation rows from a ``save_to_disk`` folder; both streamed from their Arrow files through Ray Data."""
-    model, data = instruct
-    repo = tiny_chat.save_to_datasets_cache("shoulders-test/colour-chat", {"train": data["chat_train"]})
-    disk = tiny_chat.save_to_disk(tmp_path / "disk", {"validation": data["chat_validation"]})
-    job = base_job(model, tmp_path, train={"hf": repo, "split": "train"}, validation={"hf_disk": str(disk), "split": "validation"},
-                   layout="chat", messages_column="messages")
-    job["finetune"] = {"strategy": "full", "head_lr": 1e-2, "backbone_lr_ratio": 1.0}
-    metrics = run_job(tmp_path, job)
-    history = metrics["history"]
-    assert [h["step"] for h in history] == [6, 12]  # 96 rows read from the hub split: 6 steps of 16 per epoch
-    assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
-    validation = read_jsonl(data["chat_validation"])[:4]  # the generations' prompts come from the disk folder's rows
-    last = check_generations(tmp_path, history, [row["messages"][-1]["content"] for row in validation])
-    assert [r["prompt"] for r in last] == [row["messages"][-2]["content"] for row in validation]
