@@ -127,6 +127,13 @@ def _write_manifest(folder: Path, rank: int, world_size: int) -> None:
 # RNG states
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed this process's torch, numpy and python RNGs (wav2vec2's SpecAugment masks draw from numpy's)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This process's torch (CPU and CUDA), numpy and python RNG states, plus named torch generators."""
     tensors = {"torch": torch.get_rng_state()}

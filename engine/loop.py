@@ -25,7 +25,7 @@ from torch import nn
 from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
 from engine.checkpoint import (
-    RunFolder, checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint,
+    RunFolder, checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint, seed_rngs,
 )
 from engine.config import SPEECH_TASKS, JobSpec
 from engine.asr import build_metrics
@@ -182,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     amp_dtype = autocast_dtype(job.optim.precision, device)
+    seed_rngs(job.seed)  # every RNG a model draws from (a resume restores their states from the checkpoint)
 
     # Model: load -> replace head -> freeze -> adapters; then groups at their LR ratios.
     prepared = prepare_model(job, labels, config.get("pad_token_id"))
