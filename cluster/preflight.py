@@ -14,9 +14,10 @@ from pathlib import Path
 
 from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row
 from cluster.preflight_text import check_text, text_required_columns
-from engine.config import ASR_TASKS, SPEECH_TASKS, DatasetSource, JobSpec
+from engine.config import DatasetSource, JobSpec
 from engine.datafiles import ARROW_STREAM, open_files
 from engine.errors import JobError
+from engine.tasks import get_task
 
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 FORMAT_NAMES = {"parquet": "parquet", "jsonl": "json", "csv": "csv"}
@@ -112,24 +113,15 @@ def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo
 
 
 def required_columns(job: JobSpec) -> list[str]:
-    """The ``data.*_column`` keys the job's task reads."""
-    if job.model.task in SPEECH_TASKS:
-        from cluster.preflight_speech import speech_required_columns
-
-        return speech_required_columns(job)
+    """The ``data.*_column`` keys the job's task reads (the layout's, for prompt/completion and chat data)."""
     if job.data.layout != "text":
         return text_required_columns(job)
-    keys = ["text_column"]
-    if job.data.text_pair_column:
-        keys.append("text_pair_column")
-    if job.model.task != "causal_lm":
-        keys.append("label_column")
-    return keys
+    return get_task(job.model.task).required_columns(job)
 
 
 def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None:
     """The class names: the job's, checked against every split, or the sorted values found in training."""
-    if job.model.task in ("causal_lm", "seq2seq", *ASR_TASKS):
+    if not get_task(job.model.task).has_classes:
         return None
     declared = job.model.labels
     found_train: set[str] = set()
@@ -161,7 +153,7 @@ def check_data(job: JobSpec) -> DataInfo:
             splits[name] = check_split(job, name, path)
     if "validation" not in splits and job.data.validation_fraction <= 0:
         raise JobError("data.validation is not set and data.validation_fraction is 0: give a validation split or a fraction > 0 to hold out.")
-    if job.model.task in SPEECH_TASKS:
+    if get_task(job.model.task).modality == "audio":
         from cluster.preflight_speech import check_speech
 
         check_speech(job, splits)
@@ -176,7 +168,7 @@ def check_data(job: JobSpec) -> DataInfo:
 def check_retention(job: JobSpec) -> None:
     """``safeguards.retention_data``: readable files with the text column, not empty."""
     spec = job.safeguards
-    if not (spec.track_forgetting and spec.retention_data) or is_uri(spec.retention_data) or job.model.task in SPEECH_TASKS:
+    if not (spec.track_forgetting and spec.retention_data) or is_uri(spec.retention_data) or get_task(job.model.task).modality != "text":
         return
     key = "safeguards.retention_data"
     files = resolve_files(spec.retention_data, key)
@@ -364,7 +356,7 @@ def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     check_resources(job)
     info = check_data(job)
     check_output(job, resume)
-    if job.model.task in SPEECH_TASKS:
+    if get_task(job.model.task).modality == "audio":
         from cluster.preflight_speech import prepare_speech_job
 
         job = prepare_speech_job(job, info)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import SPEECH_TASKS, JobSpec
+from engine.config import JobSpec
 from engine.errors import JobError
+from engine.tasks import get_task
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 """What a Hugging Face hub id looks like: ``name`` or ``org/name``."""
@@ -97,13 +98,13 @@ def check_architecture(files: ModelFiles, task: str) -> None:
     from engine.models.loading import supported_model_types
 
     model_type = files.config["model_type"]
-    supported = supported_model_types(task)
+    supported = supported_model_types(get_task(task))
     if model_type not in supported:
         raise JobError(
             f"model.name '{files.name}' is a '{model_type}' model, which cannot do model.task '{task}'. "
             f"Pick a model whose architecture supports {task} (e.g. {', '.join(list(supported)[:5])}, ...) or another task."
         )
-    if task == "causal_lm" and model_type in ENCODER_ONLY and not files.config.get("is_decoder"):
+    if get_task(task).next_token_loss and model_type in ENCODER_ONLY and not files.config.get("is_decoder"):
         raise JobError(
             f"model.name '{files.name}' is an encoder-only '{model_type}' model (no is_decoder in its config): it was not "
             "trained to predict the next token, so model.task 'causal_lm' would start from an untrained language model. "
@@ -188,7 +189,7 @@ def weight_names(files: ModelFiles) -> list[str] | None:
 
 def check_tokenizer(files: ModelFiles, job: JobSpec) -> None:
     """Text tasks need the checkpoint's tokenizer (or ``model.tokenizer``)."""
-    if job.model.task in SPEECH_TASKS or job.model.tokenizer:
+    if get_task(job.model.task).modality != "text" or job.model.tokenizer:
         return
     present = [f for f in TOKENIZER_FILES if files.find(f)]
     if not present:
@@ -212,8 +213,9 @@ def check_tokenizer(files: ModelFiles, job: JobSpec) -> None:
 
 def block_count(config: dict[str, Any], task: str) -> int | None:
     """Transformer blocks ``finetune.freeze_depth`` counts (Whisper: the encoder's), from the config; None when unknown."""
-    if "encoder_layers" in config and ("decoder_layers" in config or task in SPEECH_TASKS):
-        if task in SPEECH_TASKS:
+    speech = get_task(task).modality == "audio"
+    if "encoder_layers" in config and ("decoder_layers" in config or speech):
+        if speech:
             return _as_count(config["encoder_layers"])
         return None  # an encoder-decoder text model: the stack is found at load time
     for key in BLOCK_COUNT_KEYS:
@@ -251,9 +253,7 @@ def check_target_modules(job: JobSpec, names: list[str] | None) -> None:
     targets = job.peft.target_modules
     if job.peft.method == "none" or not isinstance(targets, list) or not names:
         return
-    from engine.models.loading import HEAD_MODULES
-
-    modules = {n.rsplit(".", 1)[0] for n in names if "." in n} | set(HEAD_MODULES[job.model.task])
+    modules = {n.rsplit(".", 1)[0] for n in names if "." in n} | set(get_task(job.model.task).head_modules)
     leaves = {m.rsplit(".", 1)[-1] for m in modules}
     missing = [t for t in targets if t not in leaves and not any(m == t or m.endswith("." + t) for m in modules)]
     if missing:

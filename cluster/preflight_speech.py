@@ -14,15 +14,11 @@ from typing import Any
 
 from engine.config import JobSpec
 from engine.errors import JobError
+from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
 PROBE_ROWS = 256
 """Clips per split whose headers are read: readable, not empty, and at which sampling rate(s)."""
-
-
-def speech_required_columns(job: JobSpec) -> list[str]:
-    """The ``data.*_column`` keys a speech task reads."""
-    return ["audio_column", "label_column" if job.model.task == "audio_classification" else "transcript_column"]
 
 
 def check_feature_options(job: JobSpec) -> dict[str, Any]:
@@ -73,11 +69,7 @@ def check_speech(job: JobSpec, splits: dict[str, Any]) -> None:
     from engine.audio import SamplingRateError, check_rate
 
     settings = check_feature_options(job)
-    if job.model.task == "speech_seq2seq" and job.finetune.freeze_depth == "all":
-        raise JobError(
-            "finetune.freeze_depth is 'all' for speech_seq2seq: it counts the encoder's blocks, and with all of them frozen "
-            "the decoder above them freezes too, so nothing would train. Use a negative depth (e.g. -2) or 0 with peft.method: lora."
-        )
+    get_task(job.model.task).check_settings(job)
     rate = int(settings.get("sampling_rate") or 16000)
     for split in splits.values():
         for found in sorted(probe_rates(job, split)):
@@ -97,7 +89,7 @@ def prepare_speech_job(job: JobSpec, info: Any) -> JobSpec:
     model = job.model
     if model.tokenizer and os.path.isdir(os.path.expanduser(model.tokenizer)):
         return job.model_copy(update={"model": model.model_copy(update={"tokenizer": os.path.abspath(os.path.expanduser(model.tokenizer))})})
-    if model.task != "ctc" or model.tokenizer or has_tokenizer(model.name):
+    if not get_task(model.task).builds_target_vocab or model.tokenizer or has_tokenizer(model.name):
         return job
     from cluster.preflight import open_dataset
 

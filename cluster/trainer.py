@@ -206,12 +206,12 @@ class RunSummary:
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     """Train the job on Ray, export the best checkpoint, evaluate it on the test split, write metrics.json."""
-    from engine.models.speech import job_preprocessors
+    from engine.tasks import get_task
 
     ensure_ray()
     resources = ray.cluster_resources()
     check_resources(job, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-    pad_token_id = job_preprocessors(job)[1]
+    pad_token_id = get_task(job.model.task).preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
     from cluster.console import run_console
     from cluster.tracking import Tracker
@@ -306,9 +306,9 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str =
     dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))
     batches = dataset.iter_torch_batches(batch_size=job.eval.batch_size or 2 * job.optim.batch_size, collate_fn=collate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from engine.asr import export_metrics
+    from engine.tasks import get_task
 
-    metrics = export_metrics(job, model, export_dir, device)
+    metrics = get_task(job.model.task).export_metrics(job, model, export_dir, device)
     return evaluate_model(model, batches, job.model.task, len(info.labels) if info.labels else None, device, metrics=metrics)
 
 

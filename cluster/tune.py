@@ -76,7 +76,7 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from cluster.data import build_datasets
     from cluster.tracking import Tracker
     from cluster.trainer import build_trainer
-    from engine.models.speech import job_preprocessors
+    from engine.tasks import get_task
 
     from cluster.trainer import ensure_ray
 
@@ -84,7 +84,7 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     pin_data_to_trial_bundle()
     job = trial_spec(base_raw, config["overrides"], tune.get_context().get_trial_id(), trials_root)
     datasets, num_train_rows = build_datasets(job, info)
-    pad_token_id = job_preprocessors(job)[1]  # text: the tokenizer's; speech: the CTC blank or none
+    pad_token_id = get_task(job.model.task).preprocessors(job)[1]  # text: the tokenizer's; speech: the CTC blank or none
     tracker = Tracker(job)  # each trial: TensorBoard in its folder, its own MLflow run
     with tracker.running() as tracking:
         trainer = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=[TuneReportCallback(), *tracking],

@@ -16,19 +16,19 @@ from engine.models.blocks import BlockStack
 
 log = logging.getLogger(__name__)
 
-PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 ADAPTER_MARKERS = ("lora_", "ia3_", "lora_magnitude_vector")
 """Substrings that mark a parameter as adapter weight (as opposed to a pre-trained or head weight)."""
 
 
-def build_peft_config(peft_spec: Any, task: str, stack: BlockStack, n_frozen: int, head_names: list[str]) -> Any:
-    """The PEFT config for a job's ``peft`` section, adapting only the blocks at or above ``n_frozen``."""
+def build_peft_config(peft_spec: Any, task_type: str | None, stack: BlockStack, n_frozen: int, head_names: list[str]) -> Any:
+    """The PEFT config for a job's ``peft`` section, adapting only the blocks at or above ``n_frozen``
+    (``task_type``: PEFT's name for the task's model, the task's ``peft_task_type``)."""
     from peft import IA3Config, LoraConfig
 
     common: dict[str, Any] = dict(
         target_modules=peft_spec.target_modules,
         modules_to_save=list(head_names) or None,
-        task_type=PEFT_TASK_TYPES.get(task),
+        task_type=task_type,
     )
     if n_frozen > 0:
         common.update(layers_to_transform=list(range(n_frozen, stack.depth)), layers_pattern=stack.attribute)
@@ -43,7 +43,7 @@ def build_peft_config(peft_spec: Any, task: str, stack: BlockStack, n_frozen: in
     )
 
 
-def apply_adapters(model: nn.Module, peft_spec: Any, task: str, stack: BlockStack, n_frozen: int, head_names: list[str]) -> nn.Module:
+def apply_adapters(model: nn.Module, peft_spec: Any, task_type: str | None, stack: BlockStack, n_frozen: int, head_names: list[str]) -> nn.Module:
     """Wrap ``model`` with the job's PEFT method; returns it unchanged for ``method: none``.
 
     When every block is frozen there is nothing to adapt, and the model stays a plain model whose head
@@ -53,7 +53,7 @@ def apply_adapters(model: nn.Module, peft_spec: Any, task: str, stack: BlockStac
         return model
     from peft import get_peft_model
 
-    config = build_peft_config(peft_spec, task, stack, n_frozen, head_names)
+    config = build_peft_config(peft_spec, task_type, stack, n_frozen, head_names)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

@@ -1,8 +1,9 @@
-"""Speech recognition in evaluation: CTC greedy decoding, Whisper generation, and the metrics that use them.
+"""Speech recognition in evaluation: CTC greedy decoding, Whisper generation, transcripts back from label ids.
 
-Metrics are computed on decoded text (:class:`engine.metrics.AsrMetrics`): CTC logits are decoded
-greedily by the target tokenizer (repeats merged, blanks dropped); sequence-to-sequence models
-generate with the job's language and task tokens, as they will be used.
+The ASR tasks (``engine.tasks.ctc``, ``engine.tasks.speech_seq2seq``) score decoded text with these
+(:class:`engine.metrics.AsrMetrics`): CTC logits are decoded greedily by the target tokenizer (repeats
+merged, blanks dropped); sequence-to-sequence models generate with the job's language and task tokens,
+as they will be used.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ from typing import Any
 
 import torch
 
-from engine.config import ASR_TASKS
-from engine.metrics import AsrMetrics, TaskMetrics
 from engine.preprocess import IGNORE_INDEX
 
 PREFIX_TOKENS = 4
 """Whisper's decoder prefix (start, language, task, no-timestamps) counts against its positions."""
 
 
-def decode_references(labels: torch.Tensor, tokenizer: Any, task: str) -> list[str]:
-    """Label ids (padding -100) back to transcripts; CTC references keep their repeated letters."""
+def decode_references(labels: torch.Tensor, tokenizer: Any, keep_repeats: bool = False) -> list[str]:
+    """Label ids (padding -100) back to transcripts; ``keep_repeats``: references of a CTC vocabulary keep
+    their repeated letters (its decoding would merge them)."""
     ids = labels.masked_fill(labels == IGNORE_INDEX, tokenizer.pad_token_id).tolist()
-    if task == "ctc":
+    if keep_repeats:
         return tokenizer.batch_decode(ids, group_tokens=False, skip_special_tokens=True)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -60,44 +60,3 @@ def generate_transcripts(model: Any, batch: dict[str, torch.Tensor], tokenizer: 
     with ctx:
         ids = inner.generate(**inputs, **generation_kwargs(inner, job))
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def build_metrics(job: Any, num_labels: int | None, device: torch.device, model: Any = None, amp_dtype: torch.dtype | None = None,
-                  tokenizer: Any = None) -> TaskMetrics | AsrMetrics:
-    """The metrics of one evaluation pass for the job's task (ASR: WER and CER on decoded text).
-
-    Args:
-        job: the validated job.
-        num_labels: classes of classification tasks.
-        device: where metric states live.
-        model: the model under evaluation (sequence-to-sequence ASR generates with it).
-        amp_dtype: autocast dtype for generation.
-        tokenizer: the target tokenizer; left empty, the job's.
-    """
-    task = job.model.task
-    if task not in ASR_TASKS:
-        return TaskMetrics(task, num_labels, device)
-    if tokenizer is None:
-        from engine.models.speech import job_tokenizer
-
-        tokenizer = job_tokenizer(job)
-
-    def references(labels: torch.Tensor) -> list[str]:
-        return decode_references(labels, tokenizer, task)
-
-    def predictions(outputs: Any, batch: dict[str, torch.Tensor]) -> list[str]:
-        if task == "ctc":
-            return decode_ctc(outputs.logits, tokenizer)
-        return generate_transcripts(model, batch, tokenizer, job, amp_dtype)
-
-    return AsrMetrics(predictions, references, device)
-
-
-def export_metrics(job: Any, model: Any, export_dir: str | Any, device: str) -> AsrMetrics | None:
-    """ASR metrics for an exported model folder, decoding with the tokenizer saved in it (None for other tasks)."""
-    if job.model.task not in ASR_TASKS:
-        return None
-    from engine.models.speech import load_target_tokenizer
-
-    tokenizer = load_target_tokenizer(str(export_dir), None, job.model.language, job.model.asr_task)
-    return build_metrics(job, None, torch.device(device), model, None, tokenizer)

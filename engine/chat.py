@@ -180,12 +180,9 @@ def layout_columns(data: Any) -> dict[str, str]:
     return {"text": data.text_column}
 
 
-def retention_column(job: Any) -> str | None:
+def retention_column(job: Any) -> str:
     """The column whose first rows form the forgetting retention set (``safeguards.track_forgetting``): the
-    text, the prompts, or the chats of instruction data; None for ``seq2seq``, where no retention measure
-    applies (an encoder-decoder has neither the LM loss nor the pooled hidden states it uses)."""
-    if job.model.task == "seq2seq":
-        return None
+    text, the prompts, or the chats of instruction data (for tasks that measure forgetting)."""
     if job.safeguards.retention_data:
         return job.data.text_column
     columns = layout_columns(job.data)

@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from engine.errors import JobError
 from engine.job_yaml import load_yaml, read_job_yaml
+from engine.tasks import get_task
 from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is the schema's public home)
-    Task, TASK_METRICS, SPEECH_TASKS, ASR_TASKS, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
+    Task, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
     TrackingSpec, DatasetSource, DataSource, SOURCE_TAGS,
 )
@@ -84,24 +85,17 @@ class JobSpec(Section):
     def _check_consistency(self) -> JobSpec:
         if self.output.export == "adapter" and self.peft.method == "none":
             raise ValueError("output.export is 'adapter' but peft.method is 'none': set a PEFT method or export 'merged'")
-        allowed = {"prompt_completion": ("causal_lm", "seq2seq"), "chat": ("causal_lm",)}.get(self.data.layout)
-        if allowed and self.model.task not in allowed:
-            raise ValueError(f"data.layout is '{self.data.layout}' but model.task is '{self.model.task}': {self.data.layout} data trains model.task {' or '.join(allowed)}")
-        if self.model.task == "seq2seq" and self.data.layout != "prompt_completion":
-            raise ValueError("model.task seq2seq reads a source and a target column: set data.layout: prompt_completion (data.prompt_column, data.completion_column)")
-        if self.model.task == "causal_lm" and self.model.labels:
-            raise ValueError("model.labels is set but model.task is 'causal_lm', which has no classes: remove model.labels")
-        if self.model.task in ASR_TASKS and self.model.labels:
-            raise ValueError(f"model.labels is set but model.task is '{self.model.task}', whose targets are transcripts: remove model.labels")
+        task = get_task(self.model.task)
+        task.check_job(self)  # the data layout and labels fit the task
         if self.model.labels is not None and len(set(self.model.labels)) != len(self.model.labels):
             raise ValueError("model.labels has duplicates: list each class once")
         if self.optim.max_steps is None and self.optim.epochs is None:
             raise ValueError("set optim.epochs or optim.max_steps")
         for key, metric in (("eval.metric", self.eval.metric), ("tune.metric", self.tune.metric)):
-            if metric is not None and metric not in TASK_METRICS[self.model.task]:
+            if metric is not None and metric not in task.metrics:
                 raise ValueError(
                     f"{key} '{metric}' is not a metric of model.task '{self.model.task}'; "
-                    f"it reports {', '.join(TASK_METRICS[self.model.task])}"
+                    f"it reports {', '.join(task.metrics)}"
                 )
         unfreezing = self.safeguards.unfreeze_every_steps or self.safeguards.unfreeze_every_epochs
         if unfreezing and self.peft.method != "none":
@@ -130,9 +124,7 @@ class JobSpec(Section):
     @property
     def eval_metric(self) -> str:
         """The validation metric that picks checkpoints."""
-        if self.eval.metric:
-            return self.eval.metric
-        return {"causal_lm": "loss", "seq2seq": "loss", "ctc": "wer", "speech_seq2seq": "wer"}.get(self.model.task, "accuracy")
+        return get_task(self.model.task).eval_metric(self)
 
     @property
     def eval_mode(self) -> Literal["max", "min"]:

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from engine.metrics import TaskMetrics
-from engine.models.loading import AUTO_CLASSES
+from engine.tasks import get_task
 
 
 def load_exported(model_dir: str | Path, task: str, labels: list[str] | None) -> Any:
@@ -19,7 +18,7 @@ def load_exported(model_dir: str | Path, task: str, labels: list[str] | None) ->
     import transformers
 
     model_dir = Path(model_dir)
-    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    auto_class = getattr(transformers, get_task(task).auto_class)
     adapter_config = model_dir / "adapter_config.json"
     if not adapter_config.exists():
         return auto_class.from_pretrained(model_dir)
@@ -38,10 +37,10 @@ def evaluate_model(
     model: Any, batches: Iterable[dict[str, torch.Tensor]], task: str, num_labels: int | None, device: str = "cpu", metrics: Any = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (single process); ``metrics`` replaces the task's default
-    (ASR passes ``engine.asr.build_metrics``, which decodes text)."""
+    (ASR tasks' ``export_metrics`` decode text with the export's tokenizer)."""
     model.to(device).eval()
     if metrics is None:
-        metrics = TaskMetrics(task, num_labels, torch.device(device))
+        metrics = get_task(task).build_metrics(None, num_labels, torch.device(device))
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         metrics.update(model(**batch), batch)

@@ -10,7 +10,7 @@ from pathlib import Path
 from engine.adapters import is_peft_model, merge_adapters, tidy_adapter_config
 from engine.checkpoint import load_trainable_state, read_checkpoint
 from engine.config import JobSpec
-from engine.models.speech import job_preprocessors
+from engine.tasks import get_task
 from engine.models.prepare import prepare_model
 
 JOB_FILE = "shoulders_job.json"
@@ -28,7 +28,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     """
     saved = read_checkpoint(checkpoint_dir)
     job = JobSpec.model_validate(saved["job"])
-    preprocessors, pad_token_id = job_preprocessors(job)
+    preprocessors, pad_token_id = get_task(job.model.task).preprocessors(job)
     prepared = prepare_model(job, labels, pad_token_id)
     load_trainable_state(prepared.model, saved["weights"])
     model = prepared.model if job.output.export == "adapter" else merge_adapters(prepared.model)

@@ -104,17 +104,19 @@ def load_for_generation(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]
     import transformers
 
     from engine.evaluate import load_exported
-    from engine.models.loading import AUTO_CLASSES, load_tokenizer
+    from engine.models.loading import load_tokenizer
+    from engine.tasks import all_tasks, find_task
 
     model_dir = Path(model_dir)
     meta_path = model_dir / "shoulders_job.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    task = ((meta.get("job") or {}).get("model") or {}).get("task", "causal_lm")
-    task = task if task in ("causal_lm", "seq2seq") else "causal_lm"
+    task = find_task(((meta.get("job") or {}).get("model") or {}).get("task"))
+    if task is None or not task.answers_prompts:  # loaded as the first task that answers prompts (a causal LM)
+        task = next(t for t in all_tasks() if t.answers_prompts)
     if (model_dir / "adapter_config.json").is_file():
-        model = load_exported(model_dir, task, None)
+        model = load_exported(model_dir, task.name, None)
     else:
-        model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(model_dir)
+        model = getattr(transformers, task.auto_class).from_pretrained(model_dir)
     return model.eval(), load_tokenizer(str(model_dir)), meta
 
 

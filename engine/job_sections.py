@@ -11,19 +11,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveFloat, Tag, field_validator, model_validator
 
 Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "sequence_classification": ("loss", "accuracy", "macro_f1"),
-    "causal_lm": ("loss", "perplexity", "exact_match", "rougeL"),  # the last two with data.layout prompt_completion or chat
-    "seq2seq": ("loss", "exact_match", "rougeL"),
-    "audio_classification": ("loss", "accuracy", "macro_f1"),
-    "ctc": ("loss", "wer", "cer"),
-    "speech_seq2seq": ("loss", "wer", "cer"),
-}
-"""Validation metrics each task reports (``eval.metric`` and ``tune.metric`` pick one of them)."""
-SPEECH_TASKS = ("audio_classification", "ctc", "speech_seq2seq")
-"""Tasks whose input is audio (features from the checkpoint's own feature extractor)."""
-ASR_TASKS = ("ctc", "speech_seq2seq")
-"""Speech recognition tasks: targets are transcripts, metrics are WER and CER."""
 Strategy = Literal["feature_extraction", "light", "full", "lora"]
 
 

@@ -27,8 +27,7 @@ from engine.backends.ddp import autocast_dtype
 from engine.checkpoint import (
     RunFolder, checkpoint_name, next_restart_index, open_latest_complete, restore_checkpoint, save_checkpoint, seed_rngs,
 )
-from engine.config import SPEECH_TASKS, JobSpec
-from engine.asr import build_metrics
+from engine.config import JobSpec
 from engine.evaluate import in_lockstep, sum_across_workers
 from engine.models.prepare import prepare_model
 from engine.faults import after_step, audit
@@ -36,8 +35,9 @@ from engine.generation import AnswerProbe
 from engine.optim import build_param_groups
 from engine.packing import length_grouping_window, pack_batch
 from engine.perf import ThroughputMeter, apply_perf
-from engine.preprocess import SAMPLE_ID, cached_tokenizer, trim_batch
+from engine.preprocess import SAMPLE_ID, trim_batch
 from engine.safeguards import Safeguards
+from engine.tasks import get_task
 from engine.worker_console import RunEvents
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ collate = Collate()
 
 def text_tokenizer(job: JobSpec) -> Any:
     """The checkpoint's tokenizer of text inputs (speech inputs have none: None)."""
-    return None if job.model.task in SPEECH_TASKS else cached_tokenizer(job.model.name, job.model.revision)
+    return get_task(job.model.task).text_tokenizer(job)
 
 
 def batch_rows(batch: dict[str, torch.Tensor]) -> int:
@@ -130,9 +130,10 @@ def evaluate(model: nn.Module, batches: Any, job: JobSpec, num_labels: int | Non
     # DDP: the module itself. DDP's forward broadcasts buffers (the first after a training step), a collective
     # that a worker with fewer or no validation rows would never join: the others would wait forever.
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    metrics = build_metrics(job, num_labels, device, net, amp_dtype)
+    task = get_task(job.model.task)
+    metrics = task.build_metrics(job, num_labels, device, net, amp_dtype)
     lockstep = partitions_parameters(job)  # ZeRO-3: every forward gathers parameters, so all workers run as many
-    uncounted = build_metrics(job, num_labels, device, net, amp_dtype) if lockstep else None
+    uncounted = task.build_metrics(job, num_labels, device, net, amp_dtype) if lockstep else None
     rows = 0
     for batch, counted in in_lockstep(list(batches), device) if lockstep else ((b, True) for b in batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -235,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          "weight_decay": g["weight_decay"]} for g in groups])
 
     backend.train()
-    packing = job.perf.packing and job.model.task == "causal_lm"
+    packing = job.perf.packing and get_task(job.model.task).next_token_loss
     grouped = length_grouping_window(job) is not None  # rows arrive grouped by length: no row shuffle
     train_collate = Collate(job.data.max_length if packing else None, config.get("pad_token_id") or 0)
     meter = ThroughputMeter(model, device, world_size, job.perf.peak_tflops, backend.amp_dtype)

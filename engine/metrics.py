@@ -10,13 +10,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 
 class TaskMetrics:
-    """Accumulates one evaluation pass: loss for every task, accuracy and macro-F1 for classification.
+    """Accumulates one evaluation pass: loss for every task, accuracy and macro-F1 for classification
+    (``num_labels``), the loss per target token and perplexity for next-token prediction (``next_token_loss``).
 
     ``compute()`` returns plain floats; under torch.distributed the states are reduced across workers.
     """
 
-    def __init__(self, task: str, num_labels: int | None, device: torch.device):
-        self.task = task
+    def __init__(self, num_labels: int | None, device: torch.device, next_token_loss: bool = False):
+        self.next_token_loss = next_token_loss
         self.loss = MeanMetric().to(device)
         self.classification = None
         if num_labels:
@@ -31,7 +32,7 @@ class TaskMetrics:
     def update(self, outputs, batch: dict[str, torch.Tensor]) -> None:
         """Add one batch's model outputs."""
         labels = batch["labels"]
-        if self.task == "causal_lm":
+        if self.next_token_loss:
             tokens = (labels[:, 1:] != -100).sum()
             self.loss.update(outputs.loss.detach().float(), weight=tokens)
             return
@@ -42,7 +43,7 @@ class TaskMetrics:
     def compute(self) -> dict[str, float]:
         """The metrics of the pass (reduced across workers)."""
         result = {"loss": float(self.loss.compute())}
-        if self.task == "causal_lm":
+        if self.next_token_loss:
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
         if self.classification is not None:
             result.update({k: float(v) for k, v in self.classification.compute().items()})

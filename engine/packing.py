@@ -75,8 +75,10 @@ def pack_batch(batch: dict[str, np.ndarray], max_length: int, pad_token_id: int 
 
 def length_grouping_window(job: Any) -> int | None:
     """Rows per length-grouping window of the job's training data, or None when grouping does not apply
-    (``perf.group_by_length`` off, or causal LM, which packs instead)."""
-    if not job.perf.group_by_length or job.model.task == "causal_lm":
+    (``perf.group_by_length`` off, or next-token prediction, which packs instead)."""
+    from engine.tasks import get_task
+
+    if not job.perf.group_by_length or get_task(job.model.task).next_token_loss:
         return None
     return job.optim.batch_size * job.perf.group_window
 

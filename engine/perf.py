@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.fastlinear import accelerate_frozen_linears
+from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def apply_perf(
     """
     plan = PerfPlan()
     inner = base_model(model)
-    if task == "causal_lm" and hasattr(inner, "config"):
+    if get_task(task).next_token_loss and hasattr(inner, "config"):
         inner.config.use_cache = False  # training needs no KV cache; packing needs none either
     if perf.frozen_weights_in_compute_dtype and keep_frozen_weights:
         plan.notes.append("frozen weights stay fp32: gradual unfreezing trains them later (they need fp32 master weights)")

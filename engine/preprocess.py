@@ -50,25 +50,25 @@ def tokenize_batch(
     batch: dict[str, np.ndarray],
     *,
     tokenizer: Any,
-    task: str,
     text_column: str,
     max_length: int,
     text_pair_column: str | None = None,
     label_column: str | None = None,
     labels: list[str] | None = None,
     id_column: str | None = None,
+    lm_labels: bool = False,
 ) -> dict[str, np.ndarray]:
     """Tokenize a batch of rows into fixed-length int arrays.
 
     Returns ``input_ids`` and ``attention_mask`` (and ``token_type_ids`` where the tokenizer makes them),
-    plus ``labels``: class indices for classification, the input ids with padding set to -100 for causal
-    language modelling.
+    plus ``labels``: class indices from ``label_column`` (classification), or with ``lm_labels`` the input
+    ids with padding set to -100 (next-token prediction).
     """
     texts = [str(t) for t in batch[text_column]]
     pairs = [str(t) for t in batch[text_pair_column]] if text_pair_column else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
     out = {key: np.asarray(value, dtype=np.int64) for key, value in encoded.items()}
-    if task == "causal_lm":
+    if lm_labels:
         out["labels"] = np.where(out["attention_mask"] == 1, out["input_ids"], IGNORE_INDEX)
     elif label_column is not None and labels is not None:
         out["labels"] = encode_labels(batch[label_column], labels)

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from engine.audio import load_clip
-from engine.config import ASR_TASKS
 from engine.preprocess import IGNORE_INDEX, encode_labels
 
 PADDING_MASK = "padding_mask"
@@ -45,7 +44,6 @@ def featurize_batch(
     batch: dict[str, np.ndarray],
     *,
     feature_extractor: Any,
-    task: str,
     audio_column: str,
     max_seconds: float,
     allow_resample: bool = True,
@@ -76,9 +74,9 @@ def featurize_batch(
         )
         mask_key = "attention_mask" if getattr(feature_extractor, "return_attention_mask", False) else PADDING_MASK
         out = {"input_values": np.asarray(encoded["input_values"], dtype=np.float32), mask_key: np.asarray(encoded["attention_mask"], dtype=np.int64)}
-    if task == "audio_classification" and label_column is not None and labels is not None:
+    if label_column is not None and labels is not None:  # classes
         out["labels"] = encode_labels(batch[label_column][order], labels)
-    elif task in ASR_TASKS and transcript_column is not None:
+    elif transcript_column is not None:  # speech recognition
         texts = [str(batch[transcript_column][i]).strip() for i in order]
         out["labels"] = encode_transcripts(texts, tokenizer, max_label_length, decoder_start_token_id)
     return out

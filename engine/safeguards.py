@@ -66,9 +66,12 @@ def forgetting_measure(job: JobSpec) -> str:
     chosen = job.safeguards.forgetting_measure
     if chosen != "auto":
         return chosen
-    if job.model.task == "causal_lm":
+    from engine.tasks import get_task
+
+    task = get_task(job.model.task)
+    if task.next_token_loss:
         return "lm_loss"
-    if job.model.task == "sequence_classification" and not job.model.from_scratch and any(
+    if task.masked_lm_source and not job.model.from_scratch and any(
             a.endswith("ForMaskedLM") for a in checkpoint_architectures(job)):
         return "mlm_loss"
     return "cka"
@@ -342,8 +345,9 @@ def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]
     if not (spec.track_forgetting and spec.retention_data):
         return None
     from engine.chat import layout_columns, retention_text
+    from engine.tasks import get_task
 
-    if job.model.task == "seq2seq":
+    if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies
         return None
     columns = layout_columns(job.data)
     column = columns.get("text") or columns.get("prompt") or columns["messages"]
@@ -380,9 +384,10 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
         name = "validation" if "validation" in split_files else "train"
         files, fmt = split_files[name]
     from engine.chat import retention_column, retention_text
+    from engine.tasks import get_task
 
-    column = retention_column(job)  # the text column, or instruction data's prompts / chats
-    if column is None:
+    if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies
         return None
+    column = retention_column(job)  # the text column, or instruction data's prompts / chats
     table = open_files(files, fmt).head(spec.retention_rows, columns=[column])
     return [retention_text(t) for t in table.column(0).to_pylist()]

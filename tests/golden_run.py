@@ -1,7 +1,7 @@
 """Golden runs: each task's tiny model trained a few steps through the real per-worker path, without Ray.
 
 The driver side runs for real (``cluster.preflight.preflight``, ``cluster.data.build_datasets`` with its
-preprocessing functions, ``cluster.data.generation_samples``, ``engine.models.speech.job_preprocessors``)
+preprocessing functions, ``cluster.data.generation_samples``, the task's ``preprocessors``)
 over an in-process stand-in for Ray Data (:class:`LocalDataset`: the same ``map_batches`` calls, applied
 in order); the worker side is ``engine.loop.train_loop_per_worker`` itself, with ``ray.train``'s context,
 shards and ``report`` replaced by local stand-ins (one worker, CPU). The reported metrics (losses, task
@@ -135,7 +135,7 @@ def local_ray(datasets: dict[str, LocalDataset] | None, storage_dir: str, report
     import ray.train.torch
     import torch
 
-    import cluster.data as data
+    import cluster.data_read as data_read
 
     saved: list[tuple[Any, str, Any]] = []
 
@@ -144,7 +144,7 @@ def local_ray(datasets: dict[str, LocalDataset] | None, storage_dir: str, report
         setattr(owner, name, value)
 
     readers = {fmt: _read(fmt) for fmt in ("parquet", "csv", "json")}
-    patch(data, "READERS", readers)
+    patch(data_read, "READERS", readers)
     patch(ray, "cluster_resources", lambda: {"object_store_memory": 2**40, "CPU": 2.0})
     context = LocalContext(storage_dir)
     patch(ray.train, "get_context", lambda: context)
@@ -180,7 +180,7 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
     from cluster.preflight import preflight
     from engine.config import JobSpec
     from engine.loop import train_loop_per_worker
-    from engine.models.speech import job_preprocessors
+    from engine.tasks import get_task
 
     torch.set_num_threads(1)
     raw_job = {**raw_job, "output": {"dir": str(workdir / "out"), "export": "none"}}
@@ -194,7 +194,7 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
             "job": job.model_dump(mode="json"),
             "labels": info.labels,
             "num_train_rows": num_train_rows,
-            "pad_token_id": job_preprocessors(job)[1],
+            "pad_token_id": get_task(job.model.task).preprocessors(job)[1],
             "retention_texts": None,
             "debug": None,
             "generation_samples": generation_samples(job, info),

@@ -17,6 +17,7 @@ from engine.backends.master import MasterWeights, cast_batch, upcast_logits
 from engine.checkpoint import WEIGHTS, load_trainable_state
 from engine.config import JobSpec
 from engine.optim import build_optimizer, build_scheduler
+from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class DDPBackend:
         self.accum, self.max_grad_norm = job.optim.grad_accum, job.optim.max_grad_norm
         self.amp_dtype = autocast_dtype(job.optim.precision, device)
         self.master = MasterWeights(model, groups, self.amp_dtype) if uses_master_weights(job, device) else None
-        if self.master is not None and job.model.task != "causal_lm":  # transformers' causal-LM loss upcasts itself
+        if self.master is not None and not get_task(job.model.task).next_token_loss:  # transformers' causal-LM loss upcasts itself
             upcast_logits(model)
         self.optimizer = build_optimizer(self.master.groups if self.master else groups, job.optim.betas, device)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, job.optim.schedule)

@@ -9,49 +9,14 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import JobError
 
+if TYPE_CHECKING:
+    from engine.tasks.base import Task
+
 log = logging.getLogger(__name__)
-
-AUTO_CLASSES: dict[str, str] = {
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-    "audio_classification": "AutoModelForAudioClassification",
-    "ctc": "AutoModelForCTC",
-    "speech_seq2seq": "AutoModelForSpeechSeq2Seq",
-}
-"""Task -> name of the ``transformers`` Auto class that builds the model with the task's head."""
-
-TASK_MAPPINGS: dict[str, str] = {
-    "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "seq2seq": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-    "audio_classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
-    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
-    "speech_seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
-}
-"""Task -> the ``transformers`` table of architectures that support it (checked before any worker starts)."""
-
-HEAD_MODULES: dict[str, tuple[str, ...]] = {
-    "sequence_classification": ("classifier", "score"),
-    "causal_lm": (),
-    "seq2seq": (),
-    "audio_classification": ("projector", "classifier"),
-    "ctc": ("lm_head",),
-    "speech_seq2seq": (),
-}
-"""Task -> attribute names of the task head the engine creates (the first ones present are used)."""
-
-MULTI_PART_HEADS = ("audio_classification",)
-"""Tasks whose head is several modules (wav2vec2/Whisper classifiers: ``projector`` then ``classifier``)."""
-
-BLOCK_STACK_PREFER: dict[str, str] = {"speech_seq2seq": "encoder", "seq2seq": "encoder"}
-"""Task -> which stack ``finetune.freeze_depth`` counts in encoder-decoder models (Whisper: the encoder's
-blocks, bottom first; the decoder stays trainable unless every encoder block is frozen)."""
-
 
 def load_config(name: str, revision: str | None = None) -> Any:
     """Load a model's ``transformers`` config, turning 'not a model' into a :class:`JobError`."""
@@ -84,7 +49,7 @@ def read_config_json(name: str, revision: str | None = None) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def supported_model_types(task: str) -> tuple[str, ...]:
+def supported_model_types(task: Task) -> tuple[str, ...]:
     """Architectures (``model_type``) that can do ``task``, from ``transformers``' Auto tables.
 
     Importing ``transformers.models.auto.modeling_auto`` imports torch (through the config classes), so
@@ -93,7 +58,7 @@ def supported_model_types(task: str) -> tuple[str, ...]:
     import ast
     import importlib.util
 
-    table = TASK_MAPPINGS[task]
+    table = task.architectures
     spec = importlib.util.find_spec("transformers.models.auto.modeling_auto")
     try:
         tree = ast.parse(Path(spec.origin).read_text())
@@ -120,7 +85,7 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
 
 def load_pretrained(
     name: str,
-    task: str,
+    task: Task,
     labels: list[str] | None = None,
     *,
     revision: str | None = None,
@@ -132,12 +97,12 @@ def load_pretrained(
 
     Args:
         name: hub id or local folder.
-        task: a key of :data:`AUTO_CLASSES`.
+        task: the job's task (its ``auto_class``).
         labels: class names for classification tasks.
         revision: hub revision.
         from_scratch: build the architecture from its config with random weights.
         pad_token_id: the tokenizer's pad id, needed by decoder classifiers to find the last token.
-        config_overrides: config attributes to set before building (see ``engine.models.speech``).
+        config_overrides: config attributes to set before building (the task's ``config_overrides``).
 
     Returns:
         The model, and the names of its parameters that did not come from the checkpoint (missing there or
@@ -145,7 +110,7 @@ def load_pretrained(
     """
     import transformers
 
-    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    auto_class = getattr(transformers, task.auto_class)
     kwargs: dict[str, Any] = {}
     if labels is not None:
         kwargs.update(
@@ -171,18 +136,18 @@ def load_pretrained(
 
 
 def checkpoint_head_fits(
-    name: str, task: str, labels: list[str] | None, head_names: list[str], fresh_keys: set[str], model: Any,
+    name: str, task: Task, labels: list[str] | None, head_names: list[str], fresh_keys: set[str], model: Any,
     *, revision: str | None = None, own_tokenizer: bool = True,
 ) -> tuple[bool, str]:
     """Whether the checkpoint's task head can be kept as it is, and why (or why not).
 
     It fits when every head parameter came from the checkpoint at its shape (none in ``fresh_keys``, the
     missing and mismatched keys of the load) and it was trained for the same outputs: the same ``id2label``
-    as ``labels`` for classification, the checkpoint's own tokenizer for ``ctc``.
+    as ``labels`` for classification, the checkpoint's own tokenizer where the head predicts its ids (``task.head_needs_own_tokenizer``: CTC).
     """
     params = [n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in head_names)]
     if not params:
-        return False, f"the model has no {task} head"
+        return False, f"the model has no {task.name} head"
     fresh = sorted(p for p in params if p in fresh_keys)
     if fresh:
         return False, f"the checkpoint has no weights of that shape for {', '.join(fresh[:3])}"
@@ -191,15 +156,15 @@ def checkpoint_head_fits(
         ordered = [saved.get(str(i), saved.get(i)) for i in range(len(saved))]
         if ordered != list(labels):
             return False, f"its labels {ordered} are not model.labels {list(labels)}"
-    if task == "ctc" and not own_tokenizer:
+    if task.head_needs_own_tokenizer and not own_tokenizer:
         return False, "the targets use another tokenizer (model.tokenizer) than the one its output layer was trained on"
     return True, "the checkpoint was trained for the same outputs"
 
 
-def head_module_names(model: Any, task: str) -> list[str]:
+def head_module_names(model: Any, task: Task) -> list[str]:
     """Attribute names of the task head present on ``model`` (empty for tasks that keep their head)."""
-    present = [name for name in HEAD_MODULES[task] if hasattr(model, name)]
-    return present if task in MULTI_PART_HEADS else present[:1]
+    present = [name for name in task.head_modules if hasattr(model, name)]
+    return present if task.multi_part_head else present[:1]
 
 
 def load_masked_lm_head(name: str, revision: str | None = None) -> Any | None:

@@ -13,8 +13,8 @@ from engine.adapters import apply_adapters
 from engine.config import JobSpec
 from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_depth
 from engine.errors import JobError
-from engine.models.loading import BLOCK_STACK_PREFER, checkpoint_head_fits, head_module_names, load_pretrained
-from engine.models.speech import model_config_overrides
+from engine.models.loading import checkpoint_head_fits, head_module_names, load_pretrained
+from engine.tasks import get_task
 from engine.models.surgery import freeze_bottom_blocks, freeze_feature_encoder, replace_head, trainable_summary
 
 log = logging.getLogger(__name__)
@@ -40,27 +40,28 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
         model: an already-loaded model to prepare instead of loading ``job.model.name``.
     """
     torch.manual_seed(job.seed)
+    task = get_task(job.model.task)
     if model is not None:  # nothing tells which of its weights came from a checkpoint: auto makes a new head
         fresh_keys = set() if job.model.head == "keep" else {name for name, _ in model.named_parameters()}
     else:
         model, fresh_keys = load_pretrained(
             job.model.name,
-            job.model.task,
+            task,
             labels,
             revision=job.model.revision,
             from_scratch=job.model.from_scratch,
             pad_token_id=pad_token_id,
-            config_overrides=model_config_overrides(job),
+            config_overrides=task.config_overrides(job),
         )
-    head_names = head_module_names(model, job.model.task)
+    head_names = head_module_names(model, task)
     if not keep_checkpoint_head(job, labels, head_names, fresh_keys, model):
         replace_head(model, head_names, job.seed)
-    stack = find_block_stack(model, prefer=BLOCK_STACK_PREFER.get(job.model.task))
+    stack = find_block_stack(model, prefer=task.freeze_stack)
     n_frozen = resolve_freeze_depth(job.finetune.freeze_depth, stack.depth)
     freeze_bottom_blocks(model, stack, n_frozen, head_names, job.finetune.freeze_embeddings)
     if job.finetune.freeze_feature_encoder:
         freeze_feature_encoder(model)
-    model = apply_adapters(model, job.peft, job.model.task, stack, n_frozen, head_names)
+    model = apply_adapters(model, job.peft, task.peft_task_type, stack, n_frozen, head_names)
     trainable_summary(model)
     return PreparedModel(model=model, stack=stack, n_frozen=n_frozen, head_names=head_names)
 
@@ -76,7 +77,7 @@ def keep_checkpoint_head(job: JobSpec, labels: list[str] | None, head_names: lis
     from engine.models.speech import tokenizer_name
 
     fits, why = checkpoint_head_fits(
-        job.model.name, job.model.task, labels, head_names, fresh_keys, model,
+        job.model.name, get_task(job.model.task), labels, head_names, fresh_keys, model,
         revision=job.model.revision, own_tokenizer=_same_place(tokenizer_name(job), job.model.name),
     )
     if job.model.head == "keep" and not fits:

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.config import ASR_TASKS, SPEECH_TASKS
 from engine.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -75,31 +74,6 @@ def tokenizer_name(job: Any) -> str:
     return job.model.tokenizer or job.model.name
 
 
-def job_tokenizer(job: Any) -> Any:
-    """The target tokenizer of an ASR job (None for audio classification)."""
-    if job.model.task not in ASR_TASKS:
-        return None
-    return load_target_tokenizer(tokenizer_name(job), job.model.revision, job.model.language, job.model.asr_task)
-
-
-def model_config_overrides(job: Any) -> dict[str, Any]:
-    """Config attributes a speech task sets on the checkpoint's config before the model is built.
-
-    CTC: the output layer matches the target vocabulary (its size and blank = pad id), with mean loss
-    reduction and infinite losses zeroed (clips shorter than their transcript). SpecAugment:
-    ``finetune.mask_time_prob`` when the job sets it.
-    """
-    overrides: dict[str, Any] = {}
-    if job.model.task == "ctc":
-        tokenizer = job_tokenizer(job)
-        overrides.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctc_loss_reduction="mean", ctc_zero_infinity=True)
-    if job.finetune.mask_time_prob is not None:
-        overrides["mask_time_prob"] = job.finetune.mask_time_prob
-        if job.model.task == "speech_seq2seq" or "whisper" in job.model.name.lower():
-            overrides["apply_spec_augment"] = job.finetune.mask_time_prob > 0
-    return overrides
-
-
 def normalize_transcript(text: str) -> str:
     """Lower case, letters/digits/apostrophes and single spaces: what a built CTC vocabulary covers."""
     return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9' ]", " ", str(text).lower())).strip()
@@ -129,21 +103,3 @@ def build_ctc_vocab(transcripts: list[str], out_dir: str | Path) -> Path:
     os.replace(tmp, out)
     log.info("built a CTC vocabulary of %d characters from %d training transcripts: %s", len(chars), len(transcripts), out)
     return out
-
-
-def job_preprocessors(job: Any) -> tuple[list[Any], int | None]:
-    """What an export saves beside the weights (tokenizer, feature extractor), and the model's pad id.
-
-    Text tasks: the checkpoint's tokenizer. Speech tasks: the checkpoint's feature extractor, plus the
-    target tokenizer for ASR (CTC: its pad id is the blank).
-    """
-    from engine.models.loading import load_tokenizer
-
-    if job.model.task not in SPEECH_TASKS:
-        tokenizer = load_tokenizer(job.model.name, job.model.revision)
-        if job.data.chat_template:  # the export keeps the template it was trained with
-            tokenizer.chat_template = job.data.chat_template
-        return [tokenizer], tokenizer.pad_token_id
-    tokenizer = job_tokenizer(job)
-    preprocessors = [load_feature_extractor(job.model.name, job.model.revision)] + ([tokenizer] if tokenizer is not None else [])
-    return preprocessors, tokenizer.pad_token_id if job.model.task == "ctc" else None

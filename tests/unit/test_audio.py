@@ -76,7 +76,7 @@ def test_featurize_sorts_by_length_pads_and_trims(tmp_path, tiny_wav2vec2):
 
     batch = {"path": _clips(tmp_path, [0.5, 0.2, 0.3]), "label": np.array(["a", "b", "c"], dtype=object)}
     fe = load_feature_extractor(str(tiny_wav2vec2))
-    out = featurize_batch(batch, feature_extractor=fe, task="audio_classification", audio_column="path", max_seconds=1.0,
+    out = featurize_batch(batch, feature_extractor=fe, audio_column="path", max_seconds=1.0,
                           base_dir=str(tmp_path), label_column="label", labels=["a", "b", "c"])
     assert out["input_values"].shape == (3, 16000) and out["input_values"].dtype == np.float32
     assert out["attention_mask"].sum(axis=1).tolist() == [3200, 4800, 8000]  # sorted by length
@@ -93,7 +93,7 @@ def test_checkpoint_without_attention_mask_gets_none_after_trimming(tmp_path, ti
 
     fe = Wav2Vec2FeatureExtractor.from_pretrained(str(tiny_wav2vec2), return_attention_mask=False)
     batch = {"path": _clips(tmp_path, [0.2, 0.4])}
-    out = featurize_batch(batch, feature_extractor=fe, task="audio_classification", audio_column="path", max_seconds=1.0, base_dir=str(tmp_path))
+    out = featurize_batch(batch, feature_extractor=fe, audio_column="path", max_seconds=1.0, base_dir=str(tmp_path))
     assert PADDING_MASK in out and "attention_mask" not in out
     trimmed = trim_batch(out)
     assert set(trimmed) == {"input_values"} and trimmed["input_values"].shape == (2, 6400)
@@ -106,7 +106,7 @@ def test_whisper_features_keep_the_checkpoint_window_and_labels_drop_the_start_t
     tok = load_target_tokenizer(str(tiny_whisper), None, "en", "transcribe")
     start = tok.convert_tokens_to_ids("<|startoftranscript|>")
     batch = {"path": _clips(tmp_path, [0.4, 0.3], rate=8000), "transcript": np.array(["one two", "stop"], dtype=object)}
-    out = featurize_batch(batch, feature_extractor=fe, task="speech_seq2seq", audio_column="path", max_seconds=2.0, base_dir=str(tmp_path),
+    out = featurize_batch(batch, feature_extractor=fe, audio_column="path", max_seconds=2.0, base_dir=str(tmp_path),
                           transcript_column="transcript", tokenizer=tok, max_label_length=16, decoder_start_token_id=start)
     assert out["input_features"].shape == (2, 80, 200)  # 2-second window of the tiny checkpoint
     assert "attention_mask" not in out

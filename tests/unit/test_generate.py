@@ -88,11 +88,11 @@ def test_generate_refuses_a_folder_that_is_no_export(tmp_path, capsys):
 
 def test_export_keeps_the_job_chat_template(tmp_path):
     from engine.config import build_job
-    from engine.models.speech import job_preprocessors
+    from engine.tasks import get_task
 
     base = tiny_chat.save_tiny_chat_model(tmp_path / "base", template=None)
     job = build_job({"model": {"name": str(base), "task": "causal_lm"}, "data": {"train": "t", "layout": "chat", "chat_template": tiny_chat.CHATML}})
-    (tokenizer,), _ = job_preprocessors(job)
+    (tokenizer,), _ = get_task(job.model.task).preprocessors(job)
     tokenizer.save_pretrained(tmp_path / "export")
     assert (tmp_path / "export" / "chat_template.jinja").read_text() == tiny_chat.CHATML
 

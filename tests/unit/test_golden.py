@@ -22,10 +22,10 @@ def golden_cases(tmp_path_factory) -> dict:
 
 
 def test_every_task_has_a_golden_run(golden_cases):
-    from engine.job_sections import TASK_METRICS
+    from engine.tasks import DEFAULT_TASK, TASK_MODULES
 
-    tasks = {job["model"].get("task", "sequence_classification") for job in golden_cases.values()}
-    assert tasks == set(TASK_METRICS) and set(golden_cases) == set(GOLDEN)
+    tasks = {job["model"].get("task", DEFAULT_TASK) for job in golden_cases.values()}
+    assert tasks == set(TASK_MODULES) and set(golden_cases) == set(GOLDEN)
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))

@@ -18,10 +18,10 @@ def test_encode_labels_by_name_and_index():
 def test_tokenize_classification_and_causal_lm(tiny_bert):
     tok = cached_tokenizer(str(tiny_bert))
     batch = {"text": np.array(["apple bread", "disk kernel cpu memory"]), "label": np.array(["food", "tech"])}
-    out = tokenize_batch(batch, tokenizer=tok, task="sequence_classification", text_column="text", max_length=16, label_column="label", labels=["food", "tech"])
+    out = tokenize_batch(batch, tokenizer=tok, text_column="text", max_length=16, label_column="label", labels=["food", "tech"])
     assert out["input_ids"].shape == (2, 16) and out["labels"].tolist() == [0, 1]
     assert out["attention_mask"].sum(axis=1).tolist() == [4, 6]  # [CLS] + words + [SEP]
-    lm = tokenize_batch(batch, tokenizer=tok, task="causal_lm", text_column="text", max_length=16)
+    lm = tokenize_batch(batch, tokenizer=tok, lm_labels=True, text_column="text", max_length=16)
     assert (lm["labels"][0, 4:] == IGNORE_INDEX).all() and (lm["labels"][0, :4] == lm["input_ids"][0, :4]).all()
     trimmed = trim_batch(out)
     assert trimmed["input_ids"].shape == (2, 6) and trimmed["labels"].shape == (2,)

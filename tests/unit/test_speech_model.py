@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.asr import build_metrics, decode_ctc, decode_references, generate_transcripts
+from engine.asr import decode_ctc, decode_references, generate_transcripts
 from engine.config import build_job
 from engine.metrics import normalize_text
 from engine.models.prepare import prepare_model
 from engine.models.speech import build_ctc_vocab, load_target_tokenizer
+from engine.tasks import get_task
 
 
 def job(model_dir, task: str, **sections):
@@ -104,13 +105,13 @@ def test_ctc_greedy_decoding_merges_repeats_and_drops_blanks(tiny_wav2vec2):
         logits[0, i, vocab[token]] = 10.0
     assert decode_ctc(logits, tokenizer) == ["go oon"]
     labels = torch.tensor([[vocab["o"], vocab["o"], vocab["n"], -100]])
-    assert decode_references(labels, tokenizer, "ctc") == ["oon"]
+    assert decode_references(labels, tokenizer, keep_repeats=True) == ["oon"]
 
 
 def test_asr_metrics_score_decoded_text(tiny_wav2vec2):
     spec = job(tiny_wav2vec2, "ctc")
     tokenizer = load_target_tokenizer(str(tiny_wav2vec2))
-    metrics = build_metrics(spec, None, torch.device("cpu"), tokenizer=tokenizer)
+    metrics = get_task(spec.model.task).build_metrics(spec, None, torch.device("cpu"), tokenizer=tokenizer)
     vocab = tokenizer.get_vocab()
     target = "go up"
     ids = [vocab["|" if c == " " else c] for c in target]
@@ -134,7 +135,8 @@ def test_asr_metrics_score_decoded_text(tiny_wav2vec2):
 def test_text_tasks_keep_their_metrics(tiny_wav2vec2):
     from engine.metrics import TaskMetrics
 
-    assert isinstance(build_metrics(job(tiny_wav2vec2, "audio_classification"), 3, torch.device("cpu")), TaskMetrics)
+    spec = job(tiny_wav2vec2, "audio_classification")
+    assert isinstance(get_task(spec.model.task).build_metrics(spec, 3, torch.device("cpu")), TaskMetrics)
 
 
 @pytest.mark.parametrize("kind", ["hubert", "wavlm"])

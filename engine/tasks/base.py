@@ -1,0 +1,192 @@
+"""What a task is: one small protocol every ``engine/tasks/<task>.py`` module implements, and the registry.
+
+A task owns what depends on it and nothing else: the columns it reads, its torch-free checks (the
+preflight and the job schema call them), the preprocessing function Ray Data maps over batches, how its
+model is loaded (the ``transformers`` Auto class, config overrides, which modules are the head), its
+evaluation metrics, and what its export saves beside the weights. Code outside ``engine/tasks/`` never
+compares a task's name: it asks the task (``get_task(job.model.task).next_token_loss``, ...).
+
+Task modules are importable without torch (the driver's ``validate``/``submit`` paths use them); anything
+heavy is imported inside the method that needs it. Shared modality code (tokenization, chat templates,
+audio decoding, featurising, decoding transcripts) lives below the tasks, in ``engine.preprocess*``,
+``engine.chat``, ``engine.seq2seq``, ``engine.asr`` and ``engine.models.speech``, and never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from engine.config import JobSpec
+
+TASK_MODULES: dict[str, str] = {
+    "sequence_classification": "engine.tasks.sequence_classification",
+    "causal_lm": "engine.tasks.causal_lm",
+    "seq2seq": "engine.tasks.seq2seq",
+    "audio_classification": "engine.tasks.audio_classification",
+    "ctc": "engine.tasks.ctc",
+    "speech_seq2seq": "engine.tasks.speech_seq2seq",
+}
+"""Task name (``model.task``) -> the module that defines it (its ``TASK``), in the schema's order."""
+
+DEFAULT_TASK = "sequence_classification"
+"""The task of a job (or an export) that names none."""
+
+
+class Task:
+    """The protocol: class attributes describe the task, methods do what differs between tasks.
+
+    A new task subclasses :class:`Task` (or a modality base: ``engine.tasks.text.TextTask``,
+    ``engine.tasks.audio.AudioTask``), sets the attributes, overrides the methods whose defaults do not
+    fit, and is listed in :data:`TASK_MODULES` (and the schema's ``Task`` literal).
+    """
+
+    name: ClassVar[str]
+    """``model.task``."""
+    modality: ClassVar[str] = "text"
+    """What the model reads: ``text`` (a tokenizer) or ``audio`` (a feature extractor)."""
+    auto_class: ClassVar[str]
+    """The ``transformers`` Auto class that builds the model with the task's head."""
+    architectures: ClassVar[str]
+    """The ``transformers`` table (``MODEL_FOR_..._MAPPING_NAMES``) of architectures that support the task."""
+    metrics: ClassVar[tuple[str, ...]]
+    """Validation metrics the task reports (``eval.metric`` and ``tune.metric`` pick one)."""
+    default_metric: ClassVar[str] = "loss"
+    """The validation metric that picks checkpoints when ``eval.metric`` is not set."""
+    layouts: ClassVar[tuple[str, ...]] = ("text",)
+    """The ``data.layout`` values the task trains on."""
+    has_classes: ClassVar[bool] = False
+    """Targets are class names (``model.labels``, ``data.label_column``): accuracy, macro-F1, chance level."""
+    transcribes: ClassVar[bool] = False
+    """Targets are transcripts (speech recognition): WER and CER on decoded text."""
+    next_token_loss: ClassVar[bool] = False
+    """The model keeps its pre-training objective, next-token prediction (causal LM): LM labels, perplexity,
+    packing, the LM-loss forgetting measure; ``transformers`` upcasts that loss itself."""
+    answers_prompts: ClassVar[bool] = False
+    """It writes text answers to text prompts (``shoulders generate``, exact match / ROUGE-L at evaluation)."""
+    encoder_decoder_text: ClassVar[bool] = False
+    """Text-to-text: the prompt feeds the encoder, the completion is the decoder's target."""
+    head_modules: ClassVar[tuple[str, ...]] = ()
+    """Attribute names of the task head the engine creates (the first present is used)."""
+    multi_part_head: ClassVar[bool] = False
+    """The head is every present module of ``head_modules`` (wav2vec2/Whisper classifiers: projector, classifier)."""
+    freeze_stack: ClassVar[str | None] = None
+    """Which stack ``finetune.freeze_depth`` counts in encoder-decoder models (``encoder``), or None."""
+    peft_task_type: ClassVar[str | None] = None
+    """PEFT's ``task_type`` for the task's model, or None."""
+    head_needs_own_tokenizer: ClassVar[bool] = False
+    """A kept checkpoint head predicts the checkpoint tokenizer's ids (CTC), so another ``model.tokenizer`` needs a new one."""
+    builds_target_vocab: ClassVar[bool] = False
+    """Without a target tokenizer in the checkpoint, one is built from the training transcripts (CTC)."""
+    measures_forgetting: ClassVar[bool] = True
+    """A retention set of source-like text can be measured on the model (``safeguards.track_forgetting``)."""
+    masked_lm_source: ClassVar[bool] = False
+    """The model is an encoder that may have been saved with a masked-LM head: forgetting can then be measured
+    as masked-LM loss through that head (``safeguards.forgetting_measure: auto`` picks ``mlm_loss``)."""
+
+    # ---------------------------------------------------------------- torch-free: schema and preflight
+
+    def check_job(self, job: JobSpec) -> None:
+        """Schema checks of a job for this task (pydantic turns the ``ValueError`` into a validation error).
+
+        Raises:
+            ValueError: the job's data layout or labels do not fit the task.
+        """
+        layout = job.data.layout
+        if layout != "text" and layout not in self.layouts:
+            allowed = [task.name for task in all_tasks() if layout in task.layouts]
+            raise ValueError(f"data.layout is '{layout}' but model.task is '{self.name}': {layout} data trains model.task {' or '.join(allowed)}")
+
+    def check_settings(self, job: JobSpec) -> None:
+        """Preflight checks of the job's settings for this task (no data read).
+
+        Raises:
+            engine.errors.JobError: a setting that cannot work for this task.
+        """
+
+    def required_columns(self, job: JobSpec) -> list[str]:
+        """The ``data.*_column`` keys the task reads (``data.layout: text``)."""
+        raise NotImplementedError
+
+    def eval_metric(self, job: JobSpec) -> str:
+        """The validation metric that picks checkpoints: ``eval.metric`` or the task's default."""
+        return job.eval.metric or self.default_metric
+
+    # ---------------------------------------------------------------- preprocessing (Ray Data maps it)
+
+    def batch_preprocessor(self, job: JobSpec, labels: list[str] | None, *, source: str | None = None, keep_ids: bool = False,
+                           base_dir: str | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The picklable function ``map_batches`` applies: raw rows (numpy columns) in, model inputs out.
+
+        Args:
+            job: the validated job.
+            labels: class names (tasks with classes).
+            source: where the tokenizer / feature extractor is (default: the job's checkpoint; an export folder for ``shoulders eval``).
+            keep_ids: keep ``sample_id`` (and truncation marks) for the training split's resume audits.
+            base_dir: the folder relative audio paths are resolved against.
+        """
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- model and evaluation (worker side)
+
+    def config_overrides(self, job: JobSpec) -> dict[str, Any]:
+        """Config attributes set on the checkpoint's config before the model is built: SpecAugment's
+        ``finetune.mask_time_prob`` when the job sets it (Whisper's config also needs it switched on)."""
+        overrides: dict[str, Any] = {}
+        if job.finetune.mask_time_prob is not None:
+            overrides["mask_time_prob"] = job.finetune.mask_time_prob
+            if self.switches_spec_augment(job):
+                overrides["apply_spec_augment"] = job.finetune.mask_time_prob > 0
+        return overrides
+
+    def switches_spec_augment(self, job: JobSpec) -> bool:
+        """Whether the model's config gates SpecAugment with ``apply_spec_augment`` (Whisper's does)."""
+        return "whisper" in job.model.name.lower()
+
+    def preprocessors(self, job: JobSpec) -> tuple[list[Any], int | None]:
+        """What an export saves beside the weights (tokenizer, feature extractor), and the model's pad id."""
+        raise NotImplementedError
+
+    def text_tokenizer(self, job: JobSpec) -> Any:
+        """The tokenizer of the model's text inputs (None when its inputs are not text)."""
+        return None
+
+    def build_metrics(self, job: JobSpec, num_labels: int | None, device: Any, model: Any = None, amp_dtype: Any = None,
+                      tokenizer: Any = None) -> Any:
+        """The metrics of one evaluation pass (``update(outputs, batch)``, ``compute()``); see ``engine.metrics``."""
+        from engine.metrics import TaskMetrics
+
+        return TaskMetrics(num_labels, device, self.next_token_loss)
+
+    def export_metrics(self, job: JobSpec, model: Any, export_dir: Any, device: str) -> Any:
+        """Metrics for evaluating an exported folder (None: the default :meth:`build_metrics` of a plain pass)."""
+        return None
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def get_task(name: str) -> Task:
+    """The task named ``name`` (``model.task``).
+
+    Raises:
+        ValueError: an unknown task, naming the known ones.
+    """
+    task = _REGISTRY.get(name)
+    if task is None:
+        if name not in TASK_MODULES:
+            raise ValueError(f"unknown model.task '{name}': one of {', '.join(TASK_MODULES)}")
+        task = _REGISTRY[name] = importlib.import_module(TASK_MODULES[name]).TASK
+    return task
+
+
+def find_task(name: str | None) -> Task | None:
+    """The task named ``name``, or None for no name or an unknown one."""
+    return get_task(name) if name in TASK_MODULES else None
+
+
+def all_tasks() -> list[Task]:
+    """Every registered task, in the schema's order."""
+    return [get_task(name) for name in TASK_MODULES]

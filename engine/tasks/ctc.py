@@ -1,0 +1,46 @@
+"""``ctc``: speech recognition with a CTC output layer over a speech encoder (wav2vec2, HuBERT, WavLM).
+
+The output layer matches the target vocabulary (built from the training transcripts when the checkpoint
+has none); evaluation decodes greedily (repeats merged, blanks dropped) and scores WER and CER.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from engine.tasks.audio import AsrTask
+
+if TYPE_CHECKING:
+    from engine.config import JobSpec
+
+
+class Ctc(AsrTask):
+    """A clip -> its transcript, one character (or token) per frame."""
+
+    name = "ctc"
+    auto_class = "AutoModelForCTC"
+    architectures = "MODEL_FOR_CTC_MAPPING_NAMES"
+    head_modules = ("lm_head",)
+    head_needs_own_tokenizer = True
+    builds_target_vocab = True
+
+    def config_overrides(self, job: JobSpec) -> dict[str, Any]:
+        """The output layer matches the target vocabulary (its size, blank = pad id), mean loss reduction and
+        infinite losses zeroed (clips shorter than their transcript); then SpecAugment's setting."""
+        tokenizer = self.target_tokenizer(job)
+        overrides: dict[str, Any] = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctc_loss_reduction="mean", ctc_zero_infinity=True)
+        return {**overrides, **super().config_overrides(job)}
+
+    def pad_token_id(self, tokenizer: Any) -> int | None:
+        """The target tokenizer's pad id: CTC's blank."""
+        return tokenizer.pad_token_id
+
+    def predictions(self, model: Any, tokenizer: Any, job: JobSpec, amp_dtype: Any) -> Callable[[Any, dict[str, Any]], list[str]]:
+        """Greedy CTC decoding of the logits."""
+        from engine.asr import decode_ctc
+
+        return lambda outputs, batch: decode_ctc(outputs.logits, tokenizer)
+
+
+TASK = Ctc()
