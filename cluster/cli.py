@@ -124,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     job, info = preflight(job, resume=args.resume)
-    from cluster.console import set_verbose, start_run
+    from cluster.console import set_verbose
+    from cluster.run_start import start_run
 
     set_verbose(args.verbose)
     start_run(job, info)  # logs into the run folder, Ray started, the header printed

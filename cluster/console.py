@@ -233,21 +233,6 @@ def run_console(job: Any) -> Iterator[RunConsole]:
         feed.close()
 
 
-def start_run(job: Any, info: Any, command: str = "train") -> list[str]:
-    """Route this process's logs into the run folder, start (or join) Ray, and print the header:
-    the job, the data, where Ray runs and where the logs are. Returns the lines printed."""
-    from cluster.driver_logs import route_driver_logs
-    from cluster.trainer import ensure_ray
-
-    route_driver_logs(job.output_dir)
-
-    ensure_ray()
-    lines = header_lines(job, info, ray_line(job))
-    for line in lines:
-        say(line)
-    return lines
-
-
 def ray_line(job: Any) -> str:
     """Where Ray runs: the embedded local instance or the cluster joined, its size and the workers asked for."""
     import ray

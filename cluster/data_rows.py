@@ -20,6 +20,13 @@ PATH_COLUMN = "path"
 """Column Ray Data's readers add with ``include_paths=True``: the file each row came from."""
 
 
+def open_dataset(files: list[str], fmt: str):
+    """A lazy pyarrow dataset over ``files`` (Hugging Face ``datasets``' Arrow stream files included)."""
+    from engine.datafiles import open_files
+
+    return open_files(files, fmt)
+
+
 class BadRowError(ValueError):
     """A data row the job cannot train on; the message names the split, the file and the row."""
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row
+from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
 from cluster.preflight_text import check_text, text_required_columns
 from engine.config import DatasetSource, JobSpec
 from engine.datafiles import ARROW_STREAM, open_files
@@ -72,11 +72,6 @@ def detect_format(files: list[str], declared: str, key: str) -> str:
     if None in found or len(found) != 1:
         raise JobError(f"{key}: cannot tell the format of {files[:3]}; set data.format to parquet, jsonl or csv.")
     return found.pop()
-
-
-def open_dataset(files: list[str], fmt: str):
-    """A lazy pyarrow dataset over ``files`` (Hugging Face ``datasets``' Arrow stream files included)."""
-    return open_files(files, fmt)
 
 
 def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo:

@@ -38,7 +38,7 @@ def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> Non
     if summary.export_dir:
         console.print(f"exported model: {summary.export_dir}")
     console.print(f"metrics: {job.output_dir / 'metrics.json'}")
-    from cluster.tune_report import forgetting_lines
+    from cluster.report_forgetting import forgetting_lines
 
     for line in forgetting_lines(summary.history[-1] if getattr(summary, "history", None) else {}, job):
         console.print(line.removeprefix("- "))  # forgetting of the source and drift on target data, with units

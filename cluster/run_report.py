@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from cluster.console import log_dir, metric_keys
-from cluster.tune_report import _save_fig, _write_atomic, forgetting_lines
+from cluster.report_files import save_fig, write_atomic
+from cluster.report_forgetting import forgetting_lines
 
 CURVES = "curves.png"
 REPORT = "report.md"
 SAFEGUARD_KEYS = ("train_val_gap", "frozen_blocks", "retention_")
 """Prefixes of the safeguards' other per-evaluation numbers that the report lists (forgetting and drift come
-first, named with their units: ``cluster.tune_report.forgetting_lines``)."""
+first, named with their units: ``cluster.report_forgetting.forgetting_lines``)."""
 
 
 def series(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -48,7 +49,7 @@ def plot_curves(path: Path, history: list[dict[str, Any]], metric: str) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    saved = _save_fig(fig, path)
+    saved = save_fig(fig, path)
     plt.close(fig)
     return saved
 
@@ -100,7 +101,7 @@ def write_run_report(job: Any, info: Any, summary: Any) -> tuple[Path, Path]:
               f"- driver and workers: `{log_dir(job.output_dir)}` (`driver.log`, `worker-<rank>.log`)",
               f"- metrics: `{out / 'metrics.json'}`; TensorBoard: `tensorboard --logdir {out}`" if job.tracking.tensorboard else
               f"- metrics: `{out / 'metrics.json'}`"]
-    report = _write_atomic(out / REPORT, "\n".join(lines) + "\n")
+    report = write_atomic(out / REPORT, "\n".join(lines) + "\n")
     return curves, report
 
 

@@ -27,6 +27,14 @@ VERDICT_FILE = "transfer.json"
 # Baselines from the labels
 
 
+def validation_rows(job: JobSpec, info: DataInfo) -> int | None:
+    """Rows the trials are ranked on: the validation split, or the share held out of the training rows."""
+    if "validation" in info.splits:
+        return info.splits["validation"].num_rows
+    train = info.splits["train"].num_rows
+    return round(train * job.data.validation_fraction) if train else None
+
+
 def label_counts(job: JobSpec, split: SplitInfo, labels: list[str]) -> dict[str, int]:
     """Rows per class of a split (every class of ``labels``, zeros included); integer labels are indices."""
     column = open_dataset(split.files, split.format).to_table(columns=[job.data.label_column]).column(0).to_pylist()
@@ -157,8 +165,6 @@ def judge_run(
     baselines = run_baselines(job, info, evaluated)
     if other is None and baselines is None:
         return None
-    from cluster.tune import validation_rows
-
     n = info.splits[evaluated].num_rows if evaluated in info.splits else validation_rows(job, info)
     return judge_transfer(metric, job.eval_mode, pretrained, other, n, baselines, job.safeguards.min_gain, evaluated)
 
@@ -166,6 +172,15 @@ def judge_run(
 def verdict_lines(verdict: TransferVerdict, search: ScratchSearch | None = None) -> list[str]:
     """The verdict's lines, then how the scratch twin's learning rate was chosen."""
     return verdict.lines() + (search.lines() if search else [])
+
+
+def verdict_section(verdict: tuple[Any, Any] | None) -> list[str]:
+    """The transfer verdict of ``report.md``: its name, then every number it rests on."""
+    if verdict is None:
+        return ["## Transfer verdict", "", "Not judged: no test split (and no labels to compare with chance).", ""]
+    first, *rest = verdict_lines(*verdict)
+    extra = [] if verdict[0].scratch is not None else ["gain over scratch: not measured (set safeguards.compare_scratch: true)"]
+    return ["## Transfer verdict", "", f"**{first}**", "", *[f"- {line}" for line in rest + extra], ""]
 
 
 def print_verdict(verdict: TransferVerdict, search: ScratchSearch | None = None) -> None:
@@ -187,7 +202,7 @@ def write_verdict(out_dir: Path, verdict: TransferVerdict, search: ScratchSearch
 def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSearch | None = None) -> Path | None:
     """Put the verdict section (as in the search's report) into a run's ``report.md``, replacing an earlier
     one; nothing when the run wrote no report."""
-    from cluster.tune_report import _write_atomic, verdict_section
+    from cluster.report_files import write_atomic
 
     if not report.is_file():
         return None
@@ -195,4 +210,4 @@ def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSea
     head, found, rest = text.partition("## Transfer verdict")
     tail = rest[rest.index("\n## ") + 1:] if found and "\n## " in rest else ""
     section = "\n".join(verdict_section((verdict, search)))
-    return _write_atomic(report, head.rstrip("\n") + "\n\n" + section + ("\n" + tail if tail else ""))
+    return write_atomic(report, head.rstrip("\n") + "\n\n" + section + ("\n" + tail if tail else ""))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.preflight import DataInfo
+from cluster.transfer import validation_rows
 from cluster.tune_space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
     override_args, trial_job, tune_metric, tune_mode,
@@ -256,14 +257,6 @@ def _base_point_or_none(job: JobSpec) -> dict[str, Any] | None:
     return base_point(job, search_space(job, depth) if depth is not None else dict(job.tune.space), depth)
 
 
-def validation_rows(job: JobSpec, info: DataInfo) -> int | None:
-    """Rows the trials are ranked on: the validation split, or the share held out of the training rows."""
-    if "validation" in info.splits:
-        return info.splits["validation"].num_rows
-    train = info.splits["train"].num_rows
-    return round(train * job.data.validation_fraction) if train else None
-
-
 def _trial_id_from_path(path: str | None) -> str:
     import re
 
@@ -338,7 +331,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     depth = _depth_or_none(job)
     check_space(base_raw, search_space(job, depth) if depth is not None else dict(job.tune.space))
     job.output_dir.mkdir(parents=True, exist_ok=True)
-    from cluster.console import start_run
+    from cluster.run_start import start_run
 
     start_run(job, info)  # logs into output.dir/logs, Ray started, the header printed
     with watch_interrupts() as interrupted:

@@ -17,9 +17,19 @@ CHEAPEST_FIRST = ("feature extraction", "parameter-efficient fine-tuning", "ligh
 """Strategies from the fewest trained weights to the most: with equal evidence, the first is cheaper."""
 
 
+def recommendation(n_frozen: int, depth: int, peft_method: str) -> tuple[str, str]:
+    """(strategy name, advice) for the chosen freeze depth and PEFT method."""
+    if peft_method != "none":
+        return "parameter-efficient fine-tuning", f"adapters ({peft_method}) on the top {depth - n_frozen} of {depth} blocks; the base weights stay frozen."
+    if n_frozen >= depth:
+        return "feature extraction", "freeze the whole backbone and train the head."
+    if n_frozen == 0:
+        return "full fine-tuning", "fine-tune every block with the head."
+    return "light fine-tuning", f"freeze the bottom {n_frozen} of {depth} blocks and fine-tune the top {depth - n_frozen} with the head."
+
+
 def trial_strategy(row: dict[str, Any], depth: int | None) -> tuple[str, int | None]:
     """(strategy name, frozen blocks) of a trial row (its resolved ``freeze_depth`` and ``peft_method``)."""
-    from cluster.tune_report import recommendation
     from engine.models.blocks import resolve_freeze_depth
 
     if depth is None or row.get("freeze_depth", "?") == "?":

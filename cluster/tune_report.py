@@ -13,19 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cluster.report_files import save_fig, write_atomic
+from cluster.report_forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
+from cluster.tune_evidence import recommendation  # noqa: F401  (the recommendation rule, also for tests)
+from cluster.tune_space import tune_metric
 from engine.config import JobSpec, job_to_yaml
 
 CSV_FIELDS = [
     "rank", "trial_id", "final", "best", "best_step", "iterations", "last_step", "planned_steps", "stopped_early",
     "forgetting", "drift", "train_val_gap", "error", "command",
 ]
-
-
-def _write_atomic(path: Path, data: str | bytes) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
 
 
 def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -36,7 +33,7 @@ def write_results_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     writer.writeheader()
     for rank, row in enumerate(rows, 1):
         writer.writerow({**row, **row["overrides"], "rank": rank})
-    return _write_atomic(path, buffer.getvalue())
+    return write_atomic(path, buffer.getvalue())
 
 
 def read_results_csv(path: Path) -> list[dict[str, str]]:
@@ -52,18 +49,7 @@ def write_best_job(path: Path, best_job: JobSpec, out_dir: Path) -> Path:
         "output": best_job.output.model_copy(update={"dir": str(out_dir / "best")}),
     })
     header = f"# The best trial of `shoulders tune` on '{best_job.name}'. Run it with: shoulders train {path.name}\n"
-    return _write_atomic(path, header + job_to_yaml(job))
-
-
-def recommendation(n_frozen: int, depth: int, peft_method: str) -> tuple[str, str]:
-    """(strategy name, advice) for the chosen freeze depth and PEFT method."""
-    if peft_method != "none":
-        return "parameter-efficient fine-tuning", f"adapters ({peft_method}) on the top {depth - n_frozen} of {depth} blocks; the base weights stay frozen."
-    if n_frozen >= depth:
-        return "feature extraction", "freeze the whole backbone and train the head."
-    if n_frozen == 0:
-        return "full fine-tuning", "fine-tune every block with the head."
-    return "light fine-tuning", f"freeze the bottom {n_frozen} of {depth} blocks and fine-tune the top {depth - n_frozen} with the head."
+    return write_atomic(path, header + job_to_yaml(job))
 
 
 def plot_results(out_dir: Path, rows: list[dict[str, Any]], histories: dict[str, list[dict[str, Any]]], metric: str,
@@ -118,7 +104,7 @@ def plot_results(out_dir: Path, rows: list[dict[str, Any]], histories: dict[str,
         ax.set_ylabel(metric)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
         fig.tight_layout()
-        paths.append(_save_fig(fig, out_dir / name))
+        paths.append(save_fig(fig, out_dir / name))
         plt.close(fig)
     curves = scored[:5] + [r for r in scored[5:] if r["trial_id"] == chosen]
     fig, ax = plt.subplots(figsize=(7, 4.0 + 0.22 * len(curves)))
@@ -135,7 +121,7 @@ def plot_results(out_dir: Path, rows: list[dict[str, Any]], histories: dict[str,
     ax.set_ylabel(metric)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     fig.tight_layout()
-    paths.append(_save_fig(fig, out_dir / "learning_curves.png"))
+    paths.append(save_fig(fig, out_dir / "learning_curves.png"))
     plt.close(fig)
     return paths
 
@@ -167,12 +153,6 @@ def _chance_and_limits(ax: Any, values: list[float], chance: float | None, metri
         ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
 
 
-def _save_fig(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return _write_atomic(path, buffer.getvalue())
-
-
 def resolve_value(key: str, value: Any, depth: int | None) -> float | None:
     """A searched value as a number for plotting (``all`` and negative freeze depths resolved)."""
     if value is None:
@@ -193,7 +173,8 @@ def write_report(
 ) -> Path:
     """``report.md``: the chosen strategy, freeze depth and LR ratio, gain over scratch, forgetting, train/val
     gap, the recommendation and the ranked trials."""
-    from cluster.tune import tune_metric
+    from cluster.transfer import verdict_section
+
     from engine.models.blocks import resolve_freeze_depth
 
     metric = tune_metric(job)
@@ -245,7 +226,7 @@ def write_report(
                      f"{'yes' if r['stopped_early'] else 'no'} | {moved(r)} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    return _write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
+    return write_atomic(out_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def moved(row: dict[str, Any]) -> str:
@@ -253,46 +234,6 @@ def moved(row: dict[str, Any]) -> str:
     if row.get("forgetting") is not None:
         return f"{row['forgetting']:.4f}"
     return f"drift {row['drift']:.4f}" if row.get("drift") is not None else "-"
-
-
-MEASURE_UNITS = {
-    "cka": "1 - linear CKA of pooled backbone features vs the pre-trained model; 0 = unchanged, 1 = unrelated",
-    "lm_loss": "increase of the causal-LM loss in nats",
-    "mlm_loss": "increase of the masked-LM loss in nats, through the checkpoint's own masked-LM head",
-}
-"""What a number of each ``safeguards.forgetting_measure`` means (drift on target rows is always ``cka``)."""
-
-
-def forgetting_lines(best: dict[str, Any], best_job: JobSpec) -> list[str]:
-    """What the probes found (last evaluation vs step 0): forgetting of the source on the retention set,
-    with drift on a few target rows beside it, or only drift on the target's rows (which is not forgetting),
-    each with its unit."""
-    from engine.safeguards import DRIFT_ROWS, forgetting_measure
-
-    lines = []
-    if best.get("forgetting") is not None:  # a probe that fell back to CKA reports retention_cka
-        unit = MEASURE_UNITS["cka" if "retention_cka" in best else forgetting_measure(best_job)]
-        lines.append(f"- forgetting of the source (retention set {best_job.safeguards.retention_data}, last evaluation vs step 0; "
-                     f"{unit}): {best['forgetting']:.4f}")
-        if best.get("drift") is not None:
-            lines.append(f"- drift on target data (first {DRIFT_ROWS} validation rows, last evaluation vs step 0; "
-                         f"{MEASURE_UNITS['cka']}): {best['drift']:.4f}, how far the model moved on the task's own inputs")
-    elif best.get("drift") is not None:
-        lines.append(f"- drift on target data (validation rows, last evaluation vs step 0; {MEASURE_UNITS['cka']}): "
-                     f"{best['drift']:.4f}. This is how far the model moved, not forgetting of the source: set "
-                     "safeguards.retention_data to measure that")
-    return lines
-
-
-def verdict_section(verdict: tuple[Any, Any] | None) -> list[str]:
-    """The transfer verdict of ``report.md``: its name, then every number it rests on (``cluster.transfer``)."""
-    if verdict is None:
-        return ["## Transfer verdict", "", "Not judged: no test split (and no labels to compare with chance).", ""]
-    from cluster.transfer import verdict_lines
-
-    first, *rest = verdict_lines(*verdict)
-    extra = [] if verdict[0].scratch is not None else ["gain over scratch: not measured (set safeguards.compare_scratch: true)"]
-    return ["## Transfer verdict", "", f"**{first}**", "", *[f"- {line}" for line in rest + extra], ""]
 
 
 def print_ranked(rows: list[dict[str, Any]], metric: str) -> None:

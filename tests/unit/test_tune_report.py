@@ -63,7 +63,7 @@ def test_plots_compare_at_equal_budget_drop_meaningless_points_and_show_chance(t
         figures[path.name] = fig
         return path
 
-    monkeypatch.setattr(tune_report, "_save_fig", keep)
+    monkeypatch.setattr(tune_report, "save_fig", keep)
     tune_report.plot_results(tmp_path, ROWS, HISTORIES, M, 6, chance=0.35)
     ratio = figures["metric_vs_lr_ratio.png"].axes[0]
     assert "1 left out: fully frozen" in ratio.get_title()  # c3 freezes all 6 blocks: its LR ratio means nothing

@@ -1,0 +1,140 @@
+"""The architecture's rules, checked on the source (no imports of the code under test):
+
+1. Outside ``engine/tasks/`` (and the job schema's ``Task`` literal) no code names a task or compares a
+   job's task: it asks the task (``get_task(job.model.task).<attribute>``).
+2. No two modules of ``engine/`` and ``cluster/`` import each other, directly or around a longer cycle,
+   counting imports inside functions (those under ``if TYPE_CHECKING:`` are not imports at run time).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("engine", "cluster")
+TASK_NAMES = {"sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"}
+ALLOWED_TASK_NAMES = {"engine/job_sections.py"}  # the schema's own Literal of task names
+
+
+def source_files() -> dict[str, Path]:
+    """Module name -> file, for every module of the packages."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def task_name_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of every task name spelled as a string and every comparison of a ``task`` value."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in TASK_NAMES:
+            found.append((node.lineno, f"names the task '{node.value}'"))
+        elif isinstance(node, ast.Compare) and not all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            for side in (node.left, *node.comparators):
+                if (isinstance(side, ast.Attribute) and side.attr == "task") or (isinstance(side, ast.Name) and side.id == "task"):
+                    found.append((node.lineno, f"compares the task: {ast.unparse(node)}"))
+    return sorted(found)
+
+
+def test_task_names_are_compared_only_inside_engine_tasks():
+    from engine.tasks import TASK_MODULES
+
+    assert set(TASK_MODULES) == TASK_NAMES  # this test knows every task
+    offences = []
+    for path in source_files().values():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("engine/tasks/") or rel in ALLOWED_TASK_NAMES:
+            continue
+        offences += [f"{rel}:{line}: {what}" for line, what in task_name_uses(ast.parse(path.read_text()))]
+    assert not offences, "ask the task (engine.tasks.get_task) instead:\n" + "\n".join(offences)
+
+
+def type_checking_nodes(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` blocks."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(inner) for stmt in node.body for inner in ast.walk(stmt)}
+    return skipped
+
+
+def imported_modules(tree: ast.AST, modules: set[str]) -> set[str]:
+    """The package modules a module imports anywhere in it (functions included)."""
+    skipped = type_checking_nodes(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in modules}
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = source_files()
+    return {name: imported_modules(ast.parse(path.read_text()), set(files)) - {name} for name, path in files.items()}
+
+
+def test_no_two_modules_import_each_other():
+    graph = import_graph()
+    cycles = import_cycles(graph)
+    described = []
+    for group in cycles:
+        edges = [f"{a} -> {b}" for a in group for b in sorted(graph[a]) if b in group]
+        described.append(", ".join(edges))
+    assert not cycles, "import cycles (move what both need into a module below them):\n" + "\n".join(described)
+
+
+def test_the_cycle_finder_finds_a_cycle_through_three_modules():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_task_name_scan_finds_literals_and_comparisons():
+    tree = ast.parse("if job.model.task == x:\n    y = {'ctc': 1}\nz = task in names\nok = get_task(name).modality == 'audio'\n")
+    assert [line for line, _ in task_name_uses(tree)] == [1, 2, 3]
