@@ -176,13 +176,21 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
     """Train ``raw_job`` (one worker, CPU) through preflight, ingest and the worker loop; the kept metrics of each evaluation."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recorded numbers: one thread's summation order (restored after, for later tests)
+    try:
+        return _run_golden(raw_job, workdir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
     from cluster.data import build_datasets, generation_samples
     from cluster.preflight import preflight
     from engine.config import JobSpec
     from engine.loop import train_loop_per_worker
     from engine.tasks import get_task
 
-    torch.set_num_threads(1)
     raw_job = {**raw_job, "output": {"dir": str(workdir / "out"), "export": "none"}}
     job, info = preflight(JobSpec.model_validate(raw_job))
     reports: list[dict[str, Any]] = []
