@@ -71,14 +71,17 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     columns = layout_columns(job.data)  # text, or instruction data (data.layout chat / prompt_completion)
     table = pq.read_table(job.data.train, columns=list(columns.values())).slice(0, rows)
     values = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns.values()}
-    packing = job.perf.packing and job.model.task == "causal_lm"
+    from engine.tasks import get_task
+
+    lm = get_task(job.model.task).next_token_loss
+    packing = job.perf.packing and lm
     collate = Collate(job.data.max_length if packing else None, tokenizer.pad_token_id or 0)
     bs = job.optim.batch_size
     out = []
     for i in range(0, table.num_rows - bs + 1, bs):
         batch = {c: v[i : i + bs] for c, v in values.items()}
         if job.data.layout == "text":
-            encoded = tokenize_batch(batch, tokenizer=tokenizer, task=job.model.task, text_column=job.data.text_column,
+            encoded = tokenize_batch(batch, tokenizer=tokenizer, lm_labels=lm, text_column=job.data.text_column,
                                      max_length=job.data.max_length)
         else:  # as cluster.data's preprocess: the chat template, labels on the answers only
             encoded = encode_conversations(batch, tokenizer=tokenizer, layout=job.data.layout, columns=columns,
