@@ -1,9 +1,12 @@
 """What a user sees: ``shoulders train`` on a quickstart-shaped job (tiny BERT, 2 workers, test split),
 run as a subprocess with stdout to a file. Only shoulders speaks, the table is whole, and everything else
-is in the run folder: logs, TensorBoard events, curves.png and report.md."""
+is in the run folder: logs, TensorBoard events, curves.png and report.md. The model is named by hub id, as
+most users name theirs, served offline from the session's Hugging Face cache through the same preflight and
+worker code as a folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,13 +21,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MAX_LINES = 40
 
 
-def test_quiet_console_whole_table_and_everything_else_in_the_run_folder(tiny_bert, tmp_path):
+def test_quiet_console_whole_table_and_everything_else_in_the_run_folder(hub_bert, tmp_path):
+    assert not Path(hub_bert).exists()  # a hub id, not a folder
     data = tiny.write_topic_data(tmp_path / "data", rows=96)
     run = tmp_path / "run"
     job = tmp_path / "job.yaml"
     job.write_text(f"""\
 name: console-check
-model: {{name: {tiny_bert}, task: sequence_classification, labels: [food, sport, tech]}}
+model: {{name: {hub_bert}, task: sequence_classification, labels: [food, sport, tech]}}
 data: {{train: {data['train']}, validation: {data['validation']}, test: {data['test']}, max_length: 16, rows_per_block: 4}}
 finetune: {{strategy: full}}
 optim: {{epochs: 2, batch_size: 8}}
@@ -73,3 +77,5 @@ output: {{dir: "{run}"}}
     report = (run / "report.md").read_text()
     assert "## Parameter groups" in report and "| head |" in report and "test (exported model): loss" in report
     assert "## Transfer verdict" in report  # the verdict, decided after the run, is in the report too
+    saved = json.loads((run / "model" / "shoulders_job.json").read_text())
+    assert saved["job"]["model"]["name"] == hub_bert  # the export keeps the hub id, no machine path

@@ -1,6 +1,6 @@
-"""Real runs on a local Ray that must finish or fail fast, while another Ray instance runs on the host:
+"""Real runs on a local Ray that must finish or fail fast, while another Ray instance runs on the host
+(a model named by hub id, served offline from a local Hugging Face cache, trains in ``test_console_run.py``):
 
-- a model named by hub id, served offline from a local Hugging Face cache, through preflight and training;
 - a bad row deep in a multi-file dataset (past the rows the preflight samples) stops the run within bounded
   time, the last words naming the file and the row, and nothing is exported;
 - ``shoulders tune`` as a user runs it (a new process, embedded Ray) beside a ``ray start`` cluster: it exits 0,
@@ -50,17 +50,6 @@ def small_job(model: str, splits: dict, out: Path, **sections) -> dict:
 def write(path: Path, raw: dict) -> str:
     path.write_text(yaml.safe_dump(raw))
     return str(path)
-
-
-def test_hub_id_served_from_the_local_cache_trains(ray_local, hub_bert, topic_data, tmp_path):
-    assert not Path(hub_bert).exists()  # a hub id, not a folder
-    job = write(tmp_path / "job.yaml", small_job(hub_bert, topic_data, tmp_path / "out"))
-    assert main(["validate", job]) == 0
-    assert main(["train", job]) == 0
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test"]["accuracy"] > 0.0 and (tmp_path / "out" / "model" / "config.json").is_file()
-    saved = json.loads((tmp_path / "out" / "model" / "shoulders_job.json").read_text())
-    assert saved["job"]["model"]["name"] == hub_bert  # the job keeps the hub id, no machine path
 
 
 def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path, capsys):
