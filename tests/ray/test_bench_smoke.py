@@ -22,15 +22,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_benchmark_cpu_smoke_runs_every_case(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="sb-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1"}
+    # every case but wav2vec2 CTC through Ray: its wiring is the Whisper row's (one function), and its Ray path is
+    # trained in tests/ray/test_speech.py; one Ray run fewer keeps CI under its time limit
+    cases = "peers,engine_ray,engine_plain,engine_plain_alt,engine_chat,engine_whisper_full,engine_w2v2_ctc,engine_whisper_full_ray"
     cmd = [sys.executable, "-m", "benchmarks.bench", "--tiny", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-           "--warm", "1", "--steps", "1", "--timeout", "600"]
+           "--warm", "1", "--steps", "1", "--timeout", "600", "--cases", cases]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "bench-cpu-tiny.json").read_text())
     rows = {r["case"]: r for r in result["rows"]}
     logs = {p.name: p.read_text()[-2000:] for p in (tmp_path / "work").glob("*.log")}
     expected = ("loop_lora", "engine_ray", "engine_plain", "engine_plain_alt", "engine_chat", "engine_whisper_full", "engine_w2v2_ctc",
-                "engine_whisper_full_ray", "engine_w2v2_ctc_ray")
+                "engine_whisper_full_ray")
     assert set(rows) >= set(expected), logs
     for name in expected:
         assert "error" not in rows[name], (name, rows[name].get("error"), logs)
@@ -41,10 +44,10 @@ def test_benchmark_cpu_smoke_runs_every_case(tmp_path):
     for speech in ("engine_whisper_full", "engine_w2v2_ctc"):
         assert rows[speech]["samples_per_s"] > 0 and rows[speech]["batch"] == 2, rows[speech]
         assert all(0 < loss < math.inf for loss in rows[speech]["train_loss"]), rows[speech]  # finite: targets fit the frames
-        # through shoulders train: Ray Data decoded and featurised the wav bytes; a real (non-zero) loss
-        ray_row = rows[f"{speech}_ray"]
-        assert ray_row["windows"] == 2 and all(0 < loss < math.inf for loss in ray_row["train_loss"]), ray_row
-        assert result["summary"][f"{speech.removeprefix('engine_')}_ray_overhead_pct"]["variant"] == "base"
+    # through shoulders train: Ray Data decoded and featurised the wav bytes; a real (non-zero) loss
+    ray_row = rows["engine_whisper_full_ray"]
+    assert ray_row["windows"] == 2 and all(0 < loss < math.inf for loss in ray_row["train_loss"]), ray_row
+    assert result["summary"]["whisper_full_ray_overhead_pct"]["variant"] == "base"
     # Instruction tuning: chat rows through the chat template, the LoRA fast path on the answer-only labels. Each row
     # renders to one sequence, half of it the answer (and its end-of-turn token): only those tokens are targets.
     chat = rows["engine_chat"]
