@@ -68,7 +68,8 @@ EMBEDDED_TRAIN_ENV = {
     "RAY_prestart_worker_first_driver": "0",
     "RAY_enable_worker_prestart": "0",
 }
-"""Ray Train settings of an embedded local Ray (left as they are on a cluster)."""
+"""Ray Train, Ray Data and raylet settings of an embedded local Ray, sized for one machine (a cluster keeps Ray's
+defaults). Set before ``ray.init``, so every process the instance starts inherits them."""
 
 
 def start_embedded_ray(**init_kwargs: Any) -> None:
@@ -78,7 +79,8 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
     cluster up by scanning the host for GCS processes unless ``RAY_API_SERVER_ADDRESS`` names the dashboard;
     with a second instance up (a ``ray start`` cluster, another terminal's run) it raised "Found multiple
     active Ray instances", the finished trial's placement group was never freed and the next trial waited
-    forever. The dashboard gets a port chosen here, and every process the instance starts inherits its URL.
+    forever. The dashboard gets a port chosen here, and every process the instance starts inherits its URL
+    (and ``EMBEDDED_TRAIN_ENV``).
     """
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
