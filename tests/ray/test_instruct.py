@@ -90,7 +90,7 @@ def test_chat_with_lora_from_a_hub_dataset_and_a_disk_folder_trains_the_assistan
     """Also must-show 4 of the datasets work: the training rows come from a hub dataset id found offline in the local
     ``datasets`` cache, the validation rows from a ``save_to_disk`` folder, both streamed from their Arrow files."""
     model, data = instruct
-    repo = tiny_chat.save_to_datasets_cache("shoulders-test/colour-chat", {"train": data["chat_train"]})
+    repo = tiny_chat.save_to_datasets_cache("shoulders-test/colour-chat-train-only", {"train": data["chat_train"]})  # an id of its own: the session shares one cache
     disk = tiny_chat.save_to_disk(tmp_path / "disk", {"validation": data["chat_validation"]})
     job = base_job(model, tmp_path, train={"hf": repo, "split": "train"}, validation={"hf_disk": str(disk), "split": "validation"},
                    layout="chat", messages_column="messages")
