@@ -114,7 +114,7 @@ class EveryRowDataConfig(ray.train.DataConfig):
     Ray Train splits every dataset with ``streaming_split(equal=True)``, which drops rows so each worker
     gets as many: 75 validation rows on two workers scored 74. The datasets named in ``uneven`` (the
     validation split) are split with ``equal=False`` instead: no row dropped or repeated, the workers' shares
-    may differ, and the metrics are reduced as sums over workers (``engine.loop.evaluate``).
+    may differ, and the metrics are reduced as sums over workers (``engine.loop.evaluation.evaluate``).
     """
 
     def __init__(self, uneven: tuple[str, ...] = ("validation",), **kwargs: Any):

@@ -55,7 +55,7 @@ def score_answers(predictions: list[str], references: list[str]) -> dict[str, fl
 
 class AnswerProbe:
     """At each evaluation: greedy answers to a fixed handful of validation prompts, their scores, and a
-    record of them in the train state (``state["generations"]``; the driver writes ``generations.jsonl``).
+    record of them in the train state (``TrainState.generations``; the driver writes ``generations.jsonl``).
 
     Every rank generates the same answers (the same weights), so every rank reports the same metrics.
     """
@@ -66,8 +66,9 @@ class AnswerProbe:
     def __bool__(self) -> bool:
         return bool(self.samples)
 
-    def evaluate(self, model: Any, state: dict[str, Any], amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Generate, score and record; returns ``exact_match`` and ``rougeL`` (nothing without samples)."""
+    def evaluate(self, model: Any, step: int, records: list[dict[str, Any]], amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Generate, score and append the answers at ``step`` to ``records``; returns ``exact_match`` and
+        ``rougeL`` (nothing without samples)."""
         if not self.samples:
             return {}
         inner = getattr(model, "module", model)
@@ -81,11 +82,10 @@ class AnswerProbe:
         ]
         inner.train(was_training)
         references = [s["reference"] for s in self.samples]
-        records = [
-            {"step": state["step"], "prompt": s["messages"][-1]["content"], "reference": ref, "answer": answer}
+        records.extend(
+            {"step": step, "prompt": s["messages"][-1]["content"], "reference": ref, "answer": answer}
             for s, ref, answer in zip(self.samples, references, answers)
-        ]
-        state.setdefault("generations", []).extend(records)
+        )
         return score_answers(answers, references)
 
 

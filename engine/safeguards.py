@@ -14,7 +14,8 @@
 - *Gradual unfreezing*: :class:`GradualUnfreezer` unfreezes one more block from the top every k steps.
 
 :class:`Safeguards` bundles them for ``engine.loop``: one call before the loop, one per optimizer step
-(unfreezing), one per evaluation. No Ray here; re-wrapping the model after unfreezing is the loop's job.
+(unfreezing, through the loop's ``GradualUnfreezing`` hook), one per evaluation. No Ray here; re-wrapping
+the model after unfreezing is the loop's job.
 """
 
 from __future__ import annotations
