@@ -14,7 +14,8 @@ their matmuls run in the compute dtype.
 
 The module structure and parameter names are left as they are (PEFT's ``lora.Linear`` keeps its
 ``lora_A``/``lora_B``; only ``forward`` is replaced per instance), so checkpoints, export and merging are
-unaffected.
+unaffected. The LoRA side (which layers fuse, their forward) is in :mod:`engine.adapters.fused`, with
+the rest of what knows PEFT; this module never imports ``peft``.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Fp8FrozenWeight(FrozenWeight):
         return torch._scaled_mm(gq, self.q_t.t(), scale_a=gs, scale_b=self.scale_t, out_dtype=self.out_dtype)
 
 
-class _FrozenLinearFn(torch.autograd.Function):
+class FrozenLinearFn(torch.autograd.Function):
     """``y = x W^T (+ s * (x_l A^T) B^T) (+ bias)`` with a frozen ``W``; grads for x, A, B (never W, bias)."""
 
     @staticmethod
@@ -219,24 +220,7 @@ def compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
 
 def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(x.device.type, self._fast_frozen.dtype)
-    return _FrozenLinearFn.apply(x, None, None, None, self._fast_frozen, 1.0, self.bias, dtype)
-
-
-def _lora_linear_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.disable_adapters or self.merged or len(self.active_adapters) != 1 or args or kwargs:
-        return self._unfused_forward(x, *args, **kwargs)
-    name = self.active_adapters[0]
-    if name not in self.lora_A:
-        return self._unfused_forward(x, *args, **kwargs)
-    base = self.get_base_layer()
-    frozen = base._fast_frozen
-    dropout = self.lora_dropout[name]
-    x_lora = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
-    dtype = compute_dtype(x.device.type, frozen.dtype)
-    y = _FrozenLinearFn.apply(
-        x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, frozen, float(self.scaling[name]), base.bias, dtype
-    )
-    return y
+    return FrozenLinearFn.apply(x, None, None, None, self._fast_frozen, 1.0, self.bias, dtype)
 
 
 def freeze_to_fast(linear: nn.Linear, fp8: bool, dtype: torch.dtype) -> None:
@@ -253,55 +237,32 @@ def fp8_supported(k: int, n: int) -> bool:
     return k % 16 == 0 and n % 16 == 0
 
 
-def accelerate_frozen_linears(
-    model: nn.Module, *, fp8: bool, fuse_lora: bool, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()
-) -> dict[str, int]:
-    """Route frozen linear layers (and LoRA layers over them) through :class:`_FrozenLinearFn`.
+def freeze_linears_to_fast(model: nn.Module, *, fp8: bool, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()) -> dict[str, int]:
+    """Route every frozen linear layer of ``model`` through :class:`FrozenLinearFn` (its weight in a
+    :class:`FrozenWeight`: FP8 or ``dtype``). Linear layers inside adapters (``lora_*``), trainable ones
+    and those with a trainable bias are left alone; a LoRA layer over a frozen base may then fuse its
+    adapter into the base GEMM (:func:`engine.adapters.fused.fuse_lora_layers`).
 
     Args:
         model: the prepared model (PEFT-wrapped or plain), already on its device.
         fp8: quantize frozen weights to FP8 (where both dimensions are multiples of 16).
-        fuse_lora: replace PEFT ``lora.Linear`` forwards by the fused function (plain LoRA only: DoRA and
-            multi-adapter layers keep PEFT's forward).
         dtype: the compute dtype frozen weights are stored in when not FP8.
         skip: modules left alone (the output embeddings, whose weight fused cross-entropy kernels read).
 
     Returns:
-        Counts of ``fp8`` and ``bf16``/``dtype`` frozen weights and ``fused_lora`` layers.
+        Counts of ``fp8`` and ``dense`` (``dtype``) frozen weights.
     """
-    counts = {"fp8": 0, "dense": 0, "fused_lora": 0}
+    counts = {"fp8": 0, "dense": 0}
     skip_ids = {id(m) for m in skip}
-    lora_bases: dict[int, nn.Module] = {}
-    if fuse_lora:
-        for module in model.modules():
-            if _is_plain_lora_linear(module):
-                lora_bases[id(module.get_base_layer())] = module
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or id(module) in skip_ids or module.weight.requires_grad:
             continue
         if module.bias is not None and module.bias.requires_grad:
             continue
-        wrapper = lora_bases.get(id(module))
-        if wrapper is None and any(part.startswith("lora_") for part in name.split(".")):
+        if any(part.startswith("lora_") for part in name.split(".")):
             continue
         use_fp8 = fp8 and fp8_supported(module.in_features, module.out_features)
         freeze_to_fast(module, use_fp8, dtype)
         counts["fp8" if use_fp8 else "dense"] += 1
-        if wrapper is not None:
-            wrapper._unfused_forward = wrapper.forward
-            wrapper.forward = types.MethodType(_lora_linear_forward, wrapper)
-            counts["fused_lora"] += 1
-        else:
-            module.forward = types.MethodType(_frozen_linear_forward, module)
-    log.info("fast frozen linears: %d fp8, %d %s, %d LoRA layers fused", counts["fp8"], counts["dense"], dtype, counts["fused_lora"])
+        module.forward = types.MethodType(_frozen_linear_forward, module)
     return counts
-
-
-def _is_plain_lora_linear(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    if not isinstance(module, LoraLinear) or type(module.get_base_layer()) is not nn.Linear:
-        return False
-    return not any(module.use_dora.values()) and len(module.lora_A) == 1

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.fastlinear import accelerate_frozen_linears
+from engine.adapters.fused import fuse_lora_layers
+from engine.fastlinear import freeze_linears_to_fast
 from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,24 @@ def apply_perf(
         log.info(note)
     log.info("perf: %s", {k: v for k, v in plan.__dict__.items() if k != "notes"})
     return plan
+
+
+def accelerate_frozen_linears(
+    model: nn.Module, *, fp8: bool, fuse_lora: bool, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()
+) -> dict[str, int]:
+    """Frozen linear layers through the fast path (:func:`engine.fastlinear.freeze_linears_to_fast`: FP8
+    where ``fp8`` and the shapes allow, else ``dtype``), then, with ``fuse_lora``, plain LoRA layers over
+    them fused into the base GEMM (:func:`engine.adapters.fused.fuse_lora_layers`; DoRA and multi-adapter
+    layers keep PEFT's forward). ``skip``: modules left alone (the output embeddings).
+
+    Returns:
+        Counts of ``fp8`` and ``dense`` frozen weights and ``fused_lora`` layers.
+    """
+    counts = {**freeze_linears_to_fast(model, fp8=fp8, dtype=dtype, skip=skip), "fused_lora": 0}
+    if fuse_lora:
+        counts["fused_lora"] = fuse_lora_layers(model)
+    log.info("fast frozen linears: %d fp8, %d %s, %d LoRA layers fused", counts["fp8"], counts["dense"], dtype, counts["fused_lora"])
+    return counts
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -4,12 +4,16 @@
    job's task: it asks the task (``get_task(job.model.task).<attribute>``).
 2. No two modules of ``engine/`` and ``cluster/`` import each other, directly or around a longer cycle,
    counting imports inside functions (those under ``if TYPE_CHECKING:`` are not imports at run time).
+3. ``peft`` is imported only in the ``engine/adapters/`` package (PEFT wrapping and the fused LoRA path),
+   ``deepspeed`` only in ``engine/backends/deepspeed.py``.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "cluster")
@@ -138,3 +142,29 @@ def test_the_cycle_finder_finds_a_cycle_through_three_modules():
 def test_the_task_name_scan_finds_literals_and_comparisons():
     tree = ast.parse("if job.model.task == x:\n    y = {'ctc': 1}\nz = task in names\nok = get_task(name).modality == 'audio'\n")
     assert [line for line, _ in task_name_uses(tree)] == [1, 2, 3]
+
+
+def third_party_imports(tree: ast.AST, top: str) -> list[int]:
+    """Lines that import ``top`` or one of its submodules (anywhere, functions included)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name == top or a.name.startswith(top + ".") for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (node.module == top or node.module.startswith(top + ".")):
+            lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize(("library", "home"), [("peft", "engine/adapters/"), ("deepspeed", "engine/backends/deepspeed.py")])
+def test_a_library_is_imported_in_one_place_only(library, home):
+    offences = []
+    for path in source_files().values():
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith(home):
+            offences += [f"{rel}:{line}" for line in third_party_imports(ast.parse(path.read_text()), library)]
+    assert not offences, f"{library} is imported outside {home}:\n" + "\n".join(offences)
+
+
+def test_the_import_scan_finds_imports_in_functions():
+    tree = ast.parse("import peft\ndef f():\n    from peft.tuners import x\nimport peftish\nfrom other import peft\n")
+    assert third_party_imports(tree, "peft") == [1, 3]

@@ -1,4 +1,4 @@
-"""PEFT wrapping. The only module that imports ``peft``.
+"""PEFT wrapping, and (in :mod:`engine.adapters.fused`) the fused LoRA path. The only package that imports ``peft``.
 
 Adapters go only into blocks above the frozen depth (``layers_to_transform``), and the new task head is
 always fully trainable through ``modules_to_save``.
