@@ -139,6 +139,10 @@ class FrozenWeight:
         self.shape = tuple(weight.shape)
         self.dtype = dtype
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors this weight holds, by name (registered on the layer as non-persistent buffers)."""
+        return {"weight": self.weight}
+
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         return x @ self.weight.t()
 
@@ -157,6 +161,10 @@ class Fp8FrozenWeight(FrozenWeight):
         self.scale = scale.reshape(1, -1).contiguous()  # (1, N)
         self.q_t, scale_t = quantize_rowwise(w.t().contiguous())  # (K, N): backward operand q_t.t() is (N, K) column-major
         self.scale_t = scale_t.reshape(1, -1).contiguous()  # (1, K)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Both orientations and their scales, by name (registered on the layer as non-persistent buffers)."""
+        return {"q": self.q, "scale": self.scale, "q_t": self.q_t, "scale_t": self.scale_t}
 
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         xq, xs = _cached_quantize(x, source)
@@ -223,13 +231,30 @@ def _frozen_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return FrozenLinearFn.apply(x, None, None, None, self._fast_frozen, 1.0, self.bias, dtype)
 
 
+BUFFER_PREFIX = "fast_frozen_"
+"""Name prefix of the fast frozen copies' buffers on a layer (``fast_frozen_weight``, ``fast_frozen_q``, ...)."""
+
+
 def freeze_to_fast(linear: nn.Linear, fp8: bool, dtype: torch.dtype) -> None:
-    """Move a frozen ``nn.Linear``'s weight into a :class:`FrozenWeight` (FP8 or ``dtype``) and free the original."""
+    """Move a frozen ``nn.Linear``'s weight into a :class:`FrozenWeight` (FP8 or ``dtype``) and free the original.
+
+    The copy's tensors are also the layer's non-persistent buffers (``fast_frozen_*``, the same tensors,
+    no extra memory), so ``named_buffers`` (state digests, memory tools) sees them while ``state_dict``,
+    checkpoints and exports do not. The forward reads them from the :class:`FrozenWeight`, not the buffers.
+    """
     weight = linear.weight
     linear._fast_frozen = Fp8FrozenWeight(weight, dtype) if fp8 else FrozenWeight(weight, dtype)
+    for name, tensor in linear._fast_frozen.tensors().items():
+        linear.register_buffer(BUFFER_PREFIX + name, tensor, persistent=False)
     # The parameter keeps its name (state dicts, DDP) but no longer holds the matrix.
     linear.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=weight.device), requires_grad=False)
     linear.in_features, linear.out_features = linear._fast_frozen.shape[1], linear._fast_frozen.shape[0]
+
+
+def fast_frozen_buffer_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s fast frozen copies among its buffers (for DDP to leave alone: they are the
+    same on every rank, made from the same pre-trained weights, and must not be broadcast each step)."""
+    return [name for name, _ in model.named_buffers() if name.rpartition(".")[2].startswith(BUFFER_PREFIX)]
 
 
 def fp8_supported(k: int, n: int) -> bool:

@@ -46,8 +46,9 @@ def after_step(hooks: dict[str, Any] | None, rank: int, step: int) -> None:
 
 
 def frozen_digest(model: Any) -> str:
-    """SHA-256 over the names and bytes of ``model``'s frozen parameters and its buffers (where frozen
-    weights may live after ``perf`` rewrites a layer); call with the parameters gathered."""
+    """SHA-256 over the names and bytes of ``model``'s frozen parameters and its buffers (where the
+    FP8 / compute-dtype copies ``perf`` makes of frozen weights are, as non-persistent buffers); call with
+    the parameters gathered."""
     import torch
 
     digest = hashlib.sha256()

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.backends.master import MasterWeights, cast_batch, upcast_logits
 from engine.checkpoint import WEIGHTS, load_trainable_state
 from engine.config import JobSpec
+from engine.fastlinear import fast_frozen_buffer_names
 from engine.optim import build_optimizer, build_scheduler
 from engine.tasks import get_task
 
@@ -42,6 +43,15 @@ def uses_master_weights(job: JobSpec, device: torch.device) -> bool:
                  job.optim.precision, device.type)
         return False
     return True
+
+
+def ignore_fast_frozen_buffers(module: nn.Module) -> None:
+    """Keep DDP away from the fast frozen copies (:func:`engine.fastlinear.fast_frozen_buffer_names`):
+    left in, DDP would broadcast every frozen weight at the start of each forward."""
+    names = fast_frozen_buffer_names(module)
+    if names:
+        known = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted({*known, *names}))
 
 
 class DDPBackend:
@@ -71,6 +81,7 @@ class DDPBackend:
             self.model = self.module
         else:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            ignore_fast_frozen_buffers(self.module)
             self.model = DistributedDataParallel(self.module, device_ids=ids)
 
     def train(self, mode: bool = True) -> None:

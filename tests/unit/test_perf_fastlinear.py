@@ -147,3 +147,35 @@ def test_triton_quantize_kernel_matches_torch_under_the_interpreter():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fast_frozen_copies_are_non_persistent_buffers_outside_the_state_dict(fp8, tmp_path):
+    from engine.backends.ddp import ignore_fast_frozen_buffers
+    from engine.fastlinear import fast_frozen_buffer_names
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
+    model[0].requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = accelerate_frozen_linears(model, fp8=fp8, fuse_lora=False, dtype=torch.bfloat16)
+    assert counts["fp8" if fp8 else "dense"] == 1
+    # The copies are the layer's buffers (the same tensors), and nothing a checkpoint or export reads changed.
+    buffers = dict(model.named_buffers())
+    expected = ["0.fast_frozen_q", "0.fast_frozen_scale", "0.fast_frozen_q_t", "0.fast_frozen_scale_t"] if fp8 else ["0.fast_frozen_weight"]
+    assert sorted(buffers) == sorted(expected) and fast_frozen_buffer_names(model) == expected
+    for name, tensor in model[0]._fast_frozen.tensors().items():
+        assert buffers[f"0.fast_frozen_{name}"] is tensor
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before if not k.startswith("0.weight"))
+    # DDP leaves them alone (no broadcast at each forward).
+    ignore_fast_frozen_buffers(model)
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(expected)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert not set(ddp.named_module_buffers) & set(expected)
+    finally:
+        dist.destroy_process_group()
