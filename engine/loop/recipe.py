@@ -3,8 +3,8 @@
 :func:`train_loop_per_worker` is the whole loop; each phase is a small function below it:
 setup and resume (:mod:`engine.loop.setup`) -> :func:`start` -> for each batch of the streamed shard:
 :func:`train_step` (forward, backward, accumulate, clip, step) -> :func:`after_step` (hooks, progress)
--> every ``eval.every_n_steps``: :func:`evaluate_and_report` (metrics, stop decision, checkpoint and
-report to Ray Train). ``ray.train`` is the only Ray API the loop uses.
+-> every ``eval.every_n_steps``: :func:`evaluate_and_report` (metrics, :func:`stop_reason`, checkpoint
+and report to Ray Train). ``ray.train`` is the only Ray API the loop uses.
 """
 
 from __future__ import annotations
@@ -91,17 +91,24 @@ def evaluate_and_report(worker: Worker, state: TrainState, window: TrainWindow) 
     """Evaluate, let the hooks decide whether to stop, then checkpoint and report to Ray Train; returns
     whether training stops (the last step, or a hook's reason)."""
     metrics = evaluation_metrics(worker, state, window)
-    reasons = [reason for reason in [hook.after_eval(state, metrics) for hook in worker.hooks] if reason]
-    if reasons and worker.rank == 0:
-        log.info(reasons[0])
-        worker.events.send("note", text=reasons[0])
+    reason = stop_reason(worker, state, metrics)
+    if reason and worker.rank == 0:
+        log.info(reason)
+        worker.events.send("note", text=reason)
     state.history.append(metrics)
     report(worker, state, metrics)
     if worker.rank == 0:
         log.info("eval @ step %d: %s", state.step, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
     worker.events.send("eval", metrics=metrics)
     window.reset()
-    return state.step >= worker.total_steps or bool(reasons)
+    return state.step >= worker.total_steps or reason is not None
+
+
+def stop_reason(worker: Worker, state: TrainState, metrics: dict[str, Any]) -> str | None:
+    """Why training stops before its last step (the forgetting limit, early stopping), or None. Every hook
+    sees every evaluation (early stopping keeps the best metric in the state); the first reason wins."""
+    reasons = [hook.after_eval(state, metrics) for hook in worker.hooks]
+    return next((reason for reason in reasons if reason), None)
 
 
 def evaluation_metrics(worker: Worker, state: TrainState, window: TrainWindow) -> dict[str, Any]:
