@@ -82,7 +82,7 @@ def export_loads(export: Path, model: Path) -> bool:
 def run_case(stage: int, model: Path, data: dict[str, Path], work: Path, gpu: bool) -> dict:
     from cluster.preflight import preflight
     from cluster.trainer import run_training
-    from engine.config import build_job
+    from engine.config.schema import build_job
 
     start = time.perf_counter()
     raw = job_for(stage, model, data, work / f"zero{stage}", gpu)

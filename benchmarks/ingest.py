@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from cluster.preflight import preflight
     from cluster.trainer import ensure_ray
-    from engine.config import build_job
-    from engine.loop import Collate
+    from engine.config.schema import build_job
+    from engine.loop.batches import Collate
 
     work = Path(args.work or tempfile.mkdtemp(prefix="shoulders-ingest-"))
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
 
     from cluster.preflight import preflight
     from cluster.trainer import EMBEDDED_TRAIN_ENV, run_training
-    from engine.config import build_job
+    from engine.config.schema import build_job
 
     os.environ.update(EMBEDDED_TRAIN_ENV)  # as shoulders' own embedded Ray runs
     t0 = time.perf_counter()
@@ -62,10 +62,10 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     """The job's training rows tokenized and collated exactly as the Ray path does, in micro-batches."""
     import pyarrow.parquet as pq
 
-    from engine.loop import Collate
-    from engine.preprocess import cached_tokenizer, tokenize_batch
+    from engine.loop.batches import Collate
+    from engine.preprocessing.text import cached_tokenizer, tokenize_batch
 
-    from engine.chat import encode_conversations, layout_columns
+    from engine.preprocessing.chat import encode_conversations, layout_columns
 
     tokenizer = cached_tokenizer(job.model.name, job.model.revision)
     columns = layout_columns(job.data)  # text, or instruction data (data.layout chat / prompt_completion)
@@ -136,11 +136,11 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     from cluster.preflight import with_absolute_paths
     from engine.backends import build_backend
     from engine.backends.ddp import autocast_dtype
-    from engine.config import build_job
+    from engine.config.schema import build_job
     from engine.models.prepare import prepare_model
-    from engine.optim import build_param_groups
-    from engine.perf import ThroughputMeter, apply_perf
-    from engine.preprocess import cached_tokenizer
+    from engine.loop.optim import build_param_groups
+    from engine.perf.speed import ThroughputMeter, apply_perf
+    from engine.preprocessing.text import cached_tokenizer
 
     job = with_absolute_paths(build_job(job_dict, "benchmark"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,9 +191,9 @@ def run_speech(kind: str, tiny: bool, warm: int, steps: int, perf: dict[str, Any
 
     from benchmarks.workload import speech_model
     from engine.backends import build_backend
-    from engine.config import build_job
-    from engine.optim import build_param_groups
-    from engine.perf import ThroughputMeter, apply_perf
+    from engine.config.schema import build_job
+    from engine.loop.optim import build_param_groups
+    from engine.perf.speed import ThroughputMeter, apply_perf
 
     task = "speech_seq2seq" if kind == "whisper_full" else "ctc"
     job = build_job({"model": {"name": f"bench-{kind}", "task": task}, "data": {"train": "random"},

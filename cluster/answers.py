@@ -1,5 +1,5 @@
 """The evaluation answers of a prompt/completion or chat run, shown at the end of ``shoulders train``, and
-``shoulders generate``'s output. No torch here: ``engine.generation`` generates."""
+``shoulders generate``'s output. No torch here: ``engine.evaluation.generation`` generates."""
 
 from __future__ import annotations
 

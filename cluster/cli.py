@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine.config import field_docs, load_job
+    from engine.config.schema import field_docs, load_job
 
     job = load_job(args.job, args.overrides)
     if args.explain:
@@ -120,7 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cluster.preflight import preflight
-    from engine.config import load_job
+    from engine.config.schema import load_job
 
     job = load_job(args.job, args.overrides)
     job, info = preflight(job, resume=args.resume)
@@ -173,12 +173,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise JobError(f"'{args.model_dir}' is not an exported model (no config.json or adapter_config.json); pass output.dir/model of a run.")
     prompts = [[{"role": "user", "content": p}] for p in args.prompt]
     if args.prompts_file:
-        from engine.generation import prompts_from_file
+        from engine.evaluation.generation import prompts_from_file
 
         prompts += prompts_from_file(args.prompts_file)
     if not prompts:
         raise JobError("shoulders generate: give --prompt TEXT (repeatable) or --prompts-file FILE.")
-    from engine.generation import generate_from_export
+    from engine.evaluation.generation import generate_from_export
 
     print_answers(prompts, generate_from_export(model_dir, prompts, args.max_new_tokens), args.jsonl)
     return 0

@@ -17,9 +17,9 @@ from cluster.data_read import (  # noqa: F401  (fits_in_object_store, read_split
 )
 from cluster.data_speech import build_speech_datasets, build_speech_eval_dataset
 from cluster.preflight import DataInfo, SplitInfo, row_rules
-from engine.config import JobSpec
-from engine.chat import TRUNCATED, as_messages, layout_columns, with_system
-from engine.packing import group_rows_by_length, length_grouping_window
+from engine.config.schema import JobSpec
+from engine.preprocessing.chat import TRUNCATED, as_messages, layout_columns, with_system
+from engine.preprocessing.packing import group_rows_by_length, length_grouping_window
 from engine.tasks import get_task
 
 

@@ -16,8 +16,8 @@ import ray.data
 
 from cluster.data_rows import PATH_COLUMN, RowRules, check_batch
 from cluster.preflight import SplitInfo
-from engine.chat import as_messages
-from engine.datafiles import ARROW_STREAM
+from engine.preprocessing.chat import as_messages
+from engine.preprocessing.datafiles import ARROW_STREAM
 
 class ArrowStreamDatasource(ray.data.datasource.FileBasedDatasource):
     """Ray Data reader of the Arrow stream files behind a Hugging Face ``datasets`` split (its cache, or a

@@ -22,7 +22,7 @@ PATH_COLUMN = "path"
 
 def open_dataset(files: list[str], fmt: str):
     """A lazy pyarrow dataset over ``files`` (Hugging Face ``datasets``' Arrow stream files included)."""
-    from engine.datafiles import open_files
+    from engine.preprocessing.datafiles import open_files
 
     return open_files(files, fmt)
 
@@ -118,7 +118,7 @@ def column_values(column: Any) -> list[Any]:
 
 def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
     """(1-based row, problem) of the first bad row of one file, read in batches with pyarrow."""
-    from engine.datafiles import open_files
+    from engine.preprocessing.datafiles import open_files
 
     offset = 0
     dataset = open_files([path], rules.fmt)

@@ -1,7 +1,7 @@
 """Ray Data ingest of speech: manifests (csv/jsonl of path + label or transcript) or parquet with audio bytes.
 
 Decoding, resampling and feature extraction run inside ``map_batches`` with the checkpoint's own
-feature extractor (the task's ``batch_preprocessor``: :func:`engine.preprocess_speech.featurize_batch`); rows come out of each block sorted
+feature extractor (the task's ``batch_preprocessor``: :func:`engine.preprocessing.speech.featurize_batch`); rows come out of each block sorted
 by length, so training batches are length-grouped. Relative audio paths are relative to the manifest's folder.
 """
 
@@ -13,7 +13,7 @@ import ray.data
 
 from cluster.data_read import fits_in_object_store, read_split, select_rows
 from cluster.preflight import DataInfo, SplitInfo, row_rules
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.tasks import get_task
 
 

@@ -47,7 +47,7 @@ def _encode(wav: bytes, rate: int | None) -> tuple[bytes, int]:
     """Re-encode espeak's wav (header sizes are unset on stdout) at ``rate`` (default: espeak's own)."""
     import soundfile as sf
 
-    from engine.audio import resample
+    from engine.preprocessing.audio import resample
 
     samples, found = sf.read(io.BytesIO(wav), dtype="float32")
     target = rate or found

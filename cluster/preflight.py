@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
 from cluster.preflight_text import check_text, text_required_columns
-from engine.config import DatasetSource, JobSpec
-from engine.datafiles import ARROW_STREAM, open_files
+from engine.config.schema import DatasetSource, JobSpec
+from engine.preprocessing.datafiles import ARROW_STREAM, open_files
 from engine.errors import JobError
 from engine.tasks import get_task
 
@@ -219,8 +219,8 @@ def read_export_job(model_dir: Path) -> tuple[JobSpec, list[str] | None]:
     """The job and class names an export was trained with (its ``shoulders_job.json``)."""
     import json
 
-    from engine.config import build_job
-    from engine.export import JOB_FILE
+    from engine.config.schema import build_job
+    from engine.checkpoints.export import JOB_FILE
 
     meta_path = model_dir / JOB_FILE
     if not meta_path.is_file():
@@ -266,7 +266,7 @@ def local_run_dir(job: JobSpec) -> Path | None:
 def run_started(run_dir: Path) -> bool:
     """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
     workers may have written one that a killed driver never registered; resume starts from it)."""
-    from engine.checkpoint import RunFolder
+    from engine.checkpoints.store import RunFolder
 
     return (run_dir / RAY_RUN_SNAPSHOT).exists() or bool(RunFolder.local(run_dir).checkpoints())
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.errors import JobError
 from engine.tasks import get_task
 

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.errors import JobError
 from engine.tasks import get_task
 
@@ -43,7 +43,7 @@ def check_feature_options(job: JobSpec) -> dict[str, Any]:
 def probe_rates(job: JobSpec, split: Any) -> set[int]:
     """Sampling rates of the first :data:`PROBE_ROWS` clips of a split (headers only)."""
     from cluster.data_rows import open_dataset
-    from engine.audio import audio_info
+    from engine.preprocessing.audio import audio_info
 
     column = job.data.audio_column
     values = open_dataset(split.files, split.format).head(PROBE_ROWS, columns=[column]).column(0).to_pylist()
@@ -66,7 +66,7 @@ def probe_rates(job: JobSpec, split: Any) -> set[int]:
 
 def check_speech(job: JobSpec, splits: dict[str, Any]) -> None:
     """Feature options and every split's sampling rate against the checkpoint's (resample and log, or refuse)."""
-    from engine.audio import SamplingRateError, check_rate
+    from engine.preprocessing.audio import SamplingRateError, check_rate
 
     settings = check_feature_options(job)
     get_task(job.model.task).check_settings(job)

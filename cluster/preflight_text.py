@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.chat import ROLES
-from engine.config import JobSpec
+from engine.preprocessing.chat import ROLES
+from engine.config.schema import JobSpec
 from engine.errors import JobError
 
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 
 from cluster.console import COUNTS, metric_keys
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 
 
 def text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
@@ -44,7 +44,7 @@ def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> Non
         console.print(line.removeprefix("- "))  # forgetting of the source and drift on target data, with units
     if scratch and summary.test and scratch.test:
         metric = job.eval_metric
-        from engine.safeguards_transfer import gain_of
+        from engine.safeguards.transfer import gain_of
 
         gain = gain_of(summary.test.get(metric, 0.0), scratch.test.get(metric, 0.0), job.eval_mode)
         better = "higher" if job.eval_mode == "max" else "lower"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 
 MEASURE_UNITS = {
     "cka": "1 - linear CKA of pooled backbone features vs the pre-trained model; 0 = unchanged, 1 = unrelated",
@@ -18,7 +18,7 @@ def forgetting_lines(best: dict[str, Any], best_job: JobSpec) -> list[str]:
     """What the probes found (last evaluation vs step 0): forgetting of the source on the retention set,
     with drift on a few target rows beside it, or only drift on the target's rows (which is not forgetting),
     each with its unit."""
-    from engine.safeguards import DRIFT_ROWS, forgetting_measure
+    from engine.safeguards.guards import DRIFT_ROWS, forgetting_measure
 
     lines = []
     if best.get("forgetting") is not None:  # a probe that fell back to CKA reports retention_cka

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import yaml
 
 from cluster.preflight import check_data, check_model, is_uri, resolve_files
-from engine.config import DatasetSource, JobSpec, build_job, load_job
+from engine.config.schema import DatasetSource, JobSpec, build_job, load_job
 from engine.errors import JobError
 
 JOB_FILE = "job.yaml"

@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 from cluster.data import build_datasets, build_eval_dataset, generation_samples
 from cluster.interrupts import watch_interrupts
 from cluster.preflight import DataInfo, check_resources
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def build_trainer(
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
     ``console``: the workers' log folder and rank 0's event queue (``cluster.console.run_console``).
     """
-    from engine.faults import debug_hooks
-    from engine.safeguards import read_drift_texts, read_retention_texts
+    from engine.loop.faults import debug_hooks
+    from engine.safeguards.guards import read_drift_texts, read_retention_texts
 
     gpu = use_gpu(job)
     split_files = {s.name: (s.files, s.format) for s in info.splits.values()}
@@ -185,8 +185,8 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    from engine.loop import train_loop_per_worker
-    from engine.worker_console import worker_log_file
+    from engine.loop.recipe import train_loop_per_worker
+    from engine.loop.console import worker_log_file
 
     with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
         train_loop_per_worker(config)
@@ -228,13 +228,13 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     with result.checkpoint.as_directory() as last:
         train_state = json.loads((Path(last) / "state.json").read_text())["train"]
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
-    from engine.generation import write_generations
+    from engine.evaluation.generation import write_generations
 
     write_generations(train_state.get("generations", []), job.output_dir / "generations.jsonl")
 
     export_dir, test = None, None
     if job.output.export != "none":
-        from engine.export import export_checkpoint
+        from engine.checkpoints.export import export_checkpoint
 
         with best_checkpoint.as_directory() as folder:
             export_dir = export_checkpoint(folder, job.output_dir / EXPORT_DIR, info.labels)
@@ -255,7 +255,7 @@ def remove_stale_checkpoints(job: JobSpec, registered: list[Any], best: Any) -> 
     not the best model, so ``output.keep_checkpoints`` holds however often the run was interrupted. Ray's
     ``num_to_keep`` looks after the registered ones. (Local storage only.)"""
     from cluster.preflight import local_run_dir
-    from engine.checkpoint import RunFolder
+    from engine.checkpoints.store import RunFolder
 
     run_dir = local_run_dir(job)
     if run_dir is None:
@@ -273,7 +273,7 @@ def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str,
     their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
     may hold the best model. (A URI storage path is not listed here.)"""
     from cluster.preflight import local_run_dir
-    from engine.checkpoint import STATE, RunFolder, is_complete
+    from engine.checkpoints.store import STATE, RunFolder, is_complete
 
     run_dir = local_run_dir(job)
     if run_dir is None:
@@ -301,8 +301,8 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str =
     """Metrics of the exported model on a split, loaded with plain transformers/peft, streamed by Ray Data."""
     import torch
 
-    from engine.evaluate import evaluate_model, load_exported
-    from engine.loop import collate
+    from engine.evaluation.exported import evaluate_model, load_exported
+    from engine.loop.batches import collate
 
     model = load_exported(export_dir, job.model.task, info.labels)
     dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))

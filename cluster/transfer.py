@@ -2,7 +2,7 @@
 majority baselines from the labels, and the verdict printed and written to ``transfer.json``.
 
 ``shoulders train`` (with ``--compare-scratch`` or ``safeguards.compare_scratch``) and ``shoulders tune``
-call :func:`train_scratch_twin` and :func:`judge_run`; the judging itself is ``engine.safeguards_transfer``.
+call :func:`train_scratch_twin` and :func:`judge_run`; the judging itself is ``engine.safeguards.transfer``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.preflight import DataInfo, SplitInfo, open_dataset
-from engine.config import JobSpec
-from engine.safeguards_transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
+from engine.config.schema import JobSpec
+from engine.safeguards.transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
 
 log = logging.getLogger(__name__)
 VERDICT_FILE = "transfer.json"
@@ -97,7 +97,7 @@ def candidate_lrs(job: JobSpec) -> list[float]:
 
 
 def train_scratch_twin(job: JobSpec, info: DataInfo, out_dir: Path) -> tuple[Any, ScratchSearch]:
-    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.scratch_job`) in ``out_dir``.
+    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.guards.scratch_job`) in ``out_dir``.
 
     With several candidate LRs, each first trains ``safeguards.scratch_search_fraction`` of the step budget
     (no export) in ``out_dir/lr-<i>``; the best on validation then trains the full budget. With a fraction

@@ -23,7 +23,7 @@ from cluster.tune_space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
     override_args, trial_job, tune_metric, tune_mode,
 )
-from engine.config import JobSpec, build_job, merge, parse_overrides
+from engine.config.schema import JobSpec, build_job, merge, parse_overrides
 from engine.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
 
     from cluster.interrupts import Interrupted, watch_interrupts
     from cluster.preflight import check_resources, preflight
-    from engine.config import read_job_file
+    from engine.config.schema import read_job_file
 
     started = time.perf_counter()
     raw = merge(read_job_file(job_path), parse_overrides(overrides))
@@ -359,7 +359,7 @@ def _depth_or_none(job: JobSpec) -> int | None:
 def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
     """Export the best trial's best checkpoint to ``output.dir/model`` and evaluate it on the test split."""
     from cluster.trainer import EXPORT_DIR, evaluate_export
-    from engine.export import export_checkpoint
+    from engine.checkpoints.export import export_checkpoint
 
     export_dir = export_checkpoint(outcome.best_checkpoint, outcome.out_dir / EXPORT_DIR, info.labels)
     if "test" not in info.splits:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from engine.safeguards_transfer import PROPORTION_METRICS, Z, gain_of, proportion_se
+from engine.safeguards.transfer import PROPORTION_METRICS, Z, gain_of, proportion_se
 
 CHEAPEST_FIRST = ("feature extraction", "parameter-efficient fine-tuning", "light fine-tuning", "full fine-tuning")
 """Strategies from the fewest trained weights to the most: with equal evidence, the first is cheaper."""

@@ -17,7 +17,7 @@ from cluster.report_files import save_fig, write_atomic
 from cluster.report_forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
 from cluster.tune_evidence import recommendation  # noqa: F401  (the recommendation rule, also for tests)
 from cluster.tune_space import tune_metric
-from engine.config import JobSpec, job_to_yaml
+from engine.config.schema import JobSpec, job_to_yaml
 
 CSV_FIELDS = [
     "rank", "trial_id", "final", "best", "best_step", "iterations", "last_step", "planned_steps", "stopped_early",
@@ -142,7 +142,7 @@ def legend_label(row: dict[str, Any]) -> str:
 def _chance_and_limits(ax: Any, values: list[float], chance: float | None, metric: str) -> None:
     """The chance line, and for metrics in 0..1 a y range of at least 0.2 that includes it, so noise
     around chance does not fill the plot like structure."""
-    from engine.safeguards_transfer import PROPORTION_METRICS
+    from engine.safeguards.transfer import PROPORTION_METRICS
 
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance / majority class {chance:.3f}")

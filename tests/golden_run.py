@@ -187,8 +187,8 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
 def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
     from cluster.data import build_datasets, generation_samples
     from cluster.preflight import preflight
-    from engine.config import JobSpec
-    from engine.loop import train_loop_per_worker
+    from engine.config.schema import JobSpec
+    from engine.loop.recipe import train_loop_per_worker
     from engine.tasks import get_task
 
     raw_job = {**raw_job, "output": {"dir": str(workdir / "out"), "export": "none"}}

@@ -1,4 +1,4 @@
-"""The fused LoRA path: a plain LoRA layer over a fast frozen base (:mod:`engine.fastlinear`) computes
+"""The fused LoRA path: a plain LoRA layer over a fast frozen base (:mod:`engine.perf.fastlinear`) computes
 ``y = x W^T + s * (x A^T) B^T`` in one autograd function, the adapter added in the base GEMM's epilogue.
 
 Only ``forward`` is replaced, per instance; the layer keeps PEFT's ``lora_A`` / ``lora_B`` and its
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.fastlinear import FrozenLinearFn, compute_dtype
+from engine.perf.fastlinear import FrozenLinearFn, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: A
 
 def fuse_lora_layers(model: nn.Module) -> int:
     """Give every plain LoRA layer whose base is already a fast frozen linear the fused forward; returns
-    how many were fused (call after :func:`engine.fastlinear.freeze_linears_to_fast`)."""
+    how many were fused (call after :func:`engine.perf.fastlinear.freeze_linears_to_fast`)."""
     fused = 0
     for module in model.modules():
         if is_plain_lora_linear(module) and getattr(module.get_base_layer(), "_fast_frozen", None) is not None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 class Backend(Protocol):

@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.backends.master import MasterWeights, cast_batch, upcast_logits
-from engine.checkpoint import WEIGHTS, load_trainable_state
-from engine.config import JobSpec
-from engine.fastlinear import fast_frozen_buffer_names
-from engine.optim import build_optimizer, build_scheduler
+from engine.checkpoints.store import WEIGHTS, load_trainable_state
+from engine.config.schema import JobSpec
+from engine.perf.fastlinear import fast_frozen_buffer_names
+from engine.loop.optim import build_optimizer, build_scheduler
 from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def uses_master_weights(job: JobSpec, device: torch.device) -> bool:
 
 
 def ignore_fast_frozen_buffers(module: nn.Module) -> None:
-    """Keep DDP away from the fast frozen copies (:func:`engine.fastlinear.fast_frozen_buffer_names`):
+    """Keep DDP away from the fast frozen copies (:func:`engine.perf.fastlinear.fast_frozen_buffer_names`):
     left in, DDP would broadcast every frozen weight at the start of each forward."""
     names = fast_frozen_buffer_names(module)
     if names:

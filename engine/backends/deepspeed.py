@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from engine.backends.ds_config import build_ds_config
-from engine.config import JobSpec
-from engine.optim import build_optimizer, build_scheduler
+from engine.config.schema import JobSpec
+from engine.loop.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 DS_DIR = "deepspeed"

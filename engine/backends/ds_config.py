@@ -76,7 +76,7 @@ def job_ds_settings(job: Any, world_size: int | None = None, bf16_supported: boo
     """The DeepSpeed settings the job decides, keyed by their path in the DeepSpeed config.
 
     Args:
-        job: the validated :class:`engine.config.JobSpec`.
+        job: the validated :class:`engine.config.schema.JobSpec`.
         world_size: workers (defaults to ``scaling.num_workers``).
         bf16_supported: whether the device has bf16 (decides ``optim.precision: auto``); None leaves
             the precision keys out (validation time, before the device is known).

@@ -8,11 +8,8 @@
 - :mod:`engine.loop.hooks`: gradual unfreezing, fault injection, the forgetting limit and early stopping.
 - :mod:`engine.loop.batches`, :mod:`engine.loop.evaluation`, :mod:`engine.loop.window`: collate and
   streams, the validation pass, the loss / throughput window and progress line.
+- :mod:`engine.loop.optim`: parameter groups and LR ratios, the LR schedule.
+- :mod:`engine.loop.faults`, :mod:`engine.loop.console`: fault injection for recovery tests; the workers' console.
+
+Nothing is imported here: a module of the loop loads only what it needs.
 """
-
-from engine.loop.batches import Collate, ValidationBatches, collate
-from engine.loop.recipe import train_loop_per_worker
-from engine.loop.setup import plan_steps
-from engine.loop.state import TrainState
-
-__all__ = ["Collate", "TrainState", "ValidationBatches", "collate", "plan_steps", "train_loop_per_worker"]

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.loop.state import TrainState
-from engine.packing import pack_batch
-from engine.preprocess import trim_batch
+from engine.preprocessing.packing import pack_batch
+from engine.preprocessing.text import trim_batch
 
 
 class Collate(NumpyBatchCollateFn):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from engine.backends import partitions_parameters
-from engine.config import JobSpec
-from engine.evaluate import in_lockstep, sum_across_workers
+from engine.config.schema import JobSpec
+from engine.evaluation.exported import in_lockstep, sum_across_workers
 from engine.loop.batches import batch_rows
 from engine.tasks import get_task
 

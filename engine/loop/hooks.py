@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import faults
+from engine.loop import faults
 from engine.backends import Backend
 from engine.loop.state import TrainState
-from engine.safeguards import Safeguards
+from engine.safeguards.guards import Safeguards
 
 
 class LoopHook:
@@ -63,7 +63,7 @@ class GradualUnfreezing(LoopHook):
 
 
 class FaultInjection(LoopHook):
-    """``SHOULDERS_DEBUG``'s faults (:mod:`engine.faults`): kill or slow a worker after a step, and record
+    """``SHOULDERS_DEBUG``'s faults (:mod:`engine.loop.faults`): kill or slow a worker after a step, and record
     a digest of the frozen weights in every checkpoint."""
 
     def __init__(self, settings: dict[str, Any], rank: int, backend: Backend):

@@ -16,14 +16,14 @@ from typing import Any
 import ray.train
 import torch
 
-from engine.checkpoint import checkpoint_name, save_checkpoint
+from engine.checkpoints.store import checkpoint_name, save_checkpoint
 from engine.loop.batches import batch_rows, batch_tokens, epoch_batches
 from engine.loop.evaluation import evaluate
 from engine.loop.setup import Worker, resume, setup
 from engine.loop.state import TrainState
 from engine.loop.window import TrainWindow
-from engine.perf import ThroughputMeter
-from engine.preprocess import SAMPLE_ID
+from engine.perf.speed import ThroughputMeter
+from engine.preprocessing.text import SAMPLE_ID
 
 log = logging.getLogger("engine.loop")
 

@@ -18,19 +18,19 @@ import torch
 
 from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
-from engine.checkpoint import RunFolder, next_restart_index, open_latest_complete, restore_checkpoint, seed_rngs
-from engine.config import JobSpec
-from engine.generation import AnswerProbe
+from engine.checkpoints.store import RunFolder, next_restart_index, open_latest_complete, restore_checkpoint, seed_rngs
+from engine.config.schema import JobSpec
+from engine.evaluation.generation import AnswerProbe
 from engine.loop.batches import Collate, ValidationBatches
 from engine.loop.hooks import EarlyStopping, FaultInjection, ForgettingLimit, GradualUnfreezing, LoopHook, step_hooks
 from engine.loop.state import TrainState
 from engine.models.prepare import prepare_model
-from engine.optim import build_param_groups
-from engine.packing import length_grouping_window
-from engine.perf import apply_perf
-from engine.safeguards import Safeguards
+from engine.loop.optim import build_param_groups
+from engine.preprocessing.packing import length_grouping_window
+from engine.perf.speed import apply_perf
+from engine.safeguards.guards import Safeguards
 from engine.tasks import get_task
-from engine.worker_console import RunEvents
+from engine.loop.console import RunEvents
 
 log = logging.getLogger("engine.loop")
 

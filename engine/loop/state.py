@@ -1,6 +1,6 @@
 """The typed train state: where one worker's training stands, what a checkpoint saves and a resume restores.
 
-On disk (see :mod:`engine.checkpoint`) it is two parts:
+On disk (see :mod:`engine.checkpoints.store`) it is two parts:
 
 - shared by every rank, written by rank 0 as ``state.json["train"]``: :meth:`TrainState.shared`;
 - this rank's own, in ``rank-<r>/position.json`` (:meth:`TrainState.rank_position`) and

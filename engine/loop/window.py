@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from engine.perf import ThroughputMeter
-from engine.worker_console import RunEvents
+from engine.perf.speed import ThroughputMeter
+from engine.loop.console import RunEvents
 
 log = logging.getLogger("engine.loop")
 LOG_EVERY_S = 5.0

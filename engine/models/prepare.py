@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.adapters import apply_adapters
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_depth
 from engine.errors import JobError
 from engine.models.loading import checkpoint_head_fits, head_module_names, load_pretrained

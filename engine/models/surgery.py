@@ -1,7 +1,7 @@
 """Model surgery as plain functions: replace the head, freeze the bottom blocks, summarise what trains.
 
 Order (fixed, documented in the README): load -> :func:`replace_head` -> :func:`freeze_bottom_blocks`
--> ``engine.adapters.apply_adapters`` -> ``engine.optim.build_param_groups``.
+-> ``engine.adapters.apply_adapters`` -> ``engine.loop.optim.build_param_groups``.
 """
 
 from __future__ import annotations

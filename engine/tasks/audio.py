@@ -1,7 +1,7 @@
 """The audio modality's share of the task protocol: clips featurised by the checkpoint's own feature extractor.
 
 :func:`featurize_rows` is what Ray Data maps (module-level, so it pickles); decoding, resampling and
-featurising are ``engine.preprocess_speech``'s. Speech-recognition tasks (:class:`AsrTask`) add a target
+featurising are ``engine.preprocessing.speech``'s. Speech-recognition tasks (:class:`AsrTask`) add a target
 tokenizer, transcripts as labels, and WER/CER on decoded text.
 """
 
@@ -16,14 +16,14 @@ import numpy as np
 from engine.tasks.base import Task
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 def featurize_rows(batch: dict[str, np.ndarray], model_name: str, revision: str | None, tokenizer_name: str | None,
                    language: str | None, asr_task: str, **kwargs: Any) -> dict[str, np.ndarray]:
-    """:func:`engine.preprocess_speech.featurize_batch` with the named checkpoint's feature extractor (and target tokenizer)."""
+    """:func:`engine.preprocessing.speech.featurize_batch` with the named checkpoint's feature extractor (and target tokenizer)."""
     from engine.models.speech import load_feature_extractor, load_target_tokenizer
-    from engine.preprocess_speech import featurize_batch
+    from engine.preprocessing.speech import featurize_batch
 
     tokenizer = load_target_tokenizer(tokenizer_name, revision, language, asr_task) if tokenizer_name else None
     return featurize_batch(batch, feature_extractor=load_feature_extractor(model_name, revision), tokenizer=tokenizer, **kwargs)
@@ -111,9 +111,9 @@ class AsrTask(AudioTask):
 
     def build_metrics(self, job: JobSpec, num_labels: int | None, device: Any, model: Any = None, amp_dtype: Any = None,
                       tokenizer: Any = None) -> Any:
-        """Loss, WER and CER on decoded text (``engine.metrics.AsrMetrics``); ``tokenizer`` left empty: the job's."""
-        from engine.asr import decode_references
-        from engine.metrics import AsrMetrics
+        """Loss, WER and CER on decoded text (``engine.evaluation.metrics.AsrMetrics``); ``tokenizer`` left empty: the job's."""
+        from engine.evaluation.asr import decode_references
+        from engine.evaluation.metrics import AsrMetrics
 
         tokenizer = tokenizer if tokenizer is not None else self.target_tokenizer(job)
         keep_repeats = self.head_needs_own_tokenizer  # CTC character vocabularies: references keep repeated letters

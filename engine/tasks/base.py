@@ -8,8 +8,8 @@ compares a task's name: it asks the task (``get_task(job.model.task).next_token_
 
 Task modules are importable without torch (the driver's ``validate``/``submit`` paths use them); anything
 heavy is imported inside the method that needs it. Shared modality code (tokenization, chat templates,
-audio decoding, featurising, decoding transcripts) lives below the tasks, in ``engine.preprocess*``,
-``engine.chat``, ``engine.seq2seq``, ``engine.asr`` and ``engine.models.speech``, and never imports them.
+audio decoding, featurising, decoding transcripts) lives below the tasks, in ``engine.preprocessing.text*``,
+``engine.preprocessing.chat``, ``engine.preprocessing.seq2seq``, ``engine.evaluation.asr`` and ``engine.models.speech``, and never imports them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 TASK_MODULES: dict[str, str] = {
     "sequence_classification": "engine.tasks.sequence_classification",
@@ -155,8 +155,8 @@ class Task:
 
     def build_metrics(self, job: JobSpec, num_labels: int | None, device: Any, model: Any = None, amp_dtype: Any = None,
                       tokenizer: Any = None) -> Any:
-        """The metrics of one evaluation pass (``update(outputs, batch)``, ``compute()``); see ``engine.metrics``."""
-        from engine.metrics import TaskMetrics
+        """The metrics of one evaluation pass (``update(outputs, batch)``, ``compute()``); see ``engine.evaluation.metrics``."""
+        from engine.evaluation.metrics import TaskMetrics
 
         return TaskMetrics(num_labels, device, self.next_token_loss)
 

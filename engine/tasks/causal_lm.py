@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from engine.tasks.text import TextTask
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 class CausalLM(TextTask):

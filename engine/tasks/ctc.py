@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from engine.tasks.audio import AsrTask
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 class Ctc(AsrTask):
@@ -38,7 +38,7 @@ class Ctc(AsrTask):
 
     def predictions(self, model: Any, tokenizer: Any, job: JobSpec, amp_dtype: Any) -> Callable[[Any, dict[str, Any]], list[str]]:
         """Greedy CTC decoding of the logits."""
-        from engine.asr import decode_ctc
+        from engine.evaluation.asr import decode_ctc
 
         return lambda outputs, batch: decode_ctc(outputs.logits, tokenizer)
 

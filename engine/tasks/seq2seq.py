@@ -1,8 +1,8 @@
 """``seq2seq``: text-to-text (T5, BART, mT5). The worked example of adding a task (see the README).
 
 The prompt column feeds the encoder and the completion column is the decoder's target
-(``engine.seq2seq.encode_pairs``); the model keeps its LM head; evaluation reports the loss and greedy
-answers scored by exact match and ROUGE-L (``engine.generation``); ``finetune.freeze_depth`` counts the
+(``engine.preprocessing.seq2seq.encode_pairs``); the model keeps its LM head; evaluation reports the loss and greedy
+answers scored by exact match and ROUGE-L (``engine.evaluation.generation``); ``finetune.freeze_depth`` counts the
 encoder's blocks.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from engine.tasks.text import TextTask
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 class Seq2Seq(TextTask):

@@ -13,7 +13,7 @@ from engine.errors import JobError
 from engine.tasks.audio import AsrTask
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 class SpeechSeq2Seq(AsrTask):
@@ -44,7 +44,7 @@ class SpeechSeq2Seq(AsrTask):
 
     def predictions(self, model: Any, tokenizer: Any, job: JobSpec, amp_dtype: Any) -> Callable[[Any, dict[str, Any]], list[str]]:
         """Greedy generation with the job's language and task tokens."""
-        from engine.asr import generate_transcripts
+        from engine.evaluation.asr import generate_transcripts
 
         return lambda outputs, batch: generate_transcripts(model, batch, tokenizer, job, amp_dtype)
 

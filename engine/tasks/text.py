@@ -1,7 +1,7 @@
 """The text modality's share of the task protocol: the checkpoint's tokenizer, rows tokenized in ``map_batches``.
 
 The functions Ray Data maps (:func:`tokenize_rows`, :func:`encode_conversation_rows`) are module-level so
-they pickle; they load the tokenizer once per process (``engine.preprocess.cached_tokenizer``).
+they pickle; they load the tokenizer once per process (``engine.preprocessing.text.cached_tokenizer``).
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ import numpy as np
 from engine.tasks.base import Task
 
 if TYPE_CHECKING:
-    from engine.config import JobSpec
+    from engine.config.schema import JobSpec
 
 
 def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, **kwargs: Any) -> dict[str, np.ndarray]:
-    """:func:`engine.preprocess.tokenize_batch` with the named checkpoint's tokenizer."""
-    from engine.preprocess import cached_tokenizer, tokenize_batch
+    """:func:`engine.preprocessing.text.tokenize_batch` with the named checkpoint's tokenizer."""
+    from engine.preprocessing.text import cached_tokenizer, tokenize_batch
 
     return tokenize_batch(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
 
 
 def encode_conversation_rows(batch: dict[str, np.ndarray], tokenizer_name: str, revision: str | None, seq2seq: bool = False,
                              **kwargs: Any) -> dict[str, np.ndarray]:
-    """Prompt/completion or chat rows encoded for a decoder (``engine.chat``) or an encoder-decoder (``engine.seq2seq``)."""
-    from engine.chat import encode_conversations
-    from engine.preprocess import cached_tokenizer
-    from engine.seq2seq import encode_pairs
+    """Prompt/completion or chat rows encoded for a decoder (``engine.preprocessing.chat``) or an encoder-decoder (``engine.preprocessing.seq2seq``)."""
+    from engine.preprocessing.chat import encode_conversations
+    from engine.preprocessing.text import cached_tokenizer
+    from engine.preprocessing.seq2seq import encode_pairs
 
     encode = encode_pairs if seq2seq else encode_conversations
     return encode(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)
@@ -54,7 +54,7 @@ class TextTask(Task):
                            base_dir: str | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """Tokenize with the checkpoint's tokenizer; only model inputs remain (and ``sample_id`` when ``keep_ids``:
         prompt/completion and chat layouts then also mark the rows cut to ``data.max_length``)."""
-        from engine.chat import layout_columns
+        from engine.preprocessing.chat import layout_columns
 
         if job.data.layout != "text":
             return functools.partial(
@@ -87,6 +87,6 @@ class TextTask(Task):
 
     def text_tokenizer(self, job: JobSpec) -> Any:
         """The checkpoint's tokenizer (one per process)."""
-        from engine.preprocess import cached_tokenizer
+        from engine.preprocessing.text import cached_tokenizer
 
         return cached_tokenizer(job.model.name, job.model.revision)

@@ -112,7 +112,7 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from engine.checkpoint import is_complete, load_trainable_state, read_checkpoint
+    from engine.checkpoints.store import is_complete, load_trainable_state, read_checkpoint
 
     checkpoints = sorted(p for p in (root / "storage" / "cluster-topics").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and all(is_complete(c) for c in checkpoints)

@@ -47,10 +47,10 @@ def pretrained_frozen_digest(job_raw: dict) -> str:
     import torch
 
     from engine.backends import partitions_parameters
-    from engine.config import build_job
-    from engine.faults import frozen_digest
+    from engine.config.schema import build_job
+    from engine.loop.faults import frozen_digest
     from engine.models.prepare import prepare_model
-    from engine.perf import apply_perf
+    from engine.perf.speed import apply_perf
 
     job = build_job(job_raw)
     model = prepare_model(job, job.model.labels, 0).model
@@ -60,7 +60,7 @@ def pretrained_frozen_digest(job_raw: dict) -> str:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_lora_with_frozen_blocks_and_lr_ratios_recovers_from_a_killed_worker(stage, ray_local, tiny_bert, id_data, tmp_path, monkeypatch):
-    from engine.optim import lr_multiplier
+    from engine.loop.optim import lr_multiplier
 
     marker = tmp_path / "killed"
     hooks = {"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6, "frozen_digest": True}

@@ -49,7 +49,7 @@ def read_jsonl(path) -> list[dict]:
 def check_generations(tmp_path, history: list[dict], references: list[str]) -> list[dict]:
     """generations.jsonl: the same 4 validation prompts at every evaluation, with their references; the
     scores in the history are those of the recorded answers. Returns the last evaluation's records."""
-    from engine.generation import score_answers
+    from engine.evaluation.generation import score_answers
 
     records = read_jsonl(tmp_path / "out" / "generations.jsonl")
     assert [r["step"] for r in records] == [h["step"] for h in history for _ in range(4)]

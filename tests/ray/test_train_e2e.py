@@ -38,7 +38,7 @@ def classification_job(tiny_bert, topic_data, tmp_path):
 def test_dataset_streams_as_several_blocks(ray_local, classification_job):
     from cluster.data import build_datasets
     from cluster.preflight import preflight
-    from engine.config import build_job
+    from engine.config.schema import build_job
 
     job, info = preflight(build_job(classification_job))
     datasets, rows = build_datasets(job, info)

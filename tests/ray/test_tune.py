@@ -24,7 +24,7 @@ import yaml
 
 from cluster.cli import main
 from cluster.tune_report import read_results_csv
-from engine.checkpoint import is_complete
+from engine.checkpoints.store import is_complete
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]
@@ -63,7 +63,7 @@ def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, t
     assert 0.0 <= drift[0.01] < drift[1.0]  # item 4: the backbone LR ratio drives how far the backbone moves
     for name in ("best_job.yaml", "report.md", "metric_vs_lr_ratio.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 0
-    from engine.config import load_job
+    from engine.config.schema import load_job
 
     best = load_job(out / "best_job.yaml")
     assert best.finetune.backbone_lr_ratio == float(rows[0]["finetune.backbone_lr_ratio"])

@@ -6,6 +6,8 @@
    counting imports inside functions (those under ``if TYPE_CHECKING:`` are not imports at run time).
 3. ``peft`` is imported only in the ``engine/adapters/`` package (PEFT wrapping and the fused LoRA path),
    ``deepspeed`` only in ``engine/backends/deepspeed.py``.
+4. ``engine/`` is grouped by concern: every module sits in its concern's folder (``errors.py`` aside), and the
+   README's layout table names every folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "cluster")
 TASK_NAMES = {"sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"}
-ALLOWED_TASK_NAMES = {"engine/job_sections.py"}  # the schema's own Literal of task names
+ALLOWED_TASK_NAMES = {"engine/config/sections.py"}  # the schema's own Literal of task names
 
 
 def source_files() -> dict[str, Path]:
@@ -168,3 +170,23 @@ def test_a_library_is_imported_in_one_place_only(library, home):
 def test_the_import_scan_finds_imports_in_functions():
     tree = ast.parse("import peft\ndef f():\n    from peft.tuners import x\nimport peftish\nfrom other import peft\n")
     assert third_party_imports(tree, "peft") == [1, 3]
+
+
+# engine/'s folders, one per concern; a new one is added here and to the README's layout table.
+CONCERNS = {
+    "config": "the job schema", "tasks": "what each task is", "preprocessing": "modality preprocessing",
+    "models": "loading and surgery", "adapters": "PEFT", "backends": "DDP and DeepSpeed", "perf": "speed",
+    "loop": "the per-worker recipe", "checkpoints": "checkpoints and exports", "evaluation": "metrics and generation",
+    "safeguards": "forgetting, drift, negative transfer",
+}
+
+
+def test_engine_is_grouped_by_concern_and_the_readme_names_each_folder():
+    engine = ROOT / "engine"
+    folders = {p.name for p in engine.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    loose = {p.name for p in engine.glob("*.py")}
+    assert folders == set(CONCERNS), f"engine/ folders {sorted(folders)} differ from the concerns {sorted(CONCERNS)}"
+    assert loose == {"__init__.py", "errors.py"}, f"modules outside a concern's folder: {sorted(loose - {'__init__.py', 'errors.py'})}"
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in CONCERNS if f"| `engine/{name}/` |" not in readme]
+    assert not missing, f"the README's layout table has no row for engine/{missing}"

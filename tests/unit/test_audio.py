@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from engine import audio
-from engine.preprocess import IGNORE_INDEX, trim_batch
-from engine.preprocess_speech import PADDING_MASK, encode_transcripts, featurize_batch
+from engine.preprocessing import audio
+from engine.preprocessing.text import IGNORE_INDEX, trim_batch
+from engine.preprocessing.speech import PADDING_MASK, encode_transcripts, featurize_batch
 
 
 def sine(freq: float, rate: int, seconds: float) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_rate_mismatch_refused_naming_both_rates_when_resampling_is_off(tmp_path
 
 def test_resampling_is_logged_once_with_both_rates(caplog):
     audio._logged_rates.clear()
-    with caplog.at_level(logging.INFO, logger="engine.audio"):
+    with caplog.at_level(logging.INFO, logger="engine.preprocessing.audio"):
         audio.check_rate(8000, 16000, True, where="data.train")
         audio.check_rate(8000, 16000, True, where="data.train")
     lines = [r.getMessage() for r in caplog.records if "resampling" in r.getMessage()]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from engine.backends.ds_config import build_ds_config, job_ds_settings
-from engine.config import build_job, load_job
+from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
 
@@ -114,7 +114,7 @@ def test_validating_a_deepspeed_job_needs_no_torch(tmp_path):
 
     path = ds_file(tmp_path, {"train_micro_batch_size_per_gpu": 4})
     code = (
-        "import sys; from engine.config import build_job; "
+        "import sys; from engine.config.schema import build_job; "
         f"build_job({{'model': {{'name': 'm'}}, 'data': {{'train': 't'}}, 'optim': {{'batch_size': 4}}, "
         f"'backend': {{'name': 'deepspeed', 'config': {path!r}}}}}); "
         "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules"

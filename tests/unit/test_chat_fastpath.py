@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tiny_chat
-from engine.chat import encode_conversations
-from engine.config import PerfSpec
-from engine.packing import pack_batch
-from engine.perf import apply_perf
+from engine.preprocessing.chat import encode_conversations
+from engine.config.schema import PerfSpec
+from engine.preprocessing.packing import pack_batch
+from engine.perf.speed import apply_perf
 
 CHATS = [
     [{"role": "user", "content": "what colour is apple"}, {"role": "assistant", "content": "red"},

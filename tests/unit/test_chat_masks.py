@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tiny_chat
-from engine.chat import IGNORE_INDEX, answer_spans, encode_conversations, encode_row, keep_answer
-from engine.packing import pack_batch
+from engine.preprocessing.chat import IGNORE_INDEX, answer_spans, encode_conversations, encode_row, keep_answer
+from engine.preprocessing.packing import pack_batch
 
 CHAT = [
     {"role": "user", "content": "what colour is apple"},
@@ -89,7 +89,7 @@ def test_packed_rows_keep_the_masks_and_packed_loss_equals_padded_loss(chat_mode
             if (segment != IGNORE_INDEX).any():
                 packed_targets.append(tuple(segment[segment != IGNORE_INDEX]))
     assert sorted(packed_targets) == padded_targets
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", use_cache=False).eval()  # as training runs it (engine.perf)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", use_cache=False).eval()  # as training runs it (engine.perf.speed)
     with torch.no_grad():
         padded_loss = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).loss
         packed_loss = model(**{k: torch.from_numpy(v) for k, v in packed.items()}).loss

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from engine.backends.ddp import DDPBackend
-from engine.checkpoint import (
+from engine.checkpoints.store import (
     WEIGHTS, RunFolder, capture_rng, checkpoint_name, incomplete_reason, is_complete, next_restart_index, open_latest_complete, read_checkpoint, restore_checkpoint,
     restore_rng, resume_candidates, save_checkpoint,
 )
-from engine.config import build_job
+from engine.config.schema import build_job
 
 
 class TinyOut:

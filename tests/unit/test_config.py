@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import JobSpec, build_job, field_docs, job_to_yaml, load_job, parse_overrides
+from engine.config.schema import JobSpec, build_job, field_docs, job_to_yaml, load_job, parse_overrides
 from engine.errors import JobError
 
 MINIMAL = {"model": {"name": "org/model"}, "data": {"train": "train.parquet"}}

@@ -24,7 +24,7 @@ def test_validate_and_submit_checks_import_neither_torch_nor_the_loop(tiny_bert,
         from cluster import cli_remote, submit
         assert main(["validate", {str(job)!r}]) == 0
         submit.prepare_submission({str(job)!r})
-        heavy = ["torch", "ray.train", "ray.data", "engine.loop", "engine.models.prepare", "peft", "deepspeed"]
+        heavy = ["torch", "ray.train", "ray.data", "engine.loop.recipe", "engine.models.prepare", "peft", "deepspeed"]
         print(json.dumps({{name: name in sys.modules for name in heavy}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

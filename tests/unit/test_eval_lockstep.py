@@ -9,7 +9,7 @@ import socket
 
 import torch
 
-from engine.evaluate import in_lockstep, sum_across_workers
+from engine.evaluation.exported import in_lockstep, sum_across_workers
 
 # rank -> its validation batches (rows per batch): 3 batches / 37 rows on rank 0, none on rank 1
 SHARES = {0: [16, 16, 5], 1: []}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import tiny
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.models.prepare import prepare_model
 
 LABELS = ["food", "sport", "tech"]

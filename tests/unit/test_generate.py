@@ -9,7 +9,7 @@ import torch
 
 import tiny_chat
 from cluster.cli import main
-from engine.generation import score_answers
+from engine.evaluation.generation import score_answers
 
 MESSAGES = [{"role": "user", "content": "what colour is sky"}]
 
@@ -65,7 +65,7 @@ def test_adapter_export_is_not_the_base_model(exports):
 
 
 def test_prompts_file_and_the_job_system_prompt(exports, tmp_path, capsys):
-    from engine.generation import generate_from_export
+    from engine.evaluation.generation import generate_from_export
 
     prompts = tmp_path / "prompts.jsonl"
     chat = [{"role": "user", "content": "what colour is apple"}, {"role": "assistant", "content": "red"}, {"role": "user", "content": "and snow"}]
@@ -87,7 +87,7 @@ def test_generate_refuses_a_folder_that_is_no_export(tmp_path, capsys):
 
 
 def test_export_keeps_the_job_chat_template(tmp_path):
-    from engine.config import build_job
+    from engine.config.schema import build_job
     from engine.tasks import get_task
 
     base = tiny_chat.save_tiny_chat_model(tmp_path / "base", template=None)

@@ -10,7 +10,7 @@ import torch
 import tiny
 import tiny_speech
 from cluster.speech_models import save_ctc_vocab
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.errors import JobError
 from engine.models.prepare import prepare_model
 

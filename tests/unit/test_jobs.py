@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_job
+from engine.config.schema import load_job
 
 JOBS = sorted((Path(__file__).parents[2] / "jobs").glob("*.yaml"))
 

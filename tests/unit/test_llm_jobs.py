@@ -10,8 +10,8 @@ import pytest
 
 import tiny_chat
 from cluster.preflight import check_data, check_model
-from engine.chat import IGNORE_INDEX, encode_conversations, layout_columns
-from engine.config import load_job
+from engine.preprocessing.chat import IGNORE_INDEX, encode_conversations, layout_columns
+from engine.config.schema import load_job
 
 ROOT = Path(__file__).parents[2]
 
@@ -53,7 +53,7 @@ def test_llm_job_passes_preflight_on_a_tiny_local_model(tiny_instruct, name, lay
 
 
 def test_t5_job_passes_preflight_on_a_tiny_local_t5(tmp_path):
-    from engine.seq2seq import encode_pairs
+    from engine.preprocessing.seq2seq import encode_pairs
 
     raw = load_job(ROOT / "jobs" / "t5_seq2seq.yaml")
     assert raw.model.name == "google/flan-t5-small" and raw.model.task == "seq2seq" and raw.peft.method == "lora"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.backends.ddp import DDPBackend
-from engine.config import build_job
-from engine.optim import build_param_groups
+from engine.config.schema import build_job
+from engine.loop.optim import build_param_groups
 
 
 def tiny_whisper():
@@ -121,7 +121,7 @@ def test_without_bf16_compute_the_setting_changes_nothing(precision):
 
 
 def test_lora_over_fp8_frozen_weights_trains_with_masters_for_the_adapters_only():
-    from engine.perf import apply_perf
+    from engine.perf.speed import apply_perf
     from test_perf_apply import lora_llama
 
     model = lora_llama()

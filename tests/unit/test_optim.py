@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tiny
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.models.prepare import prepare_model
-from engine.optim import build_optimizer, build_param_groups, build_scheduler, lr_multiplier
+from engine.loop.optim import build_optimizer, build_param_groups, build_scheduler, lr_multiplier
 
 LABELS = ["food", "sport", "tech"]
 

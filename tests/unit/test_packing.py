@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.packing import IGNORE_INDEX, first_fit_decreasing, group_by_length, pack_batch
+from engine.preprocessing.packing import IGNORE_INDEX, first_fit_decreasing, group_by_length, pack_batch
 
 
 def padded_batch(lengths: list[int], width: int, vocab: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
@@ -86,8 +86,8 @@ def test_group_by_length_makes_homogeneous_micro_batches():
 
 
 def test_group_rows_by_length_is_deterministic_and_applies_only_to_classification():
-    from engine.config import build_job
-    from engine.packing import group_rows_by_length, length_grouping_window
+    from engine.config.schema import build_job
+    from engine.preprocessing.packing import group_rows_by_length, length_grouping_window
 
     batch = padded_batch([2, 15, 3, 14, 4, 13, 5, 12], width=16)
     a = group_rows_by_length(batch, micro_batch=2, seed=7)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import PerfSpec
-from engine.perf import apply_perf
+from engine.config.schema import PerfSpec
+from engine.perf.speed import apply_perf
 
 
 def lora_llama():
@@ -73,7 +73,7 @@ def test_checkpointing_and_compile_are_applied(setting):
 def test_repeated_blocks_outermost_only_and_plain_module_lists():
     from torch import nn
 
-    from engine.perf import repeated_blocks
+    from engine.perf.speed import repeated_blocks
 
     model = lora_llama()
     assert repeated_blocks(model) == list(model.get_base_model().model.layers)
@@ -88,7 +88,7 @@ def test_liger_reports_architectures_it_does_not_patch(monkeypatch):
 
     from transformers import BertConfig, BertForSequenceClassification
 
-    from engine.perf import apply_liger
+    from engine.perf.speed import apply_liger
 
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.fastlinear import Fp8FrozenWeight, quantize_rowwise
-from engine.perf import accelerate_frozen_linears
+from engine.perf.fastlinear import Fp8FrozenWeight, quantize_rowwise
+from engine.perf.speed import accelerate_frozen_linears
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,7 +122,7 @@ def test_fused_lora_with_dropout_trains(dropout):
 
 TRITON_CHECK = """
 import torch
-from engine.fastlinear import _quantize_rowwise_torch, quantize_rowwise_triton
+from engine.perf.fastlinear import _quantize_rowwise_torch, quantize_rowwise_triton
 x = (torch.randn(33, 2000) * 5).to(torch.bfloat16)
 q1, s1 = quantize_rowwise_triton(x)
 q0, s0 = _quantize_rowwise_torch(x)
@@ -152,7 +152,7 @@ def test_triton_quantize_kernel_matches_torch_under_the_interpreter():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fast_frozen_copies_are_non_persistent_buffers_outside_the_state_dict(fp8, tmp_path):
     from engine.backends.ddp import ignore_fast_frozen_buffers
-    from engine.fastlinear import fast_frozen_buffer_names
+    from engine.perf.fastlinear import fast_frozen_buffer_names
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))

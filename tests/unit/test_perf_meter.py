@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.perf import ThroughputMeter, cast_for_mixed_precision, flops_per_token, matmul_params
+from engine.perf.speed import ThroughputMeter, cast_for_mixed_precision, flops_per_token, matmul_params
 
 def load_peer(monkeypatch):
     """The peer benchmark module (../shared/bench beside the checkout, or the vendored copy in benchmarks/)."""

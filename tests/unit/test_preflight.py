@@ -13,7 +13,7 @@ import yaml
 
 from cluster.cli import main
 from cluster.preflight import preflight
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.errors import JobError
 
 

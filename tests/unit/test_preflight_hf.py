@@ -12,7 +12,7 @@ import pytest
 
 import tiny_chat
 from cluster.preflight import check_data
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.errors import JobError
 
 REPO = "shoulders-test/colour-chat"
@@ -50,7 +50,7 @@ def test_a_hub_id_offline_and_a_save_to_disk_split_are_read_from_their_arrow_fil
     first = next(iter_column(train.files, train.format, "messages"))
     assert first == json.loads(sources["data"]["chat_train"].read_text().splitlines()[0])["messages"]
     # the forgetting probe's retention set reads the same files (the first validation chats, as text)
-    from engine.safeguards import read_retention_texts
+    from engine.safeguards.guards import read_retention_texts
 
     job = chat_job(sources, {"hf": REPO, "split": "train"}, validation={"hf_disk": str(sources["disk"]), "split": "validation"})
     texts = read_retention_texts(job, {s.name: (s.files, s.format) for s in info.splits.values()})
@@ -138,7 +138,7 @@ def test_submit_packs_a_save_to_disk_folder_and_leaves_a_hub_id_to_the_cluster_c
 
 
 def test_dataset_preflight_imports_no_torch_and_no_ray(sources):
-    code = (f"import sys; from cluster.preflight import check_data; from engine.config import build_job; "
+    code = (f"import sys; from cluster.preflight import check_data; from engine.config.schema import build_job; "
             f"check_data(build_job({{'model': {{'name': {str(sources['model'])!r}, 'task': 'causal_lm'}}, "
             f"'data': {{'train': {{'hf': {REPO!r}, 'split': 'train'}}, 'layout': 'chat'}}}})); "
             "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'")

@@ -10,7 +10,7 @@ import pytest
 
 import tiny_chat
 from cluster.preflight import check_data
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.errors import JobError
 
 
@@ -88,7 +88,7 @@ def test_text_preflight_imports_no_torch():
 
 
 def test_retention_set_of_instruction_data_reads_prompts_or_chats(models, tmp_path):
-    from engine.safeguards import read_retention_texts
+    from engine.safeguards.guards import read_retention_texts
 
     chat = write_jsonl(tmp_path / "c.jsonl", [GOOD_CHAT])
     pc = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "what colour is sky", "completion": "blue"}])

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.datagen import FORTUNES_DIR, RETENTION_TOPICS, build_fortunes, read_fortunes
-from engine.config import build_job, load_job
+from engine.config.schema import build_job, load_job
 
 JOBS = Path(__file__).parents[2] / "jobs"
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import tiny
-from engine.config import build_job
+from engine.config.schema import build_job
 from engine.errors import JobError
 from engine.models.prepare import prepare_model
-from engine.optim import build_optimizer, build_param_groups
-from engine.safeguards import GradualUnfreezer, RetentionProbe, Safeguards, linear_cka, set_dropout, token_dropout
+from engine.loop.optim import build_optimizer, build_param_groups
+from engine.safeguards.guards import GradualUnfreezer, RetentionProbe, Safeguards, linear_cka, set_dropout, token_dropout
 
 LABELS = ["food", "sport", "tech"]
 
@@ -39,7 +39,7 @@ def test_retention_probe_is_zero_at_start_and_rises_when_the_backbone_moves(tmp_
     path = tiny.save_tiny_model(kind, tmp_path / kind, task=task)
     job = job_for(path, tmp_path, model={"task": task, "labels": LABELS if task != "causal_lm" else None})
     assert job.safeguards.forgetting_measure == "auto"
-    from engine.safeguards import forgetting_measure
+    from engine.safeguards.guards import forgetting_measure
 
     assert forgetting_measure(job) == measure
     prepared = prepare_model(job, LABELS if task != "causal_lm" else None)
@@ -225,7 +225,7 @@ def test_drift_rows_are_the_first_validation_rows_and_only_beside_retention_data
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.safeguards import DRIFT_ROWS, read_drift_texts
+    from engine.safeguards.guards import DRIFT_ROWS, read_drift_texts
 
     rows = [f"row {i}" for i in range(DRIFT_ROWS + 8)]
     pq.write_table(pa.table({"text": rows, "label": ["food"] * len(rows)}), tmp_path / "validation.parquet")
@@ -240,7 +240,7 @@ def test_drift_rows_are_the_first_validation_rows_and_only_beside_retention_data
 
 def test_mask_tokens_masks_a_fixed_share_of_real_tokens_never_special_or_padding(tmp_path):
     from engine.models.loading import load_tokenizer
-    from engine.safeguards import mask_tokens
+    from engine.safeguards.guards import mask_tokens
 
     path = tiny.save_tiny_model("bert", tmp_path / "mlm", task="masked_lm")
     tokenizer = load_tokenizer(str(path))
@@ -263,7 +263,7 @@ def test_a_bert_saved_with_its_masked_lm_head_measures_forgetting_as_masked_lm_l
     import transformers
 
     from engine.models.loading import load_tokenizer
-    from engine.safeguards import forgetting_measure, mask_tokens
+    from engine.safeguards.guards import forgetting_measure, mask_tokens
 
     path = tiny.save_tiny_model("bert", tmp_path / "mlm", task="masked_lm")
     tokenizer = load_tokenizer(str(path))

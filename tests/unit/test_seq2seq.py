@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import tiny_chat
-from engine.chat import IGNORE_INDEX
-from engine.config import build_job
+from engine.preprocessing.chat import IGNORE_INDEX
+from engine.config.schema import build_job
 from engine.errors import JobError
-from engine.preprocess import trim_batch
-from engine.seq2seq import TARGET_MASK, encode_pairs
+from engine.preprocessing.text import trim_batch
+from engine.preprocessing.seq2seq import TARGET_MASK, encode_pairs
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_labels_are_the_target_with_eos_and_trim_to_their_own_length(t5):
 
 
 def test_t5_job_with_lora_trains_and_generates(t5):
-    from engine.generation import generate_answer
+    from engine.evaluation.generation import generate_answer
     from engine.models.prepare import prepare_model
 
     path, tokenizer = t5

@@ -8,8 +8,8 @@ import pytest
 
 import tiny_speech
 from cluster.preflight import check_data, preflight
-from engine.audio import _logged_rates
-from engine.config import build_job
+from engine.preprocessing.audio import _logged_rates
+from engine.config.schema import build_job
 from engine.errors import JobError
 
 

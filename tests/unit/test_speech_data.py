@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import datagen_speech
-from engine.audio import decode
+from engine.preprocessing.audio import decode
 
 needs_espeak = pytest.mark.skipif(not datagen_speech.espeak_available(), reason="espeak-ng is not installed")
 

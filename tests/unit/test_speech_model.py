@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.asr import decode_ctc, decode_references, generate_transcripts
-from engine.config import build_job
-from engine.metrics import normalize_text
+from engine.evaluation.asr import decode_ctc, decode_references, generate_transcripts
+from engine.config.schema import build_job
+from engine.evaluation.metrics import normalize_text
 from engine.models.prepare import prepare_model
 from engine.models.speech import build_ctc_vocab, load_target_tokenizer
 from engine.tasks import get_task
@@ -133,7 +133,7 @@ def test_asr_metrics_score_decoded_text(tiny_wav2vec2):
 
 
 def test_text_tasks_keep_their_metrics(tiny_wav2vec2):
-    from engine.metrics import TaskMetrics
+    from engine.evaluation.metrics import TaskMetrics
 
     spec = job(tiny_wav2vec2, "audio_classification")
     assert isinstance(get_task(spec.model.task).build_metrics(spec, 3, torch.device("cpu")), TaskMetrics)

@@ -14,7 +14,7 @@ import tiny
 from cluster import submit
 from cluster.local_cluster import check_binding
 from cluster.preflight import check_data
-from engine.config import build_job, load_job
+from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
 

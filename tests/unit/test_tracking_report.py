@@ -9,7 +9,7 @@ import pytest
 
 from cluster.run_report import write_run_report
 from cluster.tracking import TB_DIR, Tracker
-from engine.config import build_job
+from engine.config.schema import build_job
 
 HISTORY = [
     {"step": s, "epoch": 0, "train_loss": 1.0 / s, "val_loss": 1.2 / s, "val_accuracy": 0.3 + 0.1 * s,

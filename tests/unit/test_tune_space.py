@@ -9,7 +9,7 @@ import pytest
 from cluster import tune
 from cluster import tune_space as shtune
 from cluster import tune_report
-from engine.config import build_job, load_job
+from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
 
@@ -138,7 +138,7 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     plots = tune_report.plot_results(tmp_path, rows, histories, "val_accuracy", depth=6)
     assert {p.name for p in plots} == {"metric_vs_freeze_depth.png", "metric_vs_lr_ratio.png", "learning_curves.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
-    from engine.safeguards import transfer_verdict
+    from engine.safeguards.guards import transfer_verdict
 
     verdict = transfer_verdict("accuracy", 0.4, 0.55, "max", 300)  # se 0.0403, margin 0.0807 < 0.15
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.4}, (verdict, None), plots).read_text()
@@ -158,7 +158,7 @@ def test_recommendation_terms(n_frozen, method, name):
 def test_quickstart_tune_job_searches_valid_keys_one_trial_at_a_time_on_two_cores():
     from pathlib import Path
 
-    from engine.config import read_job_file
+    from engine.config.schema import read_job_file
 
     path = Path(__file__).parents[2] / "jobs" / "quickstart_tune.yaml"
     job = load_job(path)

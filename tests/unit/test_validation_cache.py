@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.loop import ValidationBatches
+from engine.loop.batches import ValidationBatches
 
 
 class FakeShard:

@@ -60,7 +60,7 @@ class AsrMetrics:
 
     Args:
         decode_predictions: ``(outputs, batch) -> list[str]``: CTC greedy decoding of the logits, or
-            generation for sequence-to-sequence models (see ``engine.asr``).
+            generation for sequence-to-sequence models (see ``engine.evaluation.asr``).
         decode_references: ``labels -> list[str]``: the transcripts back from their label ids.
     """
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.labels import IGNORE_INDEX, encode_labels  # noqa: F401  (re-exported: the text path's labels)
+from engine.preprocessing.labels import IGNORE_INDEX, encode_labels  # noqa: F401  (re-exported: the text path's labels)
 
 SAMPLE_ID = "sample_id"
 """Column of integer sample ids kept in the training data when ``data.id_column`` is set (for resume audits)."""
@@ -60,10 +60,10 @@ def tokenize_batch(
 def trim_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cut the padding columns that no example in the batch uses (right padding)."""
     if "input_values" in batch or "input_features" in batch:
-        from engine.preprocess_speech import trim_speech_batch
+        from engine.preprocessing.speech import trim_speech_batch
 
         return trim_speech_batch(batch)
-    from engine.seq2seq import trim_targets
+    from engine.preprocessing.seq2seq import trim_targets
 
     batch, seq2seq_labels = trim_targets(batch)  # text-to-text targets: cut to their own longest
     mask = batch.get("attention_mask")

@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from engine.errors import JobError
-from engine.job_yaml import load_yaml, read_job_yaml
+from engine.config.job_yaml import load_yaml, read_job_yaml
 from engine.tasks import get_task
-from engine.job_sections import (  # noqa: F401  (re-exported: engine.config is the schema's public home)
+from engine.config.sections import (  # noqa: F401  (re-exported: engine.config.schema is the schema's public home)
     Task, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
     TrackingSpec, DatasetSource, DataSource, SOURCE_TAGS,

@@ -3,7 +3,7 @@
 numpy in, numpy out, no Ray. The source (``data.prompt_column``) goes to the encoder; the target
 (``data.completion_column``), tokenized by the same tokenizer with its EOS, becomes ``labels`` (-100 on
 padding); the model builds its decoder inputs from them. Evaluation generates greedily, as Whisper does
-(``engine.generation``).
+(``engine.evaluation.generation``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.chat import IGNORE_INDEX, TRUNCATED
+from engine.preprocessing.chat import IGNORE_INDEX, TRUNCATED
 
 TARGET_MASK = "target_mask"
-"""Padding mask of the targets, used only to trim ``labels`` per batch (``engine.preprocess.trim_batch``)."""
+"""Padding mask of the targets, used only to trim ``labels`` per batch (``engine.preprocessing.text.trim_batch``)."""
 
 
 def encode_pairs(

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 from engine.adapters import is_peft_model, merge_adapters, tidy_adapter_config
-from engine.checkpoint import load_trainable_state, read_checkpoint
-from engine.config import JobSpec
+from engine.checkpoints.store import load_trainable_state, read_checkpoint
+from engine.config.schema import JobSpec
 from engine.tasks import get_task
 from engine.models.prepare import prepare_model
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.adapters.fused import fuse_lora_layers
-from engine.fastlinear import freeze_linears_to_fast
+from engine.perf.fastlinear import freeze_linears_to_fast
 from engine.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def apply_perf(
 def accelerate_frozen_linears(
     model: nn.Module, *, fp8: bool, fuse_lora: bool, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()
 ) -> dict[str, int]:
-    """Frozen linear layers through the fast path (:func:`engine.fastlinear.freeze_linears_to_fast`: FP8
+    """Frozen linear layers through the fast path (:func:`engine.perf.fastlinear.freeze_linears_to_fast`: FP8
     where ``fp8`` and the shapes allow, else ``dtype``), then, with ``fuse_lora``, plain LoRA layers over
     them fused into the base GEMM (:func:`engine.adapters.fused.fuse_lora_layers`; DoRA and multi-adapter
     layers keep PEFT's forward). ``skip``: modules left alone (the output embeddings).

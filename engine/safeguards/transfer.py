@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 
 Z = 2.0
 """Standard errors a difference must exceed to count (about 95% two-sided)."""

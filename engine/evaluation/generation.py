@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.chat import Message, prompt_text, template_of, with_system
+from engine.preprocessing.chat import Message, prompt_text, template_of, with_system
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def score_answers(predictions: list[str], references: list[str]) -> dict[str, fl
     """Exact match (after lower-casing and collapsing spaces) and ROUGE-L F1 (torchmetrics) of the answers."""
     from torchmetrics.functional.text.rouge import rouge_score
 
-    from engine.metrics import normalize_text
+    from engine.evaluation.metrics import normalize_text
 
     preds, refs = [normalize_text(p) for p in predictions], [normalize_text(r) for r in references]
     exact = sum(p == r for p, r in zip(preds, refs)) / max(len(refs), 1)
@@ -103,7 +103,7 @@ def load_for_generation(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]
     """An exported folder (merged model or PEFT adapter) as (model, tokenizer, its ``shoulders_job.json``)."""
     import transformers
 
-    from engine.evaluate import load_exported
+    from engine.evaluation.exported import load_exported
     from engine.models.loading import load_tokenizer
     from engine.tasks import all_tasks, find_task
 

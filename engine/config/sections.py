@@ -1,6 +1,6 @@
 """The sections of the job schema (``model:``, ``data:``, ``finetune:``, ...), one pydantic model each.
 
-:class:`engine.config.JobSpec` puts them together. Every section forbids unknown keys and every field
+:class:`engine.config.schema.JobSpec` puts them together. Every section forbids unknown keys and every field
 carries a docstring (``shoulders validate --explain`` prints them). No torch or Ray here.
 """
 
@@ -94,7 +94,7 @@ class DatasetSource(Section):
 
 
 SOURCE_TAGS = ("path", "dataset")
-"""Tags of the :data:`DataSource` union (pydantic puts them in error locations; ``engine.config`` drops them)."""
+"""Tags of the :data:`DataSource` union (pydantic puts them in error locations; ``engine.config.schema`` drops them)."""
 DataSource = Annotated[
     Annotated[str, Tag("path")] | Annotated[DatasetSource, Tag("dataset")],
     Discriminator(lambda v: "path" if isinstance(v, str) else "dataset"),

@@ -1,6 +1,6 @@
 """Transfer safeguards: negative transfer, catastrophic forgetting, overfitting, gradual unfreezing.
 
-- *Negative transfer*: ``engine.safeguards_transfer`` (re-exported here): the fair from-scratch twin
+- *Negative transfer*: ``engine.safeguards.transfer`` (re-exported here): the fair from-scratch twin
   (:func:`scratch_job`) and the verdicts against it and against chance (:func:`judge_transfer`).
 - *Forgetting*: :class:`RetentionProbe` measures a retention set at step 0 and at every evaluation, with the
   source objective where the model has it (causal-LM loss with the LM head; masked-LM loss through the
@@ -27,10 +27,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from engine.config import JobSpec
+from engine.config.schema import JobSpec
 from engine.models.blocks import BlockStack
 from engine.models.surgery import freeze_bottom_blocks
-from engine.safeguards_transfer import (  # noqa: F401  (re-exported: the safeguards' public home)
+from engine.safeguards.transfer import (  # noqa: F401  (re-exported: the safeguards' public home)
     Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job, transfer_verdict,
 )
 
@@ -345,7 +345,7 @@ def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]
     spec = job.safeguards
     if not (spec.track_forgetting and spec.retention_data):
         return None
-    from engine.chat import layout_columns, retention_text
+    from engine.preprocessing.chat import layout_columns, retention_text
     from engine.tasks import get_task
 
     if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies
@@ -354,7 +354,7 @@ def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]
     column = columns.get("text") or columns.get("prompt") or columns["messages"]
     name = "validation" if "validation" in split_files else "train"
     files, fmt = split_files[name]
-    from engine.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
+    from engine.preprocessing.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
 
     table = open_files(files, fmt).head(DRIFT_ROWS, columns=[column])
     return [retention_text(t) for t in table.column(0).to_pylist()]
@@ -369,7 +369,7 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     spec = job.safeguards
     if not spec.track_forgetting:
         return None
-    from engine.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
+    from engine.preprocessing.datafiles import open_files  # Hugging Face datasets' Arrow stream files too
 
     if spec.retention_data:
         from pathlib import Path
@@ -384,7 +384,7 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     else:
         name = "validation" if "validation" in split_files else "train"
         files, fmt = split_files[name]
-    from engine.chat import retention_column, retention_text
+    from engine.preprocessing.chat import retention_column, retention_text
     from engine.tasks import get_task
 
     if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies

@@ -1,7 +1,7 @@
 """Speech recognition in evaluation: CTC greedy decoding, Whisper generation, transcripts back from label ids.
 
 The ASR tasks (``engine.tasks.ctc``, ``engine.tasks.speech_seq2seq``) score decoded text with these
-(:class:`engine.metrics.AsrMetrics`): CTC logits are decoded greedily by the target tokenizer (repeats
+(:class:`engine.evaluation.metrics.AsrMetrics`): CTC logits are decoded greedily by the target tokenizer (repeats
 merged, blanks dropped); sequence-to-sequence models generate with the job's language and task tokens,
 as they will be used.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.preprocess import IGNORE_INDEX
+from engine.preprocessing.text import IGNORE_INDEX
 
 PREFIX_TOKENS = 4
 """Whisper's decoder prefix (start, language, task, no-timestamps) counts against its positions."""

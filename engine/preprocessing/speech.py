@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.audio import load_clip
-from engine.labels import IGNORE_INDEX, encode_labels
+from engine.preprocessing.audio import load_clip
+from engine.preprocessing.labels import IGNORE_INDEX, encode_labels
 
 PADDING_MASK = "padding_mask"
 """Key of the mask kept only for trimming, for checkpoints whose models take no attention mask

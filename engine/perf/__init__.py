@@ -1,0 +1,1 @@
+"""Speed: features applied to a prepared model and the throughput meter (``speed``), fast frozen linears (``fastlinear``)."""

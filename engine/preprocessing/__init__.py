@@ -1,0 +1,1 @@
+"""Modality preprocessing below the tasks (numpy in, numpy out; never imports a task): text tokenization (``text``), chat and prompt/completion rows (``chat``), text-to-text pairs (``seq2seq``), audio decoding (``audio``) and featurising (``speech``), class labels (``labels``), packing (``packing``), a split's files (``datafiles``)."""
