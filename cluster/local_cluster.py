@@ -13,6 +13,7 @@ bound to a non-loopback address with authentication disabled is refused.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.errors import JobError
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
@@ -275,6 +278,13 @@ def _process(node: NodeProcess):
         return None
 
 
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except Exception:  # psutil.NoSuchProcess / AccessDenied: gone or not ours to read
+        return "?"
+
+
 def _alive(node: NodeProcess) -> bool:
     import psutil
 
@@ -312,9 +322,12 @@ def listening_addresses(cluster: LocalCluster) -> list[tuple[str, int, str]]:
     )
 
 
-def stop_cluster(folder: str | os.PathLike | None = None, timeout_s: float = 30) -> int:
+def stop_cluster(folder: str | os.PathLike | None = None, timeout_s: float = 10) -> int:
     """Stop the cluster recorded in ``folder``: SIGTERM its ``ray start`` processes (workers, then the head),
-    SIGKILL what is left of this cluster's processes, remove its temp folder. Returns the processes stopped."""
+    then every process of the cluster still running half-way through ``timeout_s`` (a job's workers and
+    agents outlived their raylet by 20-30 s), SIGKILL what is left at ``timeout_s`` (nothing of a stopped
+    cluster is worth keeping: its state lives in these processes), remove its temp folder. Returns the
+    processes stopped."""
     import psutil
 
     cluster = LocalCluster.load(folder or default_cluster_dir())
@@ -323,7 +336,16 @@ def stop_cluster(folder: str | os.PathLike | None = None, timeout_s: float = 30)
         proc = _process(node)
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s / 2)
+    for proc in alive:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=timeout_s / 2)
+    if alive:
+        log.info("cluster down: %d process(es) still running after SIGTERM, killed: %s", len(alive),
+                 ", ".join(sorted({_name(p) for p in alive})))
     for proc in alive + [p for p in cluster_processes(cluster) if p.is_running()]:
         try:
             proc.kill()
