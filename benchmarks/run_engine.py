@@ -63,9 +63,8 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from engine.loop.batches import Collate
-    from engine.preprocessing.text import cached_tokenizer, tokenize_batch
-
     from engine.preprocessing.chat import encode_conversations, layout_columns
+    from engine.preprocessing.text import cached_tokenizer, tokenize_batch
 
     tokenizer = cached_tokenizer(job.model.name, job.model.revision)
     columns = layout_columns(job.data)  # text, or instruction data (data.layout chat / prompt_completion)
@@ -137,8 +136,8 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     from engine.backends import build_backend
     from engine.backends.ddp import autocast_dtype
     from engine.config.schema import build_job
-    from engine.models.prepare import prepare_model
     from engine.loop.optim import build_param_groups
+    from engine.models.prepare import prepare_model
     from engine.perf.speed import ThroughputMeter, apply_perf
     from engine.preprocessing.text import cached_tokenizer
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
 from cluster.preflight_text import check_text, text_required_columns
 from engine.config.schema import DatasetSource, JobSpec
-from engine.preprocessing.datafiles import ARROW_STREAM, open_files
 from engine.errors import JobError
+from engine.preprocessing.datafiles import ARROW_STREAM, open_files
 from engine.tasks import get_task
 
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -219,8 +219,8 @@ def read_export_job(model_dir: Path) -> tuple[JobSpec, list[str] | None]:
     """The job and class names an export was trained with (its ``shoulders_job.json``)."""
     import json
 
-    from engine.config.schema import build_job
     from engine.checkpoints.export import JOB_FILE
+    from engine.config.schema import build_job
 
     meta_path = model_dir / JOB_FILE
     if not meta_path.is_file():

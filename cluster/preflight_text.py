@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.preprocessing.chat import ROLES
 from engine.config.schema import JobSpec
 from engine.errors import JobError
+from engine.preprocessing.chat import ROLES
 
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 

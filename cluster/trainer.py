@@ -185,8 +185,8 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    from engine.loop.recipe import train_loop_per_worker
     from engine.loop.console import worker_log_file
+    from engine.loop.recipe import train_loop_per_worker
 
     with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
         train_loop_per_worker(config)

@@ -3,7 +3,7 @@
 The driver side runs for real (``cluster.preflight.preflight``, ``cluster.data.build_datasets`` with its
 preprocessing functions, ``cluster.data.generation_samples``, the task's ``preprocessors``)
 over an in-process stand-in for Ray Data (:class:`LocalDataset`: the same ``map_batches`` calls, applied
-in order); the worker side is ``engine.loop.train_loop_per_worker`` itself, with ``ray.train``'s context,
+in order); the worker side is ``engine.loop.recipe.train_loop_per_worker`` itself, with ``ray.train``'s context,
 shards and ``report`` replaced by local stand-ins (one worker, CPU). The reported metrics (losses, task
 metrics, learning rates; not timings) are what ``tests/golden/golden.json`` records.
 

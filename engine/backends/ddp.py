@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.backends.master import MasterWeights, cast_batch, upcast_logits
 from engine.checkpoints.store import WEIGHTS, load_trainable_state
 from engine.config.schema import JobSpec
-from engine.perf.fastlinear import fast_frozen_buffer_names
 from engine.loop.optim import build_optimizer, build_scheduler
+from engine.perf.fastlinear import fast_frozen_buffer_names
 from engine.tasks import get_task
 
 log = logging.getLogger(__name__)

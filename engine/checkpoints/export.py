@@ -10,8 +10,8 @@ from pathlib import Path
 from engine.adapters import is_peft_model, merge_adapters, tidy_adapter_config
 from engine.checkpoints.store import load_trainable_state, read_checkpoint
 from engine.config.schema import JobSpec
-from engine.tasks import get_task
 from engine.models.prepare import prepare_model
+from engine.tasks import get_task
 
 JOB_FILE = "shoulders_job.json"
 """The job that produced an export, stored beside the weights (``shoulders eval`` reads it)."""

@@ -17,14 +17,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from engine.errors import JobError
 from engine.config.job_yaml import load_yaml, read_job_yaml
-from engine.tasks import get_task
 from engine.config.sections import (  # noqa: F401  (re-exported: engine.config.schema is the schema's public home)
     Task, Strategy, Section, ModelSpec, DataSpec, FinetuneSpec,
     PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
     TrackingSpec, DatasetSource, DataSource, SOURCE_TAGS,
 )
+from engine.errors import JobError
+from engine.tasks import get_task
 
 
 class JobSpec(Section):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.loop import faults
 from engine.backends import Backend
+from engine.loop import faults
 from engine.loop.state import TrainState
 from engine.safeguards.guards import Safeguards
 

@@ -22,15 +22,15 @@ from engine.checkpoints.store import RunFolder, next_restart_index, open_latest_
 from engine.config.schema import JobSpec
 from engine.evaluation.generation import AnswerProbe
 from engine.loop.batches import Collate, ValidationBatches
+from engine.loop.console import RunEvents
 from engine.loop.hooks import EarlyStopping, FaultInjection, ForgettingLimit, GradualUnfreezing, LoopHook, step_hooks
+from engine.loop.optim import build_param_groups
 from engine.loop.state import TrainState
 from engine.models.prepare import prepare_model
-from engine.loop.optim import build_param_groups
-from engine.preprocessing.packing import length_grouping_window
 from engine.perf.speed import apply_perf
+from engine.preprocessing.packing import length_grouping_window
 from engine.safeguards.guards import Safeguards
 from engine.tasks import get_task
-from engine.loop.console import RunEvents
 
 log = logging.getLogger("engine.loop")
 

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from engine.perf.speed import ThroughputMeter
 from engine.loop.console import RunEvents
+from engine.perf.speed import ThroughputMeter
 
 log = logging.getLogger("engine.loop")
 LOG_EVERY_S = 5.0

@@ -29,8 +29,8 @@ def encode_conversation_rows(batch: dict[str, np.ndarray], tokenizer_name: str, 
                              **kwargs: Any) -> dict[str, np.ndarray]:
     """Prompt/completion or chat rows encoded for a decoder (``engine.preprocessing.chat``) or an encoder-decoder (``engine.preprocessing.seq2seq``)."""
     from engine.preprocessing.chat import encode_conversations
-    from engine.preprocessing.text import cached_tokenizer
     from engine.preprocessing.seq2seq import encode_pairs
+    from engine.preprocessing.text import cached_tokenizer
 
     encode = encode_pairs if seq2seq else encode_conversations
     return encode(batch, tokenizer=cached_tokenizer(tokenizer_name, revision), **kwargs)

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 
 from engine.preprocessing import audio
-from engine.preprocessing.text import IGNORE_INDEX, trim_batch
 from engine.preprocessing.speech import PADDING_MASK, encode_transcripts, featurize_batch
+from engine.preprocessing.text import IGNORE_INDEX, trim_batch
 
 
 def sine(freq: float, rate: int, seconds: float) -> np.ndarray:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoints.export import export_checkpoint
 from engine.checkpoints.store import save_checkpoint, trainable_state_dict
 from engine.config.schema import build_job
-from engine.checkpoints.export import export_checkpoint
 from engine.models.prepare import prepare_model
 
 LABELS = ["food", "sport", "tech"]

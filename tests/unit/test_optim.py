@@ -7,8 +7,8 @@ import torch
 
 import tiny
 from engine.config.schema import build_job
-from engine.models.prepare import prepare_model
 from engine.loop.optim import build_optimizer, build_param_groups, build_scheduler, lr_multiplier
+from engine.models.prepare import prepare_model
 
 LABELS = ["food", "sport", "tech"]
 

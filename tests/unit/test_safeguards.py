@@ -8,8 +8,8 @@ import torch
 import tiny
 from engine.config.schema import build_job
 from engine.errors import JobError
-from engine.models.prepare import prepare_model
 from engine.loop.optim import build_optimizer, build_param_groups
+from engine.models.prepare import prepare_model
 from engine.safeguards.guards import GradualUnfreezer, RetentionProbe, Safeguards, linear_cka, set_dropout, token_dropout
 
 LABELS = ["food", "sport", "tech"]

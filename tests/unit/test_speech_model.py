@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.evaluation.asr import decode_ctc, decode_references, generate_transcripts
 from engine.config.schema import build_job
+from engine.evaluation.asr import decode_ctc, decode_references, generate_transcripts
 from engine.evaluation.metrics import normalize_text
 from engine.models.prepare import prepare_model
 from engine.models.speech import build_ctc_vocab, load_target_tokenizer
