@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from engine.config.schema import JobSpec, build_job, merge, parse_overrides
+from engine.config.schema import JobSpec, build_job, merge, parse_overrides, plan_steps
 from engine.errors import JobError
 
 TRIAL_CPUS = 0.01
@@ -160,8 +160,6 @@ def compute_concurrency(
 
 def step_budget(job: JobSpec, num_train_rows: int) -> tuple[int, int]:
     """(optimizer steps between evaluations, total optimizer steps) of a job: ASHA's time unit and ``max_t``."""
-    from engine.loop.setup import plan_steps
-
     steps_per_epoch, total = plan_steps(job, num_train_rows, job.scaling.num_workers)
     return job.eval.every_n_steps or steps_per_epoch, total
 

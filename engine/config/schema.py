@@ -9,6 +9,7 @@ unset. Nothing here imports torch or Ray, so validation answers in well under a 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from pathlib import Path
@@ -148,6 +149,16 @@ STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
 }
 """What each ``finetune.strategy`` fills in (only where the job leaves the field unset). Feature extraction
 trains a linear probe on frozen features, which wants a learning rate ten times a fine-tune's or more."""
+
+
+def plan_steps(job: JobSpec, num_train_rows: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this job on ``world_size`` workers: what every
+    worker's loop runs, and what a search's scheduler counts in (torch-free: the driver plans with it)."""
+    rows_per_worker = max(num_train_rows // world_size, 1)
+    micro_batches = math.ceil(rows_per_worker / job.optim.batch_size)
+    steps_per_epoch = max(micro_batches // job.optim.grad_accum, 1)
+    total = job.optim.max_steps or math.ceil(steps_per_epoch * (job.optim.epochs or 1.0))
+    return steps_per_epoch, total
 
 
 # ---------------------------------------------------------------------------------------------------

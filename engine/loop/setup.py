@@ -8,7 +8,6 @@ the hooks; :func:`resume` restores the newest complete checkpoint into a :class:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
 from engine.checkpoints.store import RunFolder, next_restart_index, open_latest_complete, restore_checkpoint, seed_rngs
-from engine.config.schema import JobSpec
+from engine.config.schema import JobSpec, plan_steps
 from engine.evaluation.generation import AnswerProbe
 from engine.loop.batches import Collate, ValidationBatches
 from engine.loop.console import RunEvents
@@ -68,15 +67,6 @@ class Worker:
 def text_tokenizer(job: JobSpec) -> Any:
     """The checkpoint's tokenizer of text inputs (speech inputs have none: None)."""
     return get_task(job.model.task).text_tokenizer(job)
-
-
-def plan_steps(job: JobSpec, num_train_rows: int, world_size: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for this job on ``world_size`` workers."""
-    rows_per_worker = max(num_train_rows // world_size, 1)
-    micro_batches = math.ceil(rows_per_worker / job.optim.batch_size)
-    steps_per_epoch = max(micro_batches // job.optim.grad_accum, 1)
-    total = job.optim.max_steps or math.ceil(steps_per_epoch * (job.optim.epochs or 1.0))
-    return steps_per_epoch, total
 
 
 def setup(config: dict[str, Any]) -> Worker:

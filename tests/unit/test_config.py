@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config.schema import JobSpec, build_job, field_docs, job_to_yaml, load_job, parse_overrides
+from engine.config.schema import JobSpec, build_job, field_docs, job_to_yaml, load_job, parse_overrides, plan_steps
 from engine.errors import JobError
 
 MINIMAL = {"model": {"name": "org/model"}, "data": {"train": "train.parquet"}}
@@ -116,3 +116,15 @@ def test_overrides_may_follow_the_options():
     assert args.compare_scratch and args.overrides == ["optim.epochs=2", "output.dir=/tmp/x"]
     with pytest.raises(SystemExit):
         parse_args(build_parser(), ["train", "job.yaml", "--no-such-flag"])
+
+
+def test_plan_steps_counts_optimizer_steps_per_worker_shard():
+    def plan(optim: dict, rows: int, workers: int) -> tuple[int, int]:
+        return plan_steps(build_job({**MINIMAL, "optim": optim}), rows, workers)
+
+    assert plan({"batch_size": 16, "epochs": 3}, 240, 1) == (15, 45)
+    assert plan({"batch_size": 16, "epochs": 3}, 240, 2) == (8, 24)  # 120 rows a worker: 8 micro-batches, the last short
+    assert plan({"batch_size": 16, "epochs": 3, "grad_accum": 2}, 240, 2) == (4, 12)
+    assert plan({"batch_size": 16, "epochs": 0.5}, 240, 1) == (15, 8)
+    assert plan({"batch_size": 16, "max_steps": 7}, 240, 1) == (15, 7)
+    assert plan({"batch_size": 64, "epochs": 1}, 3, 4) == (1, 1)  # fewer rows than workers: one step, not zero
