@@ -7,6 +7,7 @@ the label column are read, never the dataset itself.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -114,11 +115,26 @@ def required_columns(job: JobSpec) -> list[str]:
     return get_task(job.model.task).required_columns(job)
 
 
+def class_label_names(split: SplitInfo, column: str) -> list[str] | None:
+    """The class names a Hugging Face dataset declares for ``column`` (a ``ClassLabel`` feature, kept in the
+    Arrow schema's ``huggingface`` metadata by ``datasets``: its files, ``save_to_disk``, ``to_parquet``), or None."""
+    metadata = open_dataset(split.files, split.format).schema.metadata or {}
+    try:
+        features = json.loads(metadata.get(b"huggingface") or b"{}").get("info", {}).get("features", {})
+    except ValueError:  # somebody else's metadata under that key: no class names from it
+        return None
+    feature = features.get(column) if isinstance(features, dict) else None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+        return [str(name) for name in feature["names"]]
+    return None
+
+
 def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None:
-    """The class names: the job's, checked against every split, or the sorted values found in training."""
+    """The class names: the job's, else those of a Hugging Face ``ClassLabel`` column (its integers index
+    them), checked against every split; else the sorted values found in training."""
     if not get_task(job.model.task).has_classes:
         return None
-    declared = job.model.labels
+    declared = job.model.labels or class_label_names(splits["train"], job.data.label_column)
     found_train: set[str] = set()
     for split in splits.values():
         table = open_dataset(split.files, split.format).to_table(columns=[job.data.label_column])
@@ -128,9 +144,11 @@ def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None
         if declared is not None:
             extra = sorted(values - set(declared) - {str(i) for i in range(len(declared))})
             if extra:
+                where = "model.labels" if job.model.labels else f"the ClassLabel names of data.train's '{job.data.label_column}'"
+                unlabelled = " (-1 is how Hugging Face datasets mark an unlabelled row, as in many test splits)" if "-1" in extra else ""
                 raise JobError(
                     f"data.{split.name}: column '{job.data.label_column}' holds labels the job does not declare: "
-                    f"{extra[:10]}. Add them to model.labels (now {declared}) or remove those rows."
+                    f"{extra[:10]}{unlabelled}. Add them to model.labels (the job has {declared}, from {where}) or remove those rows."
                 )
     if declared is not None:
         return declared

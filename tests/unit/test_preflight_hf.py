@@ -143,3 +143,49 @@ def test_dataset_preflight_imports_no_torch_and_no_ray(sources):
             f"'data': {{'train': {{'hf': {REPO!r}, 'split': 'train'}}, 'layout': 'chat'}}}})); "
             "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory):
+    """A Hugging Face dataset whose label column is a ClassLabel (integers 0/1 naming 'neg'/'pos'), saved with
+    save_to_disk and as parquet by datasets itself; its test split marks unlabelled rows -1, as GLUE's do."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf-classlabel")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = {"text": [f"{word} film number {i}" for i, word in enumerate(["awful", "great"] * 12)], "label": [0, 1] * 12}
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(rows, features=features),
+        "validation": datasets.Dataset.from_dict({k: v[:6] for k, v in rows.items()}, features=features),
+        "test": datasets.Dataset.from_dict({"text": ["unrated film"] * 4, "label": [-1] * 4}, features=features),
+    })
+    splits.save_to_disk(str(root / "disk"))
+    splits["train"].to_parquet(str(root / "train.parquet"))
+    splits["validation"].to_parquet(str(root / "validation.parquet"))
+    return root
+
+
+def classify_job(model, train, validation, labels=None, **data):
+    return build_job({"model": {"name": str(model), **({"labels": labels} if labels else {})},
+                      "data": {"train": train, "validation": validation, **data}})
+
+
+def test_class_label_names_are_the_classes_whether_read_from_disk_or_parquet(sentiment, tiny_bert):
+    disk = str(sentiment / "disk")
+    info = check_data(classify_job(tiny_bert, {"hf_disk": disk, "split": "train"}, {"hf_disk": disk, "split": "validation"}))
+    assert info.labels == ["neg", "pos"]  # not ['0', '1']: the exported model's id2label names the classes
+    info = check_data(classify_job(tiny_bert, str(sentiment / "train.parquet"), str(sentiment / "validation.parquet")))
+    assert info.labels == ["neg", "pos"]
+    # the job's own labels win (and the integers index them)
+    info = check_data(classify_job(tiny_bert, str(sentiment / "train.parquet"), str(sentiment / "validation.parquet"),
+                                   labels=["negative", "positive"]))
+    assert info.labels == ["negative", "positive"]
+
+
+def test_an_unlabelled_test_split_names_minus_one_and_where_the_classes_came_from(sentiment, tiny_bert):
+    disk = str(sentiment / "disk")
+    job = classify_job(tiny_bert, {"hf_disk": disk, "split": "train"}, {"hf_disk": disk, "split": "validation"},
+                       test={"hf_disk": disk, "split": "test"})
+    with pytest.raises(JobError, match=r"^data.test: column 'label' holds labels the job does not declare: \['-1'\] \(-1 is how "
+                                       r"Hugging Face datasets mark an unlabelled row.*\['neg', 'pos'\], from the ClassLabel names"):
+        check_data(job)
