@@ -107,7 +107,7 @@ def check_architecture(files: ModelFiles, task: str) -> None:
     if get_task(task).next_token_loss and model_type in ENCODER_ONLY and not files.config.get("is_decoder"):
         raise JobError(
             f"model.name '{files.name}' is an encoder-only '{model_type}' model (no is_decoder in its config): it was not "
-            "trained to predict the next token, so model.task 'causal_lm' would start from an untrained language model. "
+            f"trained to predict the next token, so model.task '{task}' would start from an untrained language model. "
             "Use a decoder model (GPT-2, Llama, Qwen2, ...) or model.task: sequence_classification."
         )
 
