@@ -80,8 +80,8 @@ def export_loads(export: Path, model: Path) -> bool:
 
 
 def run_case(stage: int, model: Path, data: dict[str, Path], work: Path, gpu: bool) -> dict:
-    from cluster.preflight import preflight
-    from cluster.trainer import run_training
+    from cluster.preflight.checks import preflight
+    from cluster.run.trainer import run_training
     from engine.config.schema import build_job
 
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def main() -> int:
     import torch
 
     import tiny
-    from cluster.trainer import ensure_ray
+    from cluster.run.trainer import ensure_ray
 
     gpu = torch.cuda.is_available() and not args.cpu
     card = torch.cuda.get_device_name() if gpu else "cpu"

@@ -5,7 +5,7 @@ store's peak use sampled while it streams.
 ``--kind text``: parquet text (random words of a word-level tokenizer). ``--kind whisper_full`` /
 ``w2v2_ctc``: parquet of 16-bit wav bytes of the peer's clip lengths (30 s / 10 s), decoded and featurised
 with the checkpoint's feature extractor (Whisper's log-mel, wav2vec2's normalisation). The pipeline is
-``cluster.data.build_datasets`` (what ``shoulders train`` builds) consumed by ``iter_batches`` with the
+``cluster.ingest.datasets.build_datasets`` (what ``shoulders train`` builds) consumed by ``iter_batches`` with the
 engine's collate, as a training worker's shard is. Passing means: rows/s per CPU times the CPUs a
 training node has is well above what the training step consumes, and peak object-store use stays below
 its capacity although the raw data alone (and the tokenized or featurised data many times over) does not fit.
@@ -113,8 +113,8 @@ def speech_dataset(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from cluster.preflight import preflight
-    from cluster.trainer import ensure_ray
+    from cluster.preflight.checks import preflight
+    from cluster.run.trainer import ensure_ray
     from engine.config.schema import build_job
     from engine.loop.batches import Collate
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         ensure_ray()
         job, info = preflight(job)
-        from cluster.data import build_datasets
+        from cluster.ingest.datasets import build_datasets
 
         datasets, num_rows = build_datasets(job, info)
         sampler = StoreSampler(ctx.address_info["address"])
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipeline = "decode + featurise" if speech else "tokenize"
     return {
         "benchmark": "ray_data_ingest", "kind": args.kind,
-        "pipeline": f"cluster.data.build_datasets (read_parquet -> map_batches {pipeline}) -> iter_batches -> engine Collate",
+        "pipeline": f"cluster.ingest.datasets.build_datasets (read_parquet -> map_batches {pipeline}) -> iter_batches -> engine Collate",
         "cpus": args.cpus, "object_store_mib": args.store_mib, **{k: v for k, v in dataset.items() if k not in ("model", "train", "validation")},
         **sizes, "rows_read": rows, "batches": batches,
         "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds), "rows_per_s_per_cpu": round(rows / seconds / args.cpus, 1),

@@ -38,8 +38,8 @@ def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The job through ``preflight`` and ``run_training``, the code path of ``shoulders train``."""
     import ray
 
-    from cluster.preflight import preflight
-    from cluster.trainer import EMBEDDED_TRAIN_ENV, run_training
+    from cluster.preflight.checks import preflight
+    from cluster.run.trainer import EMBEDDED_TRAIN_ENV, run_training
     from engine.config.schema import build_job
 
     os.environ.update(EMBEDDED_TRAIN_ENV)  # as shoulders' own embedded Ray runs
@@ -82,7 +82,7 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
         if job.data.layout == "text":
             encoded = tokenize_batch(batch, tokenizer=tokenizer, lm_labels=lm, text_column=job.data.text_column,
                                      max_length=job.data.max_length)
-        else:  # as cluster.data's preprocess: the chat template, labels on the answers only
+        else:  # as cluster.ingest.datasets's preprocess: the chat template, labels on the answers only
             encoded = encode_conversations(batch, tokenizer=tokenizer, layout=job.data.layout, columns=columns,
                                            max_length=job.data.max_length, system_prompt=job.data.system_prompt,
                                            chat_template=job.data.chat_template)
@@ -132,7 +132,7 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     without Ray: no Ray Data, no Ray Train worker, batches tokenized up front."""
     import torch
 
-    from cluster.preflight import with_absolute_paths
+    from cluster.preflight.checks import with_absolute_paths
     from engine.backends import build_backend
     from engine.backends.ddp import autocast_dtype
     from engine.config.schema import build_job

@@ -211,7 +211,7 @@ def write_speech_workload(folder: Path, kind: str, tiny: bool, steps: int, seed:
     import pyarrow.parquet as pq
     import soundfile as sf
 
-    from cluster.speech_models import SENTENCE_WORDS, save_ctc_vocab, save_tiny_whisper
+    from cluster.datagen.speech_models import SENTENCE_WORDS, save_ctc_vocab, save_tiny_whisper
 
     model, batch, _ = speech_model(kind, tiny)
     config = model.config

@@ -76,7 +76,7 @@ def hub_bert() -> str:
 def start_other_ray(temp: Path) -> subprocess.Popen:
     """``ray start --head --block`` in ``temp``; returns once its raylet says it started. On a loaded machine a
     raylet may die while starting (its dashboard agent too slow to write its port file): then it tries again."""
-    from cluster.trainer import free_port
+    from cluster.run.trainer import free_port
 
     env = {**os.environ, "RAY_TMPDIR": str(temp)}
     for attempt in range(3):
@@ -116,7 +116,7 @@ def ray_local(tmp_path_factory, other_ray):
     """One local Ray per test session with 4 logical CPUs (fractional workers leave room for Ray Data)."""
     import ray
 
-    from cluster.trainer import start_embedded_ray
+    from cluster.run.trainer import start_embedded_ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     start_embedded_ray(num_cpus=4)  # as shoulders does: Train's placement-group cleaner finds this instance only

@@ -1,6 +1,6 @@
 """Tiny speech checkpoints and synthetic clips for tests, built offline (no hub, no espeak-ng needed).
 
-The checkpoint builders live in ``cluster.speech_models`` (``shoulders data speech-*`` uses them too).
+The checkpoint builders live in ``cluster.datagen.speech_models`` (``shoulders data speech-*`` uses them too).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.speech_models import SENTENCE_WORDS, save_tiny_wav2vec2, save_tiny_whisper  # noqa: F401
+from cluster.datagen.speech_models import SENTENCE_WORDS, save_tiny_wav2vec2, save_tiny_whisper  # noqa: F401
 
 
 def tone_word(word: str, rate: int, seconds: float, rng: random.Random) -> np.ndarray:

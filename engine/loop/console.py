@@ -1,5 +1,5 @@
 """The training workers' side of the console: their output into log files in the run folder, and rank 0's
-progress and evaluations to the driver, which prints them (``cluster.console``)."""
+progress and evaluations to the driver, which prints them (``cluster.run.console``)."""
 
 from __future__ import annotations
 

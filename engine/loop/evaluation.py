@@ -28,7 +28,7 @@ def evaluate(
     model: nn.Module, batches: Any, job: JobSpec, num_labels: int | None, device: torch.device, amp_dtype: torch.dtype | None,
 ) -> dict[str, float]:
     """One pass over this worker's validation rows (every row is on exactly one worker, see
-    ``cluster.data.EveryRowDataConfig``); metrics reduced across workers, ``rows`` counted over all of them."""
+    ``cluster.ingest.datasets.EveryRowDataConfig``); metrics reduced across workers, ``rows`` counted over all of them."""
     model.eval()
     # DDP: the module itself. DDP's forward broadcasts buffers (the first after a training step), a collective
     # that a worker with fewer or no validation rows would never join: the others would wait forever.

@@ -1,6 +1,6 @@
 """Speech preprocessing with the checkpoint's own feature extractor: numpy in, numpy out, no Ray.
 
-``cluster.data`` runs :func:`featurize_batch` inside Ray Data's ``map_batches``. Each batch (one Ray
+``cluster.ingest.datasets`` runs :func:`featurize_batch` inside Ray Data's ``map_batches``. Each batch (one Ray
 Data block) is decoded, resampled to the checkpoint's rate, featurised, and sorted by clip length, so
 the loop's small shuffle buffer draws neighbours of similar length: training batches are length-grouped
 and :func:`trim_speech_batch` cuts them to their longest clip.

@@ -1,6 +1,6 @@
 """Preprocessing with the checkpoint's own tokenizer: numpy in, numpy out, no Ray.
 
-``cluster.data`` runs :func:`tokenize_batch` inside Ray Data's ``map_batches``; ``shoulders eval`` and
+``cluster.ingest.datasets`` runs :func:`tokenize_batch` inside Ray Data's ``map_batches``; ``shoulders eval`` and
 tests call it directly. Examples are padded to ``max_length`` here and trimmed per training batch by
 :func:`trim_batch`, so padding costs nothing in the step.
 """

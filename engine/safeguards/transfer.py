@@ -1,6 +1,6 @@
 """Negative transfer: the fair from-scratch twin of a job, and verdicts against it and against chance.
 
-Torch-free and pure: the driver (``cluster.transfer``) trains the twin and reads the labels; this module
+Torch-free and pure: the driver (``cluster.run.scratch_twin``) trains the twin and reads the labels; this module
 says what the twin is (:func:`scratch_job`), judges, and says what it judged on. Four verdicts, checked in
 this order:
 
@@ -50,7 +50,7 @@ def scratch_job(job: JobSpec, out_dir: str, lr: float | None = None, name_suffix
     The same architecture, data, step budget (``optim`` as it is), regularisation and backend, but: random
     weights with a new head, every layer trainable (no frozen blocks, embeddings or speech feature encoder),
     no adapters, backbone LR ratio 1, and its own learning rate ``lr`` (left empty, the job's ``head_lr``;
-    ``cluster.transfer`` picks it on validation). No safeguards of its own: forgetting means nothing for
+    ``cluster.run.scratch_twin`` picks it on validation). No safeguards of its own: forgetting means nothing for
     random weights, and it compares with nothing. It exports a merged model, which the test split scores.
     """
     raw = job.model_dump(mode="json")

@@ -15,9 +15,9 @@ import pytest
 import requests
 
 import tiny
-from cluster import submit
-from cluster.cli import main
-from cluster.local_cluster import LocalCluster, alive_nodes, listening_addresses
+from cluster.remote import submit
+from cluster.cli.main import main
+from cluster.remote.local_cluster import LocalCluster, alive_nodes, listening_addresses
 
 pytestmark = pytest.mark.slow
 

@@ -97,7 +97,7 @@ def start_driver(job_path: str, tmp: Path, debug: dict[str, Any], *args: str) ->
     env.pop("RAY_ADDRESS", None)
     log = open(tmp / "driver.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "train", job_path, *args],
+        [sys.executable, "-m", "cluster.cli.main", "train", job_path, *args],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=Path(__file__).parents[2],
     )
     proc.log_path, proc.ray_tmp = tmp / "driver.log", ray_tmp

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from resume_helpers import checkpoints, final_state, write_id_data, write_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

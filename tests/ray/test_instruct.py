@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import tiny_chat
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

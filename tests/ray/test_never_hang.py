@@ -6,7 +6,7 @@
 - ``shoulders tune`` as a user runs it (a new process, embedded Ray) beside a ``ray start`` cluster: it exits 0,
   and Ray Train's placement-group cleaner finds its own instance (when it did not, a finished trial's
   reservation was never freed and the next trial waited forever). ``shoulders train`` starts its Ray the same
-  way (``cluster.trainer.start_embedded_ray``), and every in-process Ray test here runs beside that cluster.
+  way (``cluster.run.trainer.start_embedded_ray``), and every in-process Ray test here runs beside that cluster.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.preflight import SAMPLE_ROWS
+from cluster.cli.main import main
+from cluster.preflight.checks import SAMPLE_ROWS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]
@@ -93,7 +93,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int) -> tuple[subprocess.Comple
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     logs = [p.read_text(errors="replace") for p in Path(ray_tmp).rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")]
     return proc, "\n".join([proc.stdout, proc.stderr, *logs])
 

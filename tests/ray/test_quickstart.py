@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 JOB = Path(__file__).parents[2] / "jobs" / "quickstart.yaml"

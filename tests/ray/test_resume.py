@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from engine.checkpoints.store import is_complete
 from resume_helpers import (
     assert_each_id_once_per_epoch, assert_same_training, checkpoints, final_state, kill_driver, start_driver, wait_for,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import tiny_speech
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -36,8 +36,8 @@ def classification_job(tiny_bert, topic_data, tmp_path):
 
 
 def test_dataset_streams_as_several_blocks(ray_local, classification_job):
-    from cluster.data import build_datasets
-    from cluster.preflight import preflight
+    from cluster.ingest.datasets import build_datasets
+    from cluster.preflight.checks import preflight
     from engine.config.schema import build_job
 
     job, info = preflight(build_job(classification_job))

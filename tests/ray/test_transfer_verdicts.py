@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import tiny
-from cluster.cli import main
+from cluster.cli.main import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]

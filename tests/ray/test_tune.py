@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.tune_report import read_results_csv
+from cluster.cli.main import main
+from cluster.tune.report import read_results_csv
 from engine.checkpoints.store import is_complete
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -89,7 +89,7 @@ def test_gradual_unfreezing_in_two_worker_ddp_run(ray_local, tiny_bert, topic_da
 
 
 def run_cli(args, env, log):
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli.main", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=Path(__file__).parents[2], start_new_session=True)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bad_inputs import CASES, Ctx
-from cluster.cli import main
+from cluster.cli.main import main
 
 
 def files_under(root: Path) -> dict[str, int]:

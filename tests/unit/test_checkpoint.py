@@ -154,7 +154,7 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complet
 
 
 def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
-    from cluster.preflight import RAY_RUN_SNAPSHOT, check_output
+    from cluster.preflight.checks import RAY_RUN_SNAPSHOT, check_output
     from engine.errors import JobError
 
     spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})
@@ -176,7 +176,7 @@ def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
 def test_the_best_model_may_be_a_checkpoint_ray_never_registered_and_the_other_stale_ones_are_removed(tmp_path):
     import ray.train
 
-    from cluster.trainer import pick_best, remove_stale_checkpoints, unregistered_checkpoints
+    from cluster.run.trainer import pick_best, remove_stale_checkpoints, unregistered_checkpoints
 
     spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})
     run = tmp_path / "out" / "train"

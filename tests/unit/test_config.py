@@ -98,7 +98,7 @@ def test_missing_job_file_and_bad_yaml(tmp_path):
 def test_validate_cli_exits_2_fast_without_importing_torch(tmp_path):
     path = write_job(tmp_path, {**MINIMAL, "optim": {"batchsize": 8}})
     code = (
-        "import sys; from cluster.cli import main; rc = main(['validate', sys.argv[1]]); "
+        "import sys; from cluster.cli.main import main; rc = main(['validate', sys.argv[1]]); "
         "assert 'torch' not in sys.modules, 'validate imported torch'; sys.exit(rc)"
     )
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def test_validate_cli_exits_2_fast_without_importing_torch(tmp_path):
 
 
 def test_overrides_may_follow_the_options():
-    from cluster.cli import build_parser, parse_args
+    from cluster.cli.main import build_parser, parse_args
 
     args = parse_args(build_parser(), ["train", "job.yaml", "optim.epochs=2", "--compare-scratch", "output.dir=/tmp/x"])
     assert args.compare_scratch and args.overrides == ["optim.epochs=2", "output.dir=/tmp/x"]

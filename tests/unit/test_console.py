@@ -7,9 +7,9 @@ import logging
 import warnings
 from types import SimpleNamespace
 
-from cluster.console import ProgressPrinter, bar_line, set_verbose
-from cluster.driver_logs import route_driver_logs
-from cluster.report import summary_table, text_table
+from cluster.run.console import ProgressPrinter, bar_line, set_verbose
+from cluster.run.driver_logs import route_driver_logs
+from cluster.run.summary import summary_table, text_table
 from engine.loop.console import worker_log_file
 
 
@@ -57,7 +57,7 @@ def test_driver_logs_go_to_the_run_folder_and_only_own_warnings_and_errors_to_th
             ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
         logging.getLogger("ray.data").info("execution plan: ReadParquet -> MapBatches")
         logging.getLogger("transformers.modeling_utils").warning("Some weights were newly initialized")
-        logging.getLogger("cluster.trainer").warning("own warning")
+        logging.getLogger("cluster.run.trainer").warning("own warning")
         logging.getLogger("ray.train").error("a worker died")
         warnings.warn("a library's FutureWarning", FutureWarning)
         for handler in root.handlers:
@@ -90,7 +90,7 @@ def test_worker_output_goes_to_its_log_file(tmp_path, capsys):
 
 
 def test_tune_trials_are_one_row_each_as_they_end():
-    from cluster.tune_console import TrialTable
+    from cluster.tune.trial_table import TrialTable
 
     out = io.StringIO()
     table = TrialTable("val_accuracy", "max", planned_steps=8, stream=out)

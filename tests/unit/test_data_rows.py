@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.data_rows import BadRowError, RowRules, bad_row_in, check_batch
+from cluster.ingest.rows import BadRowError, RowRules, bad_row_in, check_batch
 
 RULES = RowRules(split="train", text_columns=("text",), label_column="label", labels=("a", "b"), fmt="parquet")
 

@@ -20,8 +20,9 @@ def test_validate_and_submit_checks_import_neither_torch_nor_the_loop(tiny_bert,
     }))
     script = textwrap.dedent(f"""
         import json, sys
-        from cluster.cli import main
-        from cluster import cli_remote, submit
+        from cluster.cli.main import main
+        from cluster.cli import remote as cli_remote
+        from cluster.remote import submit
         assert main(["validate", {str(job)!r}]) == 0
         submit.prepare_submission({str(job)!r})
         heavy = ["torch", "ray.train", "ray.data", "engine.loop.recipe", "engine.models.prepare", "peft", "deepspeed"]
@@ -39,7 +40,7 @@ def test_status_logs_stop_and_list_import_neither_torch_nor_the_loop():
     script = textwrap.dedent("""
         import json, sys, types
         import ray.job_submission
-        from cluster.cli import main
+        from cluster.cli.main import main
 
         class Client:
             def __init__(self, address, headers=None):

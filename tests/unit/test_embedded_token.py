@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import stat
 
-from cluster.local_cluster import secure_embedded_token
+from cluster.remote.local_cluster import secure_embedded_token
 
 
 def test_token_file_is_created_or_narrowed_to_mode_600(tmp_path, monkeypatch):

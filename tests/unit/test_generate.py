@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_chat
-from cluster.cli import main
+from cluster.cli.main import main
 from engine.evaluation.generation import score_answers
 
 MESSAGES = [{"role": "user", "content": "what colour is sky"}]

@@ -9,7 +9,7 @@ import torch
 
 import tiny
 import tiny_speech
-from cluster.speech_models import save_ctc_vocab
+from cluster.datagen.speech_models import save_ctc_vocab
 from engine.config.schema import build_job
 from engine.errors import JobError
 from engine.models.prepare import prepare_model

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.interrupts import Interrupted, watch_interrupts
+from cluster.run.interrupts import Interrupted, watch_interrupts
 
 
 @pytest.fixture

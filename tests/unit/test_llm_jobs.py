@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_chat
-from cluster.preflight import check_data, check_model
+from cluster.preflight.checks import check_data, check_model
 from engine.preprocessing.chat import IGNORE_INDEX, encode_conversations, layout_columns
 from engine.config.schema import load_job
 

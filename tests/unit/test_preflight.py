@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.preflight import preflight
+from cluster.cli.main import main
+from cluster.preflight.checks import preflight
 from engine.config.schema import build_job
 from engine.errors import JobError
 
@@ -97,7 +97,7 @@ def test_cli_exits_2_and_writes_nothing(job_dict, tmp_path, capsys):
 def test_full_validate_reads_data_and_model_without_torch(job_dict, tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job_dict))
-    code = "import sys; from cluster.cli import main; rc = main(['validate', sys.argv[1]]); assert 'torch' not in sys.modules; sys.exit(rc)"
+    code = "import sys; from cluster.cli.main import main; rc = main(['validate', sys.argv[1]]); assert 'torch' not in sys.modules; sys.exit(rc)"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "train 240 rows" in proc.stdout

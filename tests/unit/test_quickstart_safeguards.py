@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.datagen import FORTUNES_DIR, RETENTION_TOPICS, build_fortunes, read_fortunes
+from cluster.datagen.fortunes import FORTUNES_DIR, RETENTION_TOPICS, build_fortunes, read_fortunes
 from engine.config.schema import build_job, load_job
 
 JOBS = Path(__file__).parents[2] / "jobs"

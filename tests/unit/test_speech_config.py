@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import tiny_speech
-from cluster.preflight import check_data, preflight
+from cluster.preflight.checks import check_data, preflight
 from engine.preprocessing.audio import _logged_rates
 from engine.config.schema import build_job
 from engine.errors import JobError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import datagen_speech
+from cluster.datagen import speech as datagen_speech
 from engine.preprocessing.audio import decode
 
 needs_espeak = pytest.mark.skipif(not datagen_speech.espeak_available(), reason="espeak-ng is not installed")
@@ -43,8 +43,8 @@ def test_parquet_audio_with_small_row_groups_is_decoded_as_read_and_other_splits
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cluster.data_speech import inline_audio
-    from cluster.preflight import SplitInfo
+    from cluster.ingest.speech import inline_audio
+    from cluster.preflight.checks import SplitInfo
 
     table = pa.table({"audio": [b"x" * 10] * 64, "transcript": ["a"] * 64})
     pq.write_table(table, tmp_path / "small.parquet", row_group_size=16)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import tiny
-from cluster import submit
-from cluster.local_cluster import check_binding
-from cluster.preflight import check_data
+from cluster.remote import submit
+from cluster.remote.local_cluster import check_binding
+from cluster.preflight.checks import check_data
 from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
@@ -119,7 +119,7 @@ def test_runtime_env_ships_this_code_and_declares_packages(tmp_path):
 
 
 def test_storage_location(tmp_path):
-    from cluster.trainer import TRAIN_DIR, storage_location
+    from cluster.run.trainer import TRAIN_DIR, storage_location
 
     base = {"name": "j", "model": {"name": "m"}, "data": {"train": "t.parquet"}, "output": {"dir": str(tmp_path / "out")}}
     assert storage_location(build_job(base)) == (str(tmp_path / "out"), TRAIN_DIR)
@@ -129,7 +129,7 @@ def test_storage_location(tmp_path):
 
 
 def test_submit_module_does_not_import_torch():
-    code = "import sys, cluster.submit, cluster.cli_remote, cluster.local_cluster; print('torch' in sys.modules)"
+    code = "import sys, cluster.remote.submit, cluster.cli.remote, cluster.remote.local_cluster; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -149,13 +149,13 @@ class FakeClient:
 
 
 def test_tune_with_address_submits_the_search(job_file, monkeypatch, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     client = FakeClient()
     monkeypatch.setattr(submit, "connect", lambda address=None: client)
     assert main(["tune", str(job_file), "optim.batch_size=4", "--address", "http://127.0.0.1:1"]) == 0
     (call,) = client.calls
-    assert call["entrypoint"] == "python -m cluster.cli tune job.yaml"
+    assert call["entrypoint"] == "python -m cluster.cli.main tune job.yaml"
     assert call["submission_id"].startswith("packed-") and capsys.readouterr().out.strip() == call["submission_id"]
     assert "inputs/data.train/part-0.parquet" in call["packed"] and "inputs/model.name/config.json" in call["packed"]
     assert "batch_size: 4" in call["job_yaml"] and "train: inputs/data.train" in call["job_yaml"]
@@ -163,17 +163,17 @@ def test_tune_with_address_submits_the_search(job_file, monkeypatch, capsys):
 
 
 def test_submit_command_line_dispatches_to_submit(job_file, monkeypatch, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     client = FakeClient()
     monkeypatch.setattr(submit, "connect", lambda address=None: client)
     assert main(["submit", str(job_file), "--address", "http://127.0.0.1:1"]) == 0
     assert main(["submit", str(job_file), "--command", "tune", "--address", "http://127.0.0.1:1"]) == 0
-    assert [c["entrypoint"] for c in client.calls] == ["python -m cluster.cli train job.yaml", "python -m cluster.cli tune job.yaml"]
+    assert [c["entrypoint"] for c in client.calls] == ["python -m cluster.cli.main train job.yaml", "python -m cluster.cli.main tune job.yaml"]
 
 
 def test_cluster_up_refuses_open_binding_without_auth(tmp_path, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     assert main(["cluster", "up", "--host", "0.0.0.0", "--auth", "disabled", "--dir", str(tmp_path)]) == 2
     assert "refusing to start a Ray cluster bound to '0.0.0.0'" in capsys.readouterr().err

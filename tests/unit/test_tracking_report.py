@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cluster.run_report import write_run_report
-from cluster.tracking import TB_DIR, Tracker
+from cluster.run.report import write_run_report
+from cluster.run.tracking import TB_DIR, Tracker
 from engine.config.schema import build_job
 
 HISTORY = [
@@ -84,8 +84,8 @@ def test_forgetting_and_drift_reach_tensorboard_the_report_and_the_console(tmp_p
     """With a retention set a run reports forgetting of the source and, beside it, drift on target rows."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cluster.console import eval_line
-    from cluster.report import print_summary
+    from cluster.run.console import eval_line
+    from cluster.run.summary import print_summary
 
     history = [{**row, "forgetting": 0.05 * row["step"], "retention_cka": 1 - 0.05 * row["step"], "drift": 0.02 * row["step"]}
                for row in HISTORY]

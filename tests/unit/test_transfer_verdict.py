@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tiny
-from cluster.preflight import DataInfo, SplitInfo
-from cluster.transfer import ScratchSearch, candidate_lrs, judge_run, label_counts, run_baselines
+from cluster.preflight.checks import DataInfo, SplitInfo
+from cluster.run.scratch_twin import ScratchSearch, candidate_lrs, judge_run, label_counts, run_baselines
 from engine.config.schema import build_job
 from engine.safeguards.guards import class_baselines, judge_transfer, scratch_job, transfer_verdict
 
@@ -96,7 +96,7 @@ def test_verdict_prints_the_numbers_it_rests_on():
 
 
 def test_print_summary_gain_sign_for_a_lower_is_better_metric(tmp_path, capsys):
-    from cluster.report import print_summary
+    from cluster.run.summary import print_summary
 
     job = build_job({"model": {"name": "m", "labels": LABELS}, "data": {"train": "t.parquet"}, "eval": {"metric": "loss"},
                      "output": {"dir": str(tmp_path)}})
@@ -176,7 +176,7 @@ def test_label_counts_and_judging_a_run_from_files(tmp_path):
 
 
 def test_scratch_lr_search_picks_the_best_candidate_on_validation(tmp_path, monkeypatch):
-    import cluster.trainer
+    import cluster.run.trainer
 
     ran = []
 
@@ -186,12 +186,12 @@ def test_scratch_lr_search_picks_the_best_candidate_on_validation(tmp_path, monk
             raise RuntimeError("loss is nan")
         return SimpleNamespace(best={"val_accuracy": {1e-3: 0.5, 3e-3: 0.7}[job.finetune.head_lr]}, test={"accuracy": 0.6})
 
-    monkeypatch.setattr(cluster.trainer, "run_training", fake_run)
+    monkeypatch.setattr(cluster.run.trainer, "run_training", fake_run)
     job = build_job({"name": "j", "model": {"name": "m", "labels": LABELS}, "data": {"train": "t.parquet"},
                      "optim": {"epochs": 2, "batch_size": 10}, "scaling": {"num_workers": 1},
                      "safeguards": {"scratch_lrs": [1e-3, 3e-3, 1e-1]}, "output": {"dir": str(tmp_path)}})
     info = DataInfo(splits={"train": SplitInfo("train", ["t.parquet"], "parquet", 200)}, labels=LABELS)
-    from cluster.transfer import train_scratch_twin
+    from cluster.run.scratch_twin import train_scratch_twin
 
     summary, search = train_scratch_twin(job, info, tmp_path / "scratch")
     # 200 rows / 10 per step x 2 epochs = 40 steps; each candidate trains 25% of them, without export
@@ -210,7 +210,7 @@ def test_scratch_lr_search_picks_the_best_candidate_on_validation(tmp_path, monk
 
 
 def test_verdict_section_goes_into_the_run_report_once(tmp_path):
-    from cluster.transfer import add_to_run_report
+    from cluster.run.scratch_twin import add_to_run_report
 
     assert add_to_run_report(tmp_path / "report.md", verdict(0.45, 0.70, baselines=BASE)) is None  # no report: nothing
     report = tmp_path / "report.md"

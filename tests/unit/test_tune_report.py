@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import tune, tune_report
-from cluster.tune_evidence import best_up_to, compare_strategies, recommendation_lines
+from cluster.tune import report as tune_report
+from cluster.tune import search as tune
+from cluster.tune.evidence import best_up_to, compare_strategies, recommendation_lines
 from engine.config.schema import build_job
 from engine.safeguards.guards import transfer_verdict
 

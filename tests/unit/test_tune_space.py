@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from cluster import tune
-from cluster import tune_space as shtune
-from cluster import tune_report
+from cluster.tune import search as tune
+from cluster.tune import space as shtune
+from cluster.tune import report as tune_report
 from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
@@ -176,7 +176,7 @@ def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_pat
 
     import pandas as pd
 
-    from cluster.preflight import DataInfo, SplitInfo
+    from cluster.preflight.checks import DataInfo, SplitInfo
 
     raw = base_raw(tmp_path, optim={"epochs": 3, "batch_size": 10}, scaling={"num_workers": 1})
     job = build_job(raw)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.console import DRIVER_LOG, OWN_LOGGERS, is_verbose, log_dir
+from cluster.run.console import DRIVER_LOG, OWN_LOGGERS, is_verbose, log_dir
 
 
 class _OwnWarnings(logging.Filter):

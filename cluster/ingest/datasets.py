@@ -12,11 +12,11 @@ from typing import Any
 import ray.data
 import ray.train
 
-from cluster.data_read import (  # noqa: F401  (fits_in_object_store, read_split: re-exported)
+from cluster.ingest.read import (  # noqa: F401  (fits_in_object_store, read_split: re-exported)
     fits_in_object_store, holdout_mask, limit_block_size, read_split, select_rows,
 )
-from cluster.data_speech import build_speech_datasets, build_speech_eval_dataset
-from cluster.preflight import DataInfo, SplitInfo, row_rules
+from cluster.ingest.speech import build_speech_datasets, build_speech_eval_dataset
+from cluster.preflight.checks import DataInfo, SplitInfo, row_rules
 from engine.config.schema import JobSpec
 from engine.preprocessing.chat import TRUNCATED, as_messages, layout_columns, with_system
 from engine.preprocessing.packing import group_rows_by_length, length_grouping_window
@@ -38,7 +38,7 @@ def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dat
 
     Without a validation split, ``data.validation_fraction`` of the training rows (chosen by a stable hash
     of their text) are held out; the remaining rows are counted by a streaming pass. Speech tasks read
-    audio manifests and featurise with the checkpoint's feature extractor (``cluster.data_speech``).
+    audio manifests and featurise with the checkpoint's feature extractor (``cluster.ingest.speech``).
     """
     limit_block_size()
     if get_task(job.model.task).modality == "audio":
@@ -71,7 +71,7 @@ def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.
     """Count (one streaming pass) and log the training rows cut to ``data.max_length``, then drop the marks."""
     cut = train.sum(TRUNCATED) or 0
     if cut:
-        from cluster.console import say
+        from cluster.run.console import say
 
         say(f"data.max_length {max_length}: {cut} training rows were longer and were cut (their start; the last answer kept)")
     return train.drop_columns([TRUNCATED])
@@ -84,7 +84,7 @@ def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
     count = job.eval.generation_samples
     if job.data.layout == "text" or count == 0:
         return []
-    from cluster.preflight_text import iter_column
+    from cluster.preflight.text import iter_column
 
     split = info.splits.get("validation") or info.splits["train"]
     held_out = "validation" not in info.splits

@@ -1,7 +1,7 @@
 """``shoulders tune``: search freeze depth, LR ratios and any other job key with Ray Tune.
 
 Each trial is the base job plus dotted overrides (reproducible with ``shoulders train JOB k=v ...``) and
-fits a ``TorchTrainer`` built by :func:`cluster.trainer.build_trainer` inside a Tune function trainable
+fits a ``TorchTrainer`` built by :func:`cluster.run.trainer.build_trainer` inside a Tune function trainable
 (the Ray Train v2 pattern), which forwards every report to Tune through ``TuneReportCallback``. ASHA
 stops the worst trials at rungs counted in optimizer steps, so a trial resumed from its checkpoint keeps
 its place. Concurrency is computed from the cluster so trials never wait on each other or on Ray Data.
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight import DataInfo
-from cluster.transfer import validation_rows
-from cluster.tune_space import (
+from cluster.preflight.checks import DataInfo
+from cluster.run.scratch_twin import validation_rows
+from cluster.tune.space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
     override_args, trial_job, tune_metric, tune_mode,
 )
@@ -41,7 +41,7 @@ def trial_spec(base_raw: dict[str, Any], overrides: dict[str, Any], trial_id: st
 def train_history(job: JobSpec) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """A trial's evaluations from its Train run (all of them, also those from before a resume) and the kept
     checkpoint of each step: the newest complete checkpoint's ``state.json`` holds the full history."""
-    from cluster.trainer import storage_location
+    from cluster.run.trainer import storage_location
 
     storage, name = storage_location(job)
     run_dir = Path(storage) / name
@@ -73,13 +73,13 @@ def run_trial(config: dict[str, Any], base_raw: dict[str, Any], info: DataInfo, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.console import is_verbose, log_dir
-    from cluster.data import build_datasets
-    from cluster.tracking import Tracker
-    from cluster.trainer import build_trainer
+    from cluster.run.console import is_verbose, log_dir
+    from cluster.ingest.datasets import build_datasets
+    from cluster.run.tracking import Tracker
+    from cluster.run.trainer import build_trainer
     from engine.tasks import get_task
 
-    from cluster.trainer import ensure_ray
+    from cluster.run.trainer import ensure_ray
 
     ensure_ray()  # inside the trial: only quiets Ray Data like the driver
     pin_data_to_trial_bundle()
@@ -164,8 +164,8 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from cluster.trainer import use_gpu
-    from cluster.tune_console import TrialTable, tune_verbosity
+    from cluster.run.trainer import use_gpu
+    from cluster.tune.trial_table import TrialTable, tune_verbosity
 
     out = job.output_dir
     trainable = tune.with_resources(
@@ -213,7 +213,7 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
 
 def run_search(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool = False) -> TuneOutcome:
     """Run (or continue) the search and collect one row per trial."""
-    from cluster.trainer import ensure_ray
+    from cluster.run.trainer import ensure_ray
 
     ensure_ray()
     grid = build_tuner(job, info, base_raw, resume).fit()
@@ -318,8 +318,8 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
     import time
 
-    from cluster.interrupts import Interrupted, watch_interrupts
-    from cluster.preflight import check_resources, preflight
+    from cluster.run.interrupts import Interrupted, watch_interrupts
+    from cluster.preflight.checks import check_resources, preflight
     from engine.config.schema import read_job_file
 
     started = time.perf_counter()
@@ -331,7 +331,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     depth = _depth_or_none(job)
     check_space(base_raw, search_space(job, depth) if depth is not None else dict(job.tune.space))
     job.output_dir.mkdir(parents=True, exist_ok=True)
-    from cluster.run_start import start_run
+    from cluster.run.start import start_run
 
     start_run(job, info)  # logs into output.dir/logs, Ray started, the header printed
     with watch_interrupts() as interrupted:
@@ -358,7 +358,7 @@ def _depth_or_none(job: JobSpec) -> int | None:
 
 def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
     """Export the best trial's best checkpoint to ``output.dir/model`` and evaluate it on the test split."""
-    from cluster.trainer import EXPORT_DIR, evaluate_export
+    from cluster.run.trainer import EXPORT_DIR, evaluate_export
     from engine.checkpoints.export import export_checkpoint
 
     export_dir = export_checkpoint(outcome.best_checkpoint, outcome.out_dir / EXPORT_DIR, info.labels)
@@ -372,7 +372,7 @@ def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | No
 def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float] | None, out_dir: Path, compare: bool) -> Any:
     """The best trial's verdict on test: against chance and the majority class, and (``compare``) against
     its fair scratch twin trained in ``out_dir``. A pair (verdict, scratch LR search), or None."""
-    from cluster.transfer import judge_run, train_scratch_twin, write_verdict
+    from cluster.run.scratch_twin import judge_run, train_scratch_twin, write_verdict
 
     if not test:
         return None
@@ -387,7 +387,7 @@ def scratch_verdict(best_job: JobSpec, info: DataInfo, test: dict[str, float] | 
 def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: dict[str, float] | None, verdict: Any,
                   elapsed_s: float, job_path: str = "JOB.yaml") -> None:
     """tune_results.csv, best_job.yaml, the plots and report.md; then the ranked table on the terminal."""
-    from cluster.tune_report import plot_results, print_ranked, write_best_job, write_report, write_results_csv
+    from cluster.tune.report import plot_results, print_ranked, write_best_job, write_report, write_results_csv
 
     out = job.output_dir
     write_results_csv(out / RESULTS_FILE, outcome.trials)
@@ -401,7 +401,7 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
     if outcome.note:
         print(outcome.note)
     if verdict is not None:
-        from cluster.transfer import print_verdict
+        from cluster.run.scratch_twin import print_verdict
 
         print_verdict(*verdict)
     print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.console import header_lines, ray_line, say
-from cluster.driver_logs import route_driver_logs
-from cluster.trainer import ensure_ray
+from cluster.run.console import header_lines, ray_line, say
+from cluster.run.driver_logs import route_driver_logs
+from cluster.run.trainer import ensure_ray
 
 
 def start_run(job: Any, info: Any, command: str = "train") -> list[str]:

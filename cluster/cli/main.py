@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cluster.cli_remote import REMOTE_COMMANDS, add_remote_commands
+from cluster.cli.remote import REMOTE_COMMANDS, add_remote_commands
 from engine.errors import JobError
 
 EXIT_BAD_INPUT = 2
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: stopped; finished checkpoints and results are kept (shoulders train JOB --resume continues)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bad row found while streaming: one line naming file and row, not Ray's tracebacks
-        from cluster.data_rows import bad_row_in
+        from cluster.ingest.rows import bad_row_in
 
         message = bad_row_in(exc)
         if message is None:
@@ -108,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{key} = {default}\n    {doc}")
         return 0
     if not args.schema_only:
-        from cluster.preflight import check_data, check_model
+        from cluster.preflight.checks import check_data, check_model
 
         check_model(job)
         info = check_data(job)
@@ -119,27 +119,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.preflight import preflight
+    from cluster.preflight.checks import preflight
     from engine.config.schema import load_job
 
     job = load_job(args.job, args.overrides)
     job, info = preflight(job, resume=args.resume)
-    from cluster.console import set_verbose
-    from cluster.run_start import start_run
+    from cluster.run.console import set_verbose
+    from cluster.run.start import start_run
 
     set_verbose(args.verbose)
     start_run(job, info)  # logs into the run folder, Ray started, the header printed
-    from cluster.report import print_summary
-    from cluster.trainer import run_training
+    from cluster.run.summary import print_summary
+    from cluster.run.trainer import run_training
 
     summary = run_training(job, info)
-    from cluster.transfer import add_to_run_report, judge_run, print_verdict, train_scratch_twin, write_verdict
+    from cluster.run.scratch_twin import add_to_run_report, judge_run, print_verdict, train_scratch_twin, write_verdict
 
     scratch, search = None, None
     if args.compare_scratch or job.safeguards.compare_scratch:  # the fair twin, with its own learning rate
         scratch, search = train_scratch_twin(job, info, job.output_dir / "scratch")
     print_summary(job, summary, scratch)
-    from cluster.answers import print_generations
+    from cluster.cli.answers import print_generations
 
     print_generations(job.output_dir)  # prompt/completion and chat runs: the last evaluation's answers
     verdict = judge_run(job, info, summary.test, summary.best, scratch, search)  # also vs chance and majority
@@ -153,11 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.preflight import check_eval_data, read_export_job
+    from cluster.preflight.checks import check_eval_data, read_export_job
 
     job, labels = read_export_job(Path(args.model_dir))
     info = check_eval_data(job, labels, args.data)
-    from cluster.trainer import ensure_ray, evaluate_export
+    from cluster.run.trainer import ensure_ray, evaluate_export
 
     ensure_ray()
     metrics = evaluate_export(job, info, Path(args.model_dir), split="eval")
@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from cluster.answers import print_answers
+    from cluster.cli.answers import print_answers
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
@@ -186,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.dataset.startswith("speech-"):
-        from cluster.datagen_speech import build_speech_data, save_demo_models
+        from cluster.datagen.speech import build_speech_data, save_demo_models
 
         kind = args.dataset.removeprefix("speech-")
         out = args.out or f"data/speech/{kind}"
@@ -194,7 +194,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"espeak-ng {kind} written to {out}: {counts}")
         print(f"tiny speech checkpoints (random weights, built from config) in: {', '.join(map(str, save_demo_models(args.models)))}")
         return 0
-    from cluster.datagen import build_fortunes, link_minilm
+    from cluster.datagen.fortunes import build_fortunes, link_minilm
 
     args.out = args.out or "data/fortunes"
 
@@ -206,11 +206,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.address:
-        from cluster.cli_remote import submit_command
+        from cluster.cli.remote import submit_command
 
         return submit_command(args.job, args.overrides, args.address, command="tune")
-    from cluster.console import set_verbose
-    from cluster.tune import run_tune
+    from cluster.run.console import set_verbose
+    from cluster.tune.search import run_tune
 
     set_verbose(args.verbose)
     run_tune(args.job, args.overrides, resume=args.resume)

@@ -4,7 +4,7 @@
 
 The dataset is opened with ``datasets`` itself (``load_dataset``, ``load_from_disk``), so ids, configs and
 splits resolve exactly as they do for a user of that library; what the split's rows are is then the list of
-Arrow stream files behind it (``Dataset.cache_files``), which ``cluster.data`` reads in Ray Data read tasks.
+Arrow stream files behind it (``Dataset.cache_files``), which ``cluster.ingest.datasets`` reads in Ray Data read tasks.
 """
 
 from __future__ import annotations

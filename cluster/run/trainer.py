@@ -15,9 +15,9 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.data import build_datasets, build_eval_dataset, generation_samples
-from cluster.interrupts import watch_interrupts
-from cluster.preflight import DataInfo, check_resources
+from cluster.ingest.datasets import build_datasets, build_eval_dataset, generation_samples
+from cluster.run.interrupts import watch_interrupts
+from cluster.preflight.checks import DataInfo, check_resources
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 
@@ -43,8 +43,8 @@ def ensure_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    from cluster.console import ray_init_kwargs  # worker output on the console only with --verbose
-    from cluster.local_cluster import secure_embedded_token
+    from cluster.run.console import ray_init_kwargs  # worker output on the console only with --verbose
+    from cluster.remote.local_cluster import secure_embedded_token
 
     if address:
         ray.init(address=address, **ray_init_kwargs())
@@ -112,7 +112,7 @@ def build_trainer(
     """The ``TorchTrainer`` for a job: scaling, failure handling and checkpoint retention from the job.
 
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
-    ``console``: the workers' log folder and rank 0's event queue (``cluster.console.run_console``).
+    ``console``: the workers' log folder and rank 0's event queue (``cluster.run.console.run_console``).
     """
     from engine.loop.faults import debug_hooks
     from engine.safeguards.guards import read_drift_texts, read_retention_texts
@@ -131,7 +131,7 @@ def build_trainer(
             "drift_texts": read_drift_texts(job, split_files),  # target rows beside the retention set
             "debug": debug_hooks(),
             "generation_samples": generation_samples(job, info),  # validation prompts answered at each evaluation
-            "console": console,  # the workers' log folder and rank 0's event queue (cluster.console)
+            "console": console,  # the workers' log folder and rank 0's event queue (cluster.run.console)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.scaling.num_workers,
@@ -162,9 +162,9 @@ def deterministic_data_config() -> ray.train.DataConfig:
     ``preserve_order`` makes ``streaming_split(equal=True)`` hand out blocks in a fixed round (locality
     hints ignored), so an epoch's batches on each rank are a deterministic sequence: a resumed run skips
     exactly the batches its checkpoint trained on and sees the rest in the same order. The validation
-    split is split unevenly so every row counts exactly once (:class:`cluster.data.EveryRowDataConfig`).
+    split is split unevenly so every row counts exactly once (:class:`cluster.ingest.datasets.EveryRowDataConfig`).
     """
-    from cluster.data import EveryRowDataConfig
+    from cluster.ingest.datasets import EveryRowDataConfig
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
@@ -176,7 +176,7 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
     A URI (``s3://``, ``gs://``, ...) is passed to Ray as it is; a local path is made absolute.
     """
-    from cluster.preflight import is_uri
+    from cluster.preflight.checks import is_uri
 
     path = job.run.storage_path
     if not path:
@@ -203,7 +203,7 @@ class RunSummary:
     worker_nodes: list[str] = field(default_factory=list)
     """Ray node id of each training worker, in rank order."""
     layout: dict[str, Any] = field(default_factory=dict)
-    """Model size, trainable share, parameter groups and steps, as training rank 0 started (``cluster.console``)."""
+    """Model size, trainable share, parameter groups and steps, as training rank 0 started (``cluster.run.console``)."""
 
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
@@ -215,8 +215,8 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     check_resources(job, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     pad_token_id = get_task(job.model.task).preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
-    from cluster.console import run_console
-    from cluster.tracking import Tracker
+    from cluster.run.console import run_console
+    from cluster.run.tracking import Tracker
 
     tracker = Tracker(job)  # TensorBoard / MLflow / W&B as the job's tracking section says
     with watch_interrupts(), run_console(job) as console, tracker.running() as callbacks:  # Ctrl-C: exit 130, checkpoints kept
@@ -242,7 +242,7 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
             test = evaluate_export(job, info, export_dir)
     summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes, layout=console.layout)
     write_metrics(job, summary)
-    from cluster.run_report import write_run_report
+    from cluster.run.report import write_run_report
 
     tracker.finish(summary, list(write_run_report(job, info, summary)))  # curves.png, report.md
     remove_stale_checkpoints(job, [checkpoint for checkpoint, _ in result.best_checkpoints] + [result.checkpoint], best_checkpoint)
@@ -254,7 +254,7 @@ def remove_stale_checkpoints(job: JobSpec, registered: list[Any], best: Any) -> 
     retention never sees: not registered (written just before a driver died, or cut short by a crash) and
     not the best model, so ``output.keep_checkpoints`` holds however often the run was interrupted. Ray's
     ``num_to_keep`` looks after the registered ones. (Local storage only.)"""
-    from cluster.preflight import local_run_dir
+    from cluster.preflight.checks import local_run_dir
     from engine.checkpoints.store import RunFolder
 
     run_dir = local_run_dir(job)
@@ -272,7 +272,7 @@ def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str,
     """Complete checkpoints in the job's (local) run folder that Ray Train does not list, with the metrics
     their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
     may hold the best model. (A URI storage path is not listed here.)"""
-    from cluster.preflight import local_run_dir
+    from cluster.preflight.checks import local_run_dir
     from engine.checkpoints.store import STATE, RunFolder, is_complete
 
     run_dir = local_run_dir(job)

@@ -2,7 +2,7 @@
 trial of every other strategy at the same budget (ASHA stops trials at different steps, so each pair is
 compared at the last step both reached), with the difference and its noise, or "the search cannot tell".
 
-Pure functions on the trial rows and histories of ``cluster.tune``; no Ray, no torch.
+Pure functions on the trial rows and histories of ``cluster.tune.search``; no Ray, no torch.
 """
 
 from __future__ import annotations

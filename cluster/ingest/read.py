@@ -1,7 +1,7 @@
 """Reading a split with Ray Data, and the helpers every modality's ingest shares (text and speech).
 
 Lazy reads re-cut into small blocks, the block-size limits, the in-memory-shuffle decision, and the
-stable hold-out of validation rows. ``cluster.data`` (text) and ``cluster.data_speech`` build on these.
+stable hold-out of validation rows. ``cluster.ingest.datasets`` (text) and ``cluster.ingest.speech`` build on these.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from cluster.data_rows import PATH_COLUMN, RowRules, check_batch
-from cluster.preflight import SplitInfo
+from cluster.ingest.rows import PATH_COLUMN, RowRules, check_batch
+from cluster.preflight.checks import SplitInfo
 from engine.preprocessing.chat import as_messages
 from engine.preprocessing.datafiles import ARROW_STREAM
 

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from cluster.console import format_duration, is_verbose
+from cluster.run.console import format_duration, is_verbose
 
 
 def tune_verbosity() -> int:

@@ -55,7 +55,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def submit_command(job: str, overrides: list[str], address: str | None, command: str = "train", wait: bool = False,
                    ship_code: bool = True, pip: bool = False) -> int:
     """Submit ``shoulders <command> job`` to the cluster and print the job id (``shoulders tune --address`` too)."""
-    from cluster import submit as remote
+    from cluster.remote import submit as remote
 
     job_id = remote.submit(job, overrides, address, command=command, ship_code=ship_code, pip=pip)
     print(job_id)
@@ -67,7 +67,7 @@ def submit_command(job: str, overrides: list[str], address: str | None, command:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster import submit as remote
+    from cluster.remote import submit as remote
 
     client = remote.connect(args.address)
     state = remote.wait_for_final(client, args.job_id) if args.wait else remote.job_status(client, args.job_id)
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from cluster import submit as remote
+    from cluster.remote import submit as remote
 
     client = remote.connect(args.address)
     if args.follow:
@@ -89,7 +89,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from cluster import submit as remote
+    from cluster.remote import submit as remote
 
     state = remote.stop(remote.connect(args.address), args.job_id, args.timeout)
     print(f"job {args.job_id}: {state}")
@@ -97,7 +97,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from cluster import submit as remote
+    from cluster.remote import submit as remote
 
     rows = remote.list_jobs(remote.connect(args.address))
     for row in rows:
@@ -108,7 +108,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from cluster import local_cluster
+    from cluster.remote import local_cluster
 
     folder = args.dir or local_cluster.default_cluster_dir()
     if args.action == "up":

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.report_files import save_fig, write_atomic
-from cluster.report_forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
-from cluster.tune_evidence import recommendation  # noqa: F401  (the recommendation rule, also for tests)
-from cluster.tune_space import tune_metric
+from cluster.run.report_files import save_fig, write_atomic
+from cluster.run.forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
+from cluster.tune.evidence import recommendation  # noqa: F401  (the recommendation rule, also for tests)
+from cluster.tune.space import tune_metric
 from engine.config.schema import JobSpec, job_to_yaml
 
 CSV_FIELDS = [
@@ -66,7 +66,7 @@ def plot_results(out_dir: Path, rows: list[dict[str, Any]], histories: dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cluster.tune_evidence import best_up_to, trial_strategy
+    from cluster.tune.evidence import best_up_to, trial_strategy
 
     scored = [r for r in rows if r["best"] is not None]
     if not scored:
@@ -173,7 +173,7 @@ def write_report(
 ) -> Path:
     """``report.md``: the chosen strategy, freeze depth and LR ratio, gain over scratch, forgetting, train/val
     gap, the recommendation and the ranked trials."""
-    from cluster.transfer import verdict_section
+    from cluster.run.scratch_twin import verdict_section
 
     from engine.models.blocks import resolve_freeze_depth
 
@@ -210,8 +210,8 @@ def write_report(
         if verdict is not None and verdict[0].verdict == "no_signal":
             lines += [f"None: {verdict[0].advice}", ""]
         else:
-            from cluster.tune_evidence import compare_strategies, recommendation_lines
-            from cluster.tune_space import tune_mode
+            from cluster.tune.evidence import compare_strategies, recommendation_lines
+            from cluster.tune.space import tune_mode
 
             num_val = getattr(outcome, "validation_rows", None)
             comparisons = compare_strategies(rows, outcome.histories, metric, tune_mode(job), depth, num_val)

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from cluster.console import COUNTS, metric_keys
+from cluster.run.console import COUNTS, metric_keys
 from engine.config.schema import JobSpec
 
 
@@ -38,7 +38,7 @@ def print_summary(job: JobSpec, summary: Any, scratch: Any | None = None) -> Non
     if summary.export_dir:
         console.print(f"exported model: {summary.export_dir}")
     console.print(f"metrics: {job.output_dir / 'metrics.json'}")
-    from cluster.report_forgetting import forgetting_lines
+    from cluster.run.forgetting import forgetting_lines
 
     for line in forgetting_lines(summary.history[-1] if getattr(summary, "history", None) else {}, job):
         console.print(line.removeprefix("- "))  # forgetting of the source and drift on target data, with units

@@ -11,8 +11,8 @@ import os
 
 import ray.data
 
-from cluster.data_read import fits_in_object_store, read_split, select_rows
-from cluster.preflight import DataInfo, SplitInfo, row_rules
+from cluster.ingest.read import fits_in_object_store, read_split, select_rows
+from cluster.preflight.checks import DataInfo, SplitInfo, row_rules
 from engine.config.schema import JobSpec
 from engine.tasks import get_task
 
@@ -39,7 +39,7 @@ def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
 
 
 def read_audio_split(split: SplitInfo, job: JobSpec, labels: list[str] | None, shuffle_seed: int | None = None) -> ray.data.Dataset:
-    """:func:`cluster.data_read.read_split` of a speech split, re-cut into blocks unless :func:`inline_audio`."""
+    """:func:`cluster.ingest.read.read_split` of a speech split, re-cut into blocks unless :func:`inline_audio`."""
     recut = not inline_audio(split, job.data.rows_per_block)
     return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=recut, rules=row_rules(job, split, labels))
 

@@ -135,7 +135,7 @@ def compute_concurrency(
     """How many trials can run at once without starving each other or their Ray Data pipelines.
 
     Every running trial holds ``trial_cpus`` plus its workers' CPUs (and one GPU per worker), and
-    ``data_cpus`` in its placement group for its Ray Data pipelines (see ``cluster.tune.trial_resources``).
+    ``data_cpus`` in its placement group for its Ray Data pipelines (see ``cluster.tune.search.trial_resources``).
     Logical CPUs are the cluster's real ones (an embedded local Ray has the machine's cores): on 2 cores
     one 2-worker trial at a time trains faster than two trials sharing the cores (measured: an epoch took
     73-88 s with two trials at once against ~20 s alone).

@@ -1,19 +1,19 @@
-"""``curves.png`` and ``report.md`` of every training run, in the look of the tune report (``cluster.tune_report``)."""
+"""``curves.png`` and ``report.md`` of every training run, in the look of the tune report (``cluster.tune.report``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from cluster.console import log_dir, metric_keys
-from cluster.report_files import save_fig, write_atomic
-from cluster.report_forgetting import forgetting_lines
+from cluster.run.console import log_dir, metric_keys
+from cluster.run.report_files import save_fig, write_atomic
+from cluster.run.forgetting import forgetting_lines
 
 CURVES = "curves.png"
 REPORT = "report.md"
 SAFEGUARD_KEYS = ("train_val_gap", "frozen_blocks", "retention_")
 """Prefixes of the safeguards' other per-evaluation numbers that the report lists (forgetting and drift come
-first, named with their units: ``cluster.report_forgetting.forgetting_lines``)."""
+first, named with their units: ``cluster.run.forgetting.forgetting_lines``)."""
 
 
 def series(history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:

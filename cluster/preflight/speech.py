@@ -42,7 +42,7 @@ def check_feature_options(job: JobSpec) -> dict[str, Any]:
 
 def probe_rates(job: JobSpec, split: Any) -> set[int]:
     """Sampling rates of the first :data:`PROBE_ROWS` clips of a split (headers only)."""
-    from cluster.data_rows import open_dataset
+    from cluster.ingest.rows import open_dataset
     from engine.preprocessing.audio import audio_info
 
     column = job.data.audio_column
@@ -91,7 +91,7 @@ def prepare_speech_job(job: JobSpec, info: Any) -> JobSpec:
         return job.model_copy(update={"model": model.model_copy(update={"tokenizer": os.path.abspath(os.path.expanduser(model.tokenizer))})})
     if not get_task(model.task).builds_target_vocab or model.tokenizer or has_tokenizer(model.name):
         return job
-    from cluster.data_rows import open_dataset
+    from cluster.ingest.rows import open_dataset
 
     split = info.splits["train"]
     transcripts = open_dataset(split.files, split.format).to_table(columns=[job.data.transcript_column]).column(0).to_pylist()

@@ -1,7 +1,7 @@
 """Submitting a job to a Ray cluster through the Ray Jobs API, and watching or stopping it.
 
 ``submit`` validates the job here first (schema, data files, columns, labels, model: the driver-side
-checks of :mod:`cluster.preflight`), so a broken job never reaches the cluster. It then packs the job file
+checks of :mod:`cluster.preflight.checks`), so a broken job never reaches the cluster. It then packs the job file
 and every local file the job names (data splits, a local model folder, retention data) into the runtime
 environment's ``working_dir``, rewrites those paths relative to it (the job driver and every worker run
 with the unpacked ``working_dir`` as their current directory), and ships this checkout's ``engine`` and
@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from cluster.preflight import check_data, check_model, is_uri, resolve_files
+from cluster.preflight.checks import check_data, check_model, is_uri, resolve_files
 from engine.config.schema import DatasetSource, JobSpec, build_job, load_job
 from engine.errors import JobError
 
@@ -283,7 +283,7 @@ def prepare_submission(job_path: str, overrides: list[str] | None = None) -> Pac
 
 def submit(job_path: str, overrides: list[str] | None = None, address: str | None = None, command: str = "train",
            ship_code: bool = True, pip: bool = False, log: TextIO = sys.stderr) -> str:
-    """Validate and pack the job locally, then submit ``python -m cluster.cli <command> job.yaml``; returns the job id."""
+    """Validate and pack the job locally, then submit ``python -m cluster.cli.main <command> job.yaml``; returns the job id."""
     package = prepare_submission(job_path, overrides)
     job = package.job
     if not job.run.storage_path and not os.path.isabs(job.output.dir):
@@ -293,7 +293,7 @@ def submit(job_path: str, overrides: list[str] | None = None, address: str | Non
     with tempfile.TemporaryDirectory(prefix="shoulders-submit-") as tmp:
         folder = write_package(package, Path(tmp))
         job_id = client.submit_job(
-            entrypoint=f"python -m cluster.cli {command} {JOB_FILE}",
+            entrypoint=f"python -m cluster.cli.main {command} {JOB_FILE}",
             submission_id=submission_id(job),
             runtime_env=build_runtime_env(folder, ship_code, pip),
             metadata={"shoulders_job": job.name, "shoulders_command": command},

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.data_rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
-from cluster.preflight_text import check_text, text_required_columns
+from cluster.ingest.rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
+from cluster.preflight.text import check_text, text_required_columns
 from engine.config.schema import DatasetSource, JobSpec
 from engine.errors import JobError
 from engine.preprocessing.datafiles import ARROW_STREAM, open_files
@@ -80,7 +80,7 @@ def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo
     it is not empty."""
     key = f"data.{name}"
     if isinstance(path, DatasetSource):
-        from cluster.preflight_hf import dataset_split_files
+        from cluster.preflight.hf import dataset_split_files
 
         files, expected_rows = dataset_split_files(path, key)
         fmt, where = ARROW_STREAM, path.describe()
@@ -167,7 +167,7 @@ def check_data(job: JobSpec) -> DataInfo:
     if "validation" not in splits and job.data.validation_fraction <= 0:
         raise JobError("data.validation is not set and data.validation_fraction is 0: give a validation split or a fraction > 0 to hold out.")
     if get_task(job.model.task).modality == "audio":
-        from cluster.preflight_speech import check_speech
+        from cluster.preflight.speech import check_speech
 
         check_speech(job, splits)
     check_text(job, splits)  # prompt/completion and chat rows, the chat template
@@ -264,8 +264,8 @@ def check_eval_data(job: JobSpec, labels: list[str] | None, path: str) -> DataIn
 
 
 def check_model(job: JobSpec) -> None:
-    """The model (hub id or folder) is there, readable and able to do the job as set (``cluster.preflight_model``)."""
-    from cluster.preflight_model import check_model_files
+    """The model (hub id or folder) is there, readable and able to do the job as set (``cluster.preflight.model``)."""
+    from cluster.preflight.model import check_model_files
 
     check_model_files(job)
 
@@ -334,7 +334,7 @@ def check_resources(job: JobSpec, cpus: float | None = None, gpus: float | None 
             resources = ray.cluster_resources()
             cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
         elif os.environ.get("RAY_ADDRESS"):
-            return  # a cluster's resources are known once connected (cluster.trainer checks them then)
+            return  # a cluster's resources are known once connected (cluster.run.trainer checks them then)
         else:
             cpus, gpus = float(os.cpu_count() or 1), None
     scaling = job.scaling
@@ -370,7 +370,7 @@ def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     info = check_data(job)
     check_output(job, resume)
     if get_task(job.model.task).modality == "audio":
-        from cluster.preflight_speech import prepare_speech_job
+        from cluster.preflight.speech import prepare_speech_job
 
         job = prepare_speech_job(job, info)
     return with_absolute_paths(job), info

@@ -130,7 +130,7 @@ def save_demo_models(models_dir: str | os.PathLike) -> list[Path]:
     No wav2vec2/Whisper weights install from a package registry, so the demo jobs fine-tune small
     models of the real architectures built from their config classes, saved like hub checkpoints.
     """
-    from cluster.speech_models import save_tiny_wav2vec2, save_tiny_whisper
+    from cluster.datagen.speech_models import save_tiny_wav2vec2, save_tiny_whisper
 
     root = Path(models_dir)
     builders = {

@@ -69,7 +69,7 @@ def check_chat_template(job: JobSpec) -> None:
 
 def iter_column(files: list[str], fmt: str, column: str) -> Iterator[Any]:
     """The values of one column of a split, in file and row order, a batch at a time."""
-    from cluster.data_rows import open_dataset
+    from cluster.ingest.rows import open_dataset
 
     for batch in open_dataset(files, fmt).to_batches(columns=[column]):
         yield from batch.column(0).to_pylist()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight import DataInfo, SplitInfo, open_dataset
+from cluster.preflight.checks import DataInfo, SplitInfo, open_dataset
 from engine.config.schema import JobSpec
 from engine.safeguards.transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
 
@@ -103,8 +103,8 @@ def train_scratch_twin(job: JobSpec, info: DataInfo, out_dir: Path) -> tuple[Any
     (no export) in ``out_dir/lr-<i>``; the best on validation then trains the full budget. With a fraction
     of 1 the best candidate's run is the twin. Returns the twin's ``RunSummary`` and the search record.
     """
-    from cluster.trainer import run_training
-    from cluster.tune_space import step_budget
+    from cluster.run.trainer import run_training
+    from cluster.tune.space import step_budget
 
     metric, mode = job.eval_metric, job.eval_mode
     lrs = candidate_lrs(job)
@@ -202,7 +202,7 @@ def write_verdict(out_dir: Path, verdict: TransferVerdict, search: ScratchSearch
 def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSearch | None = None) -> Path | None:
     """Put the verdict section (as in the search's report) into a run's ``report.md``, replacing an earlier
     one; nothing when the run wrote no report."""
-    from cluster.report_files import write_atomic
+    from cluster.run.report_files import write_atomic
 
     if not report.is_file():
         return None
