@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compare-scratch", action="store_true", help="also train the same architecture from random weights and compare")
     train.add_argument("--verbose", action="store_true", help="show Ray's, transformers' and the workers' output on the console, not only in the run's logs/")
 
-    validate = sub.add_parser("validate", help="check a job file (schema, data files, columns, labels, model) without training")
+    validate = sub.add_parser("validate", help="run every check train runs before Ray starts (schema, model, data, resources, output), without training")
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
-    validate.add_argument("--schema-only", action="store_true", help="check the schema only, not data or model")
+    validate.add_argument("--schema-only", action="store_true", help="check the schema only, not data, model, resources or output")
+    validate.add_argument("--tune", action="store_true", help="run the checks of shoulders tune instead (trial resources, search space, an existing search)")
+    validate.add_argument("--resume", action="store_true", help="check as train --resume would (a run to resume must be there)")
     validate.add_argument("--explain", action="store_true", help="print every key with its default and description")
 
     evaluate = sub.add_parser("eval", help="evaluate an exported model folder on a data file")
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every check ``train`` (or, with ``--tune``, ``tune``) makes before Ray starts, through the same functions."""
     from engine.config.schema import field_docs, load_job
 
     job = load_job(args.job, args.overrides)
@@ -108,13 +111,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{key} = {default}\n    {doc}")
         return 0
     if not args.schema_only:
-        from cluster.preflight.checks import check_data, check_model
+        if args.tune:
+            from cluster.tune.search import validate_search
 
-        check_model(job)
-        info = check_data(job)
+            job, info = validate_search(args.job, args.overrides, resume=args.resume)
+        else:
+            from cluster.preflight.checks import preflight_checks
+
+            info = preflight_checks(job, resume=args.resume)
         rows = ", ".join(f"{s.name} {s.num_rows} rows" for s in info.splits.values())
         print(f"data: {rows}" + (f"; labels {info.labels}" if info.labels else ""))
-    print(f"ok: {args.job} is a valid job ('{job.name}', task {job.model.task}, output {job.output_dir})")
+    checked = "schema" if args.schema_only else ("every check of shoulders tune" if args.tune else "every check of shoulders train")
+    print(f"ok: {args.job} is a valid job ('{job.name}', task {job.model.task}, output {job.output_dir}; {checked})")
     return 0
 
 

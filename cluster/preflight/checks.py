@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,11 @@ def check_writable(path: Path, key: str) -> None:
         raise JobError(f"{key} '{path}' lies under '{probe}', which is a file, so the folder cannot be made. Choose another {key}.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise JobError(f"{key} '{path}': '{probe}' is not writable by this user. Choose a folder you can write, e.g. under your home.")
+    try:  # permissions do not tell everything (root, /proc, a read-only mount): make a folder there and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".shoulders-probe-", dir=probe))
+    except OSError as exc:
+        raise JobError(f"{key} '{path}': no folder can be made in '{probe}' ({exc.strerror or exc}). "
+                       f"Choose another {key}, e.g. under your home.") from None
 
 
 def check_resources(job: JobSpec, cpus: float | None = None, gpus: float | None = None, extra_cpus: float = 0.0, what: str = "the run") -> None:
@@ -360,8 +366,9 @@ def with_absolute_paths(job: JobSpec) -> JobSpec:
     return job
 
 
-def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
-    """All checks a job must pass before Ray starts anything; returns the job with absolute paths."""
+def preflight_checks(job: JobSpec, resume: bool = False) -> DataInfo:
+    """Every refusal a job can meet before Ray starts, in the order ``train`` meets them; writes nothing.
+    ``shoulders validate`` runs exactly this, so a job it passes is never refused by :func:`preflight`."""
     check_model(job)
     check_writable(job.output_dir, "output.dir")
     if job.run.storage_path and not is_uri(job.run.storage_path):
@@ -369,6 +376,13 @@ def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     check_resources(job)
     info = check_data(job)
     check_output(job, resume)
+    return info
+
+
+def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
+    """All checks a job must pass before Ray starts anything (:func:`preflight_checks`); returns the job with
+    absolute paths and, for speech, its target tokenizer settled."""
+    info = preflight_checks(job, resume)
     if get_task(job.model.task).modality == "audio":
         from cluster.preflight.speech import prepare_speech_job
 

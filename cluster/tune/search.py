@@ -314,22 +314,44 @@ def check_tune_output(job: JobSpec, resume: bool) -> None:
         )
 
 
-def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneOutcome:
-    """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
-    import time
+def check_search(job: JobSpec, raw: dict[str, Any], resume: bool = False) -> tuple[dict[str, Any], int | None]:
+    """The checks ``tune`` adds to the train preflight (``job`` has passed it): each trial fits the cluster, no
+    search is overwritten, the space is valid. Returns the base job of the trials and the model's depth."""
+    from cluster.preflight.checks import check_resources, with_absolute_paths
 
-    from cluster.run.interrupts import Interrupted, watch_interrupts
-    from cluster.preflight.checks import check_resources, preflight
-    from engine.config.schema import read_job_file
-
-    started = time.perf_counter()
-    raw = merge(read_job_file(job_path), parse_overrides(overrides))
-    job, info = preflight(build_job(raw, job_path))
+    job = with_absolute_paths(job)
     check_resources(job, extra_cpus=job.tune.data_cpus, what="each trial")
     check_tune_output(job, resume)
     base_raw = merge(raw, {"model": {"name": job.model.name}, "output": {"dir": str(job.output_dir)}})
     depth = _depth_or_none(job)
     check_space(base_raw, search_space(job, depth) if depth is not None else dict(job.tune.space))
+    return base_raw, depth
+
+
+def validate_search(job_path: str, overrides: list[str], resume: bool = False) -> tuple[JobSpec, DataInfo]:
+    """Every check ``shoulders tune`` makes before Ray starts (``shoulders validate --tune``); writes nothing."""
+    from cluster.preflight.checks import preflight_checks
+    from engine.config.schema import read_job_file
+
+    raw = merge(read_job_file(job_path), parse_overrides(overrides))
+    job = build_job(raw, job_path)
+    info = preflight_checks(job)
+    check_search(job, raw, resume)
+    return job, info
+
+
+def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneOutcome:
+    """``shoulders tune``: validate, search, test the best trial, compare with scratch, write the report."""
+    import time
+
+    from cluster.run.interrupts import Interrupted, watch_interrupts
+    from cluster.preflight.checks import preflight
+    from engine.config.schema import read_job_file
+
+    started = time.perf_counter()
+    raw = merge(read_job_file(job_path), parse_overrides(overrides))
+    job, info = preflight(build_job(raw, job_path))
+    base_raw, depth = check_search(job, raw, resume)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     from cluster.run.start import start_run
 

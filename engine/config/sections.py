@@ -48,6 +48,14 @@ class ModelSpec(Section):
     asr_task: Literal["transcribe", "translate"] = "transcribe"
     """``speech_seq2seq`` (Whisper): task token of the decoder prefix."""
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_empty(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and not labels:
+            raise ValueError("an empty list names no class: list the class names in index order, "
+                             "or remove model.labels to read them from the training data")
+        return labels
+
     @model_validator(mode="after")
     def _check_head(self) -> ModelSpec:
         if self.head == "keep" and self.from_scratch:

@@ -140,6 +140,7 @@ simple("value: LoRA targets no module", lambda c: c.train(c.job(finetune={"strat
        "peft.target_modules", "q_proj", "query")
 simple("value: unknown strategy", lambda c: c.train(c.job(finetune={"strategy": "turbo"})), "finetune.strategy")
 simple("value: unknown task", lambda c: c.train(c.job(model={"task": "translation"})), "model.task")
+simple("value: empty label list", lambda c: c.train(c.job(model={"labels": []})), "model.labels", "empty list")
 simple("value: duplicate labels", lambda c: c.train(c.job(model={"labels": ["food", "food", "tech"]})), "model.labels")
 simple("value: adapter export without PEFT", lambda c: c.train(c.job(output={"export": "adapter"})), "output.export")
 simple("value: zero_stage under ddp", lambda c: c.train(c.job(backend={"zero_stage": 2})), "backend.zero_stage")
@@ -227,6 +228,7 @@ simple("output: a file", lambda c: c.train(c.job(output={"dir": str(_bytes(c, b"
 simple("output: under a file", lambda c: c.train(c.job(output={"dir": str(_bytes(c, b"x", "taken") / "run")})), "output.dir", "lies under")
 simple("output: finished run there", lambda c: c.train(c.job(output={"dir": str(_put(c.root / "done", "metrics.json", b"{}"))})), "already holds a finished run")
 simple("output: --resume without a run", lambda c: c.train(c.job(), "--resume"), "no run to resume")
+simple("output: under /proc", lambda c: c.train(c.job(output={"dir": "/proc/shoulders-run/out"})), "output.dir", "'/proc'", "no folder can be made")
 simple("output: storage_path a file", lambda c: c.train(c.job(run={"storage_path": str(_bytes(c, b"x", "store"))})), "run.storage_path")
 
 # ---------------------------------------------------------------------------------------------------

@@ -58,3 +58,36 @@ def test_bad_input_is_refused_before_any_worker(name, ctx, capsys):
     assert not missing, f"the error does not name {missing}:\n{text}"
     assert files_under(ctx.root) == before, "a refused job wrote files"
     assert elapsed < 5.0, f"{name} took {elapsed:.1f} s"
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def as_validate(argv: list[str]) -> list[str] | None:
+    """The ``validate`` command line that checks what ``argv`` (a train or tune command) would run, or None."""
+    if argv[0] == "train":
+        return ["validate", *argv[1:]]
+    if argv[0] == "tune":
+        return ["validate", "--tune", *argv[1:]]
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_validate_refuses_what_train_and_tune_refuse(name, ctx, capsys):
+    """``validate`` is the preflight: every case ``train`` or ``tune`` refuses, it refuses with the same message."""
+    argv, _ = CASES[name](ctx)
+    validate = as_validate(argv)
+    if validate is None:
+        pytest.skip(f"{argv[0]} is not train or tune")
+    code, text = run_cli(argv, capsys)
+    assert code == 2, text
+    v_code, v_text = run_cli(validate, capsys)
+    assert v_code == 2, f"validate said exit {v_code} where {argv[0]} refused:\n{v_text}\n--- {argv[0]}:\n{text}"
+    errors = [line for line in text.splitlines() if line.startswith("error") or line.startswith("  - ")]
+    assert errors and errors == [line for line in v_text.splitlines() if line.startswith("error") or line.startswith("  - ")], (text, v_text)
