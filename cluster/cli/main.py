@@ -14,10 +14,25 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
+class EnvAction(argparse.Action):
+    """``--version``: print what ``shoulders env`` prints and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=kwargs.get("help"))
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+        from cluster.cli.env import print_env
+
+        print_env()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="shoulders", description="Transfer learning at scale on Ray: one job file, laptop to cluster.")
+    parser.add_argument("--version", action=EnvAction, help="print the versions and devices the engine sees (shoulders env) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print versions, devices, DeepSpeed ops and the Hugging Face cache the engine sees, one line each")
 
     train = sub.add_parser("train", help="fine-tune a pre-trained model as a job file says")
     train.add_argument("job", help="job YAML file")
@@ -212,6 +227,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from cluster.cli.env import print_env
+
+    print_env()
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     if args.address:
         from cluster.cli.remote import submit_command
@@ -225,7 +247,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune, "generate": cmd_generate, "env": cmd_env}
 COMMANDS.update(REMOTE_COMMANDS)
 
 if __name__ == "__main__":
