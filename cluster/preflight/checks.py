@@ -285,9 +285,13 @@ def local_run_dir(job: JobSpec) -> Path | None:
 def run_started(run_dir: Path) -> bool:
     """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
     workers may have written one that a killed driver never registered; resume starts from it)."""
+    if (run_dir / RAY_RUN_SNAPSHOT).exists():
+        return True
+    if not run_dir.is_dir() or not any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
+        return False  # no checkpoint folder: answered without the checkpoint store (which loads torch)
     from engine.checkpoints.store import RunFolder
 
-    return (run_dir / RAY_RUN_SNAPSHOT).exists() or bool(RunFolder.local(run_dir).checkpoints())
+    return bool(RunFolder.local(run_dir).checkpoints())
 
 
 def check_output(job: JobSpec, resume: bool = False) -> None:

@@ -65,18 +65,42 @@ def locate_model(name: str, revision: str | None) -> ModelFiles:
         return ModelFiles(name, read_config(local / "config.json", name), local, hub=False)
     first = local.parts[0] if local.parts else ""
     if not HUB_ID.match(name) or ".." in name or (len(local.parts) > 1 and Path(first).is_dir()):
-        raise JobError(f"model.name: folder '{name}' does not exist. Give an existing folder written by save_pretrained, or a hub id (org/model).")
+        raise JobError(
+            f"model.name: folder '{name}' does not exist (relative paths are looked up from the working directory "
+            f"{Path.cwd()}), and it is not a hub id (org/model) either. Give a folder written by save_pretrained, or a hub id."
+        )
     from huggingface_hub import hf_hub_download
 
     try:
         path = Path(hf_hub_download(name, "config.json", revision=revision))
     except Exception as exc:  # hub errors come in many types; all mean the same to the user
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else "the hub"
-        raise JobError(
-            f"model.name: '{name}' is neither a local folder nor a model in {where}: {str(exc).splitlines()[0]} "
-            "Check the hub id (org/model) and model.revision, or give a folder written by save_pretrained."
-        ) from None
+        raise JobError(missing_model_message(name, revision, exc)) from None
     return ModelFiles(name, read_config(path, name), path.parent, hub=True)
+
+
+MESSAGE_CHARS = 200
+"""The longest a missing-model line is made (details are dropped, most specific last, to fit)."""
+
+
+def missing_model_message(name: str, revision: str | None, exc: Exception) -> str:
+    """One line for a ``model.name`` that is neither a folder under the working directory nor a hub model this
+    machine can get: where both were looked up, and the two fixes (download it, or give a local folder)."""
+    from huggingface_hub import constants
+
+    home, cache = str(Path.home()), constants.HF_HUB_CACHE
+    cache = "~" + cache[len(home):] if home != "/" and cache.startswith(home + "/") else cache
+    wheres = [f"is no folder in {Path.cwd()}", "is no local folder"]
+    if not hub_offline():
+        reason = " ".join(str(exc).split())[:100]
+        return (f"model.name: '{name}' {wheres[0]}, and the hub did not give it ({reason}). "
+                "Check the hub id and model.revision, or give a local folder.")
+    rev = f" --revision {revision}" if revision else ""
+    fetches = [f"hf download {name}{rev} --local-dir models/{name.split('/')[-1]}", f"hf download {name}{rev}"]
+    candidates = [
+        f"model.name: '{name}' {where}, nor in the offline HF cache {cache}. Fix: `{fetch}` where online, or a local folder."
+        for fetch in fetches for where in wheres
+    ]
+    return next((c for c in candidates if len(c) <= MESSAGE_CHARS), candidates[-1])
 
 
 def read_config(path: Path, name: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def test_validate_and_submit_checks_import_neither_torch_nor_the_loop(tiny_bert,
         from cluster.cli import remote as cli_remote
         from cluster.remote import submit
         assert main(["validate", {str(job)!r}]) == 0
+        assert main(["validate", "--tune", {str(job)!r}]) == 0
         submit.prepare_submission({str(job)!r})
         heavy = ["torch", "ray.train", "ray.data", "engine.loop.recipe", "engine.models.prepare", "peft", "deepspeed"]
         print(json.dumps({{name: name in sys.modules for name in heavy}}))
