@@ -18,6 +18,15 @@ standard error here: their margin is ``min_gain`` alone, and the verdict says so
 
 The gain is always "how much better pre-trained is": pre-trained minus scratch for higher-is-better
 metrics, scratch minus pre-trained for lower-is-better ones (loss, perplexity, WER).
+
+Every verdict states its strength, on a three-step scale:
+
+- *clear*: the verdict clears its bar by at least one more standard error (a gain of ``min_gain`` + 3 SE or
+  more), and the model it favours beats chance and the majority class by 3 SE or more as well;
+- *weak*: the verdict holds, but within one standard error of a bar, or the metric carries no standard error
+  here (loss, perplexity): another test sample or seed could flip it. The verdict says what would settle it
+  (about how many test rows make a gain of this size clear, more seeds, another split);
+- *none*: nothing was shown either way (no signal, or no measurable gain); it says what would settle it too.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ Z = 2.0
 
 PROPORTION_METRICS = ("accuracy", "macro_f1", "wer", "cer")
 """Metrics that are shares of the evaluated rows: a binomial standard error applies."""
+
+CLEAR_SE = 1.0
+"""Standard errors beyond a verdict's bar (``Z`` SE) that make it clear rather than weak."""
 
 NAMES = {
     "positive": "positive transfer",
@@ -156,9 +168,49 @@ class TransferVerdict:
         """Whether the user should act: anything but positive transfer (or a run above chance without twin)."""
         return self.verdict not in ("positive", "above_baseline")
 
+    def signal_clearance(self, value: float | None) -> float | None:
+        """Standard errors by which an accuracy ``value`` clears the baselines' threshold (None without baselines)."""
+        if value is None or self.baselines is None or not self.n:
+            return None
+        se = proportion_se(self.baselines.best, self.n)
+        return math.inf if se == 0 else (value - self.baselines.threshold(self.n)) / se
+
+    @property
+    def strength(self) -> str:
+        """``clear``, ``weak`` or ``none``: how sure the verdict is (the scale is in this module's docstring)."""
+        if self.verdict in ("no_signal", "no_gain"):
+            return "none"
+        favoured = self.scratch_signal if self.verdict == "negative" else self.pretrained_signal
+        signal = self.signal_clearance(favoured)
+        if self.verdict == "above_baseline":
+            return "none" if signal is None else ("clear" if signal >= CLEAR_SE else "weak")
+        if not self.se or self.gain is None or (abs(self.gain) - self.margin) / self.se < CLEAR_SE:
+            return "weak"
+        return "weak" if signal is not None and signal < CLEAR_SE else "clear"
+
+    @property
+    def settle(self) -> str | None:
+        """What would settle a weak or empty verdict (None for a clear one)."""
+        if self.strength == "clear":
+            return None
+        seeds = "repeat both arms with 2-3 other seeds (seed=N) and another split"
+        if self.verdict == "no_signal":
+            return f"to settle it: fix what keeps the models at chance first (data, labels, steps); then {seeds}."
+        if self.se and self.gain is not None and self.n and abs(self.gain) > self.min_gain:
+            rows = math.ceil(self.n * ((Z + CLEAR_SE) * self.se / (abs(self.gain) - self.min_gain)) ** 2)
+            if rows > self.n:
+                return (f"to settle it: about {rows} test rows (now {self.n}) would make a gain of this size clear "
+                        f"(the standard error shrinks as 1/sqrt(rows)), or {seeds}.")
+        if self.se is None and self.scratch is not None:
+            return f"to settle it: {self.metric} carries no standard error here; {seeds} and compare the spread."
+        more = f" (now {self.n})" if self.n else ""
+        return f"to settle it: more test rows{more} narrow the margin as 1/sqrt(rows), or {seeds}."
+
     @property
     def advice(self) -> str:
         """What to do about this verdict."""
+        if self.verdict == "positive" and self.strength == "weak":
+            return "the pre-trained backbone came out ahead, but only just: treat it as a lead, not a result, until it is settled."
         return {
             "positive": "transfer helped: keep the pre-trained backbone.",
             "no_gain": "the pre-trained backbone did not measurably beat the same architecture trained from scratch: "
@@ -174,7 +226,7 @@ class TransferVerdict:
     def lines(self) -> list[str]:
         """The verdict and the numbers it rests on, one fact per line (plain text, also used in report.md)."""
         where = f"{self.evaluated_on} {self.metric}" + (f", n = {self.n}" if self.n else "")
-        out = [f"transfer verdict: {self.name}"]
+        out = [f"transfer verdict: {self.name} (strength: {self.strength})"]
         if self.scratch is None:
             out.append(f"{where}: pre-trained {self.pretrained:.4f} (no scratch twin)")
         else:
@@ -192,12 +244,16 @@ class TransferVerdict:
             seen = [f"pre-trained {self.pretrained_signal:.4f}"] + ([f"scratch {self.scratch_signal:.4f}"] if self.scratch_signal is not None else [])
             out.append(f"{self.signal_metric}: " + ", ".join(seen))
         out.append(self.advice)
+        if self.settle:
+            out.append(self.settle)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (``transfer.json``)."""
         record = asdict(self)
         record["name"] = self.name
+        record["strength"] = self.strength
+        record["settle"] = self.settle
         if self.baselines is not None:
             record["baselines"].update(chance=self.baselines.chance, threshold=self.baselines.threshold(self.n) if self.n else None)
         return record

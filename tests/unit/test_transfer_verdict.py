@@ -219,4 +219,52 @@ def test_verdict_section_goes_into_the_run_report_once(tmp_path):
     add_to_run_report(report, verdict(0.80, 0.50, baselines=BASE))  # a rerun replaces the section
     text = report.read_text()
     assert text.startswith("# Run report\n\n## Metrics\n\nval 0.5\n\n## Transfer verdict")
-    assert text.count("## Transfer verdict") == 1 and "**transfer verdict: positive transfer**" in text and "negative" not in text
+    assert text.count("## Transfer verdict") == 1 and "**transfer verdict: positive transfer (strength: " in text and "negative" not in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strength: clear / weak / none (the scale is in engine/safeguards/transfer.py's docstring)
+
+
+def test_strength_clear_gain():
+    # gain 0.30, se 0.0640312: 2.69 SE beyond the 2-SE margin; pre-trained 0.80 clears the 0.498 threshold by
+    # (0.80 - 0.4979796) / 0.0489898 = 6.2 SE
+    v = verdict(0.80, 0.50, baselines=BASE)
+    assert v.strength == "clear" and v.settle is None
+    assert v.lines()[0] == "transfer verdict: positive transfer (strength: clear)"
+    assert v.to_dict()["strength"] == "clear"
+
+
+def test_strength_weak_at_the_margins_edge():
+    # the case: a gain just above its 2-SE margin, on 500 test rows, scratch at the majority class
+    base = class_baselines({"a": 50, "b": 50})  # chance and majority 0.5; threshold on 500 rows 0.5 + 2 * 0.0223607
+    s = 0.50
+    p = 0.5710  # se = sqrt(.571*.429/500 + .25/500) = 0.0314630, margin 0.0629259: gain 0.0710 clears it by 0.26 SE
+    v = judge_transfer("accuracy", "max", {"accuracy": p}, {"accuracy": s}, 500, base)
+    assert v.verdict == "positive" and v.gain > v.margin and (v.gain - v.margin) / v.se < 1
+    assert v.strength == "weak"
+    assert v.lines()[0] == "transfer verdict: positive transfer (strength: weak)"
+    # rows that make this gain 3 SE: 500 * (3 * 0.0314630 / 0.0710)^2 = 883.7 -> 884
+    assert "about 884 test rows (now 500)" in v.settle and "seeds" in v.settle and "another split" in v.settle
+    assert "only just" in v.advice and v.settle in v.lines()
+
+
+def test_strength_weak_when_the_favoured_model_barely_beats_chance():
+    # a big gain over a scratch twin at chance, but pre-trained only 2.5 SE above the better baseline (0.5): weak
+    base = class_baselines({"a": 50, "b": 50})
+    p = 0.5 + 2.5 * 0.0223607  # 0.5559 on 500 rows: 0.5 SE past the 2-SE threshold
+    v = judge_transfer("accuracy", "max", {"accuracy": p}, {"accuracy": 0.40}, 500, base)
+    assert v.verdict == "positive" and (v.gain - v.margin) / v.se > 1
+    assert v.strength == "weak"
+
+
+def test_strength_none_when_both_arms_are_near_chance():
+    v = verdict(0.36, 0.35, baselines=BASE)
+    assert v.verdict == "no_signal" and v.strength == "none"
+    assert v.lines()[0] == "transfer verdict: no signal (strength: none)"
+    assert "chance" in v.settle and "seeds" in v.settle
+
+
+def test_strength_of_a_metric_without_standard_error_is_weak():
+    v = verdict(0.5, 0.8, metric="loss", mode="min")
+    assert v.verdict == "positive" and v.strength == "weak" and "no standard error" in v.settle

@@ -90,5 +90,5 @@ def test_report_has_the_verdict_and_no_recommendation_without_signal(tmp_path):
 
     no_signal = transfer_verdict("accuracy", 0.36, 0.34, "max", 100, baselines=class_baselines({"a": 40, "b": 30, "c": 30}))
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.36}, (no_signal, None), []).read_text()
-    assert "**transfer verdict: no signal**" in report and "## Recommendation\n\nNone: no signal" in report
+    assert "**transfer verdict: no signal (strength: none)**" in report and "## Recommendation\n\nNone: no signal" in report
     assert "cannot tell light" not in report

@@ -143,7 +143,7 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     verdict = transfer_verdict("accuracy", 0.4, 0.55, "max", 300)  # se 0.0403, margin 0.0807 < 0.15
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.4}, (verdict, None), plots).read_text()
     assert "light fine-tuning" in report and "2 of 6 blocks frozen" in report
-    assert "stopped 1 of them early" in report and "**transfer verdict: negative transfer**" in report and "learning_curves.png" in report
+    assert "stopped 1 of them early" in report and "**transfer verdict: negative transfer (strength: " in report and "learning_curves.png" in report
     assert "gain of pre-trained over scratch -0.1500; standard error 0.0403" in report
 
 
