@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated at most per answer")
     generate.add_argument("--jsonl", action="store_true", help="print one JSON line per answer")
 
+    merge = sub.add_parser("merge", help="fold an adapter export (output.export: adapter) into its base model: a folder plain transformers loads")
+    merge.add_argument("adapter_export", help="the model folder of a run with output.export: adapter (output.dir/model)")
+    merge.add_argument("out", help="new folder for the merged model")
+
+    init = sub.add_parser("init", help="print a starter job for a task and a model (shoulders init --task causal_lm --model ORG/NAME > job.yaml)")
+    init.add_argument("--task", required=True, help="what the model is adapted to do (model.task)")
+    init.add_argument("--model", required=True, help="hub id or local folder (model.name)")
+
     tune = sub.add_parser("tune", help="search freeze depth, LR ratios and other keys; write the transfer report")
     tune.add_argument("job", help="job YAML file (its tune: section sets the search)")
     tune.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base job")
@@ -227,6 +235,32 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.preflight.model import locate_model
+
+    config = Path(args.adapter_export) / "adapter_config.json"
+    if config.is_file():  # the base model is there (or cached) before torch loads: the preflight's message if not
+        try:
+            base = json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise JobError(f"shoulders merge: '{config}' is not a PEFT adapter config ({exc}).") from None
+        locate_model(base, None)
+    from engine.checkpoints.merge import merge_export
+
+    out = merge_export(args.adapter_export, args.out)
+    print(f"merged: {out} (loads with transformers' from_pretrained; shoulders eval and generate take it)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from cluster.cli.starter import starter_job
+
+    print(starter_job(args.task, args.model), end="")
+    return 0
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     from cluster.cli.env import print_env
 
@@ -247,7 +281,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune, "generate": cmd_generate, "env": cmd_env}
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "data": cmd_data, "tune": cmd_tune, "generate": cmd_generate, "env": cmd_env, "merge": cmd_merge, "init": cmd_init}
 COMMANDS.update(REMOTE_COMMANDS)
 
 if __name__ == "__main__":
