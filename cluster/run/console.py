@@ -118,13 +118,14 @@ def trainable_line(event: dict[str, Any]) -> str:
 
 
 class ProgressPrinter:
-    """Prints rank 0's events: on a terminal one progress line rewritten in place (evaluations above it);
-    otherwise a plain progress line each quarter of the run."""
+    """Prints rank 0's events: on a terminal one rich progress bar (step, bar, percent, loss, ETA) kept
+    below the evaluation lines; otherwise a plain progress line each quarter of the run, one line per report."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.bar_shown = False
+        self.bar: Any = None  # the rich Progress, once the first progress event came (terminal only)
+        self.bar_task: Any = None
         self.next_plain = PLAIN_PROGRESS_EVERY
         self.start_event: dict[str, Any] = {}
 
@@ -141,28 +142,46 @@ class ProgressPrinter:
             self.line(event["text"])
 
     def progress(self, event: dict[str, Any]) -> None:
-        text = bar_line(event["step"], event["total"], event.get("loss"), event.get("eta"))
+        step, total = event["step"], max(event["total"], 1)
         if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-            self.stream.flush()
-            self.bar_shown = True
-        elif event["step"] / max(event["total"], 1) >= self.next_plain:
-            while self.next_plain <= event["step"] / max(event["total"], 1):
+            loss, eta = event.get("loss"), event.get("eta")
+            fields = {"loss": f"loss {loss:.4f}" if loss is not None else "", "eta": f"eta {format_duration(eta)}" if eta is not None else ""}
+            if self.bar is None:
+                self.bar, self.bar_task = rich_progress(self.stream, total, fields)
+            self.bar.update(self.bar_task, completed=step, total=total, **fields)
+            self.bar.refresh()
+        elif step / total >= self.next_plain:
+            while self.next_plain <= step / total:
                 self.next_plain += PLAIN_PROGRESS_EVERY
-            self.line(text)
+            self.line(bar_line(step, total, event.get("loss"), event.get("eta")))
 
     def line(self, text: str) -> None:
-        if self.bar_shown:
-            self.stream.write("\r\x1b[2K")
-            self.bar_shown = False
+        if self.bar is not None:  # printed above the live bar
+            self.bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.bar_shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.bar_shown = False
+        if self.bar is not None:
+            self.bar.stop()  # the bar's last state stays on the terminal
+            self.bar = None
+
+
+def rich_progress(stream: TextIO, total: int, fields: dict[str, str]) -> tuple[Any, Any]:
+    """A started rich progress bar on ``stream``, refreshed by the caller (no thread of its own) and leaving
+    stdout and stderr alone; returns it with its task."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn
+
+    console = Console(file=stream, force_terminal=True)
+    bar = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[eta]}"),
+        console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False,
+    )
+    bar.start()
+    return bar, bar.add_task("train", total=total, **fields)
 
 
 class ConsoleFeed:

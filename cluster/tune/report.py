@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cluster.run.report_files import save_fig, write_atomic
 from cluster.run.forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
@@ -236,16 +237,28 @@ def moved(row: dict[str, Any]) -> str:
     return f"drift {row['drift']:.4f}" if row.get("drift") is not None else "-"
 
 
-def print_ranked(rows: list[dict[str, Any]], metric: str) -> None:
-    """The ranked trials as a table on the terminal."""
+def print_ranked(rows: list[dict[str, Any]], metric: str, stream: TextIO | None = None) -> None:
+    """The ranked trials as a table: on a terminal a rich table whose cells wrap at its width; written to a file
+    or a pipe, plain text lines never cut (the overrides, the widest column, last and whole)."""
+    stream = stream or sys.stdout
+    columns = ["rank", "trial", f"best {metric}", "evals", "stopped early", "forgetting (or drift)", "overrides"]
+    body = [[str(rank), r["trial_id"], "-" if r["best"] is None else f"{r['best']:.4f}", str(r["iterations"]),
+             "yes" if r["stopped_early"] else "no", moved(r), r["command"]] for rank, r in enumerate(rows, 1)]
+    if not stream.isatty():
+        from cluster.run.summary import text_table
+
+        fixed = text_table(columns[:-1], [row[:-1] for row in body])
+        width = max(map(len, fixed))
+        last = [columns[-1], "-" * len(columns[-1]), *(row[-1] for row in body)]
+        print("shoulders tune: trials, best first", file=stream)
+        print("\n".join(f"{line.ljust(width)}  {tail}" for line, tail in zip(fixed, last)), file=stream, flush=True)
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="shoulders tune: trials, best first")
-    for column in ("rank", "trial", "overrides", f"best {metric}", "evals", "stopped early", "forgetting (or drift)"):
-        table.add_column(column)
-    for rank, r in enumerate(rows, 1):
-        table.add_row(str(rank), r["trial_id"], r["command"], "-" if r["best"] is None else f"{r['best']:.4f}",
-                      str(r["iterations"]), "yes" if r["stopped_early"] else "no",
-                      moved(r))
-    Console(width=160).print(table)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in body:
+        table.add_row(*row)
+    Console(file=stream).print(table)

@@ -40,6 +40,8 @@ def test_progress_is_a_few_plain_lines_without_a_terminal_and_one_rewritten_line
     assert "eval @ step 50  train_loss 0.1000  val_accuracy 0.7500" in lines
     assert tty.getvalue().count("\n") == 2  # the eval line, and the bar's last state
     assert tty.getvalue().count("\r") >= 100
+    assert "━" in tty.getvalue() and "100/100" in tty.getvalue()  # rich's bar, drawn to the end
+    assert "eval @ step 50  train_loss 0.1000  val_accuracy 0.7500" in tty.getvalue()
     assert bar_line(40, 96, 0.8123, 35) == "step 40/96 [##########--------------]  42%  loss 0.8123  eta 35s"
 
 

@@ -92,3 +92,29 @@ def test_report_has_the_verdict_and_no_recommendation_without_signal(tmp_path):
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.36}, (no_signal, None), []).read_text()
     assert "**transfer verdict: no signal (strength: none)**" in report and "## Recommendation\n\nNone: no signal" in report
     assert "cannot tell light" not in report
+
+
+def test_ranked_table_in_a_file_is_whole_plain_utf8_and_wraps_on_a_terminal():
+    import io
+
+    from cluster.tune.report import print_ranked
+
+    long = "shoulders train JOB " + " ".join(f"finetune.some_long_key_{i}=0.00{i}" for i in range(12))
+    rows = [{"trial_id": f"t{i}", "command": long + f" seed={i}", "best": 0.5 + i / 10, "iterations": 3, "stopped_early": i == 1,
+             "forgetting": None, "drift": 0.0123} for i in range(3)]
+    out = io.StringIO()
+    print_ranked(rows, "val_accuracy", out)
+    text = out.getvalue()
+    text.encode("utf-8").decode("utf-8")
+    lines = text.splitlines()
+    assert all(line.isascii() for line in lines)  # no box drawing to cut mid-character
+    assert [line.split()[1] for line in lines[3:]] == ["t0", "t1", "t2"]
+    assert all(line.endswith(f"seed={i}") and long in line for i, line in enumerate(lines[3:]))  # the overrides whole
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    print_ranked(rows, "val_accuracy", tty)
+    assert "seed=2" in tty.getvalue() and "…" not in tty.getvalue()  # folded onto more lines, not cut
