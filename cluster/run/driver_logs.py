@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,22 @@ def quiet_deepspeed() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+RETRY_NOTICE = re.compile(r"^Task \S+ failed\. There are (infinite|\d+) retries remaining")
+"""The raylet's note that a task will be retried (e.g. a Ray Data ``_map_task`` of a trial ASHA stopped, whose
+consumer is gone), printed with an empty error: the run's business, not the console's."""
+
+
+def is_raylet_notice(line: str) -> bool:
+    """Whether a raylet line is a warning or a retry notice (to the log file) rather than an error (to the console)."""
+    line = line.lstrip()
+    return line.startswith("WARNING") or bool(RETRY_NOTICE.match(line))
+
+
 def divert_raylet_warnings() -> None:
     """Ray's driver prints the raylets' messages (e.g. "WARNING: 8 PYTHON worker processes have been
-    started ...", common with fractional worker CPUs) straight to stdout, through no logger, whatever
-    ``log_to_driver`` says. Their warning lines go to the driver's log file instead; errors still print.
+    started ...", common with fractional worker CPUs, or "Task _map_task failed. There are infinite retries
+    remaining ..." when a stopped trial's data tasks die) straight to stdout, through no logger, whatever
+    ``log_to_driver`` says. Their warning and retry lines go to the driver's log file instead; errors still print.
     (Ray offers no switch for this: the printer it calls is wrapped here, when it is where Ray 2.60 has it.)"""
     import ray._private.worker as ray_worker
 
@@ -91,7 +104,7 @@ def divert_raylet_warnings() -> None:
 
     def printer(data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = data.get("lines") or []
-        if data.get("pid") == "raylet" and lines and all(str(line).lstrip().startswith("WARNING") for line in lines):
+        if data.get("pid") == "raylet" and lines and all(is_raylet_notice(str(line)) for line in lines):
             for line in lines:
                 raylet_log.info("raylet: %s", line)
             return

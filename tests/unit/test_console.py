@@ -55,7 +55,8 @@ def test_driver_logs_go_to_the_run_folder_and_only_own_warnings_and_errors_to_th
     logging.getLogger("ray.data").setLevel(logging.NOTSET)  # an earlier run in this session (ensure_ray) raised it
     try:
         path = route_driver_logs(tmp_path / "run")
-        for line in ("WARNING: 8 PYTHON worker processes have been started", "a worker died unexpectedly"):
+        for line in ("WARNING: 8 PYTHON worker processes have been started", "a worker died unexpectedly",
+                     "Task _map_task failed. There are infinite retries remaining, so the task will be retried. Error: "):
             ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
         logging.getLogger("ray.data").info("execution plan: ReadParquet -> MapBatches")
         logging.getLogger("transformers.modeling_utils").warning("Some weights were newly initialized")
@@ -72,10 +73,12 @@ def test_driver_logs_go_to_the_run_folder_and_only_own_warnings_and_errors_to_th
         logging.getLogger("ray.data").setLevel(data_level)
     out, err = capsys.readouterr()
     assert "a worker died unexpectedly" in out and "PYTHON worker processes" not in out  # raylet: errors print, warnings don't
+    assert "retries remaining" not in out  # nor the retry notes of a stopped trial's data tasks
     assert "own warning" in err and "a worker died" in err
     assert "execution plan" not in err and "newly initialized" not in err and "FutureWarning" not in err
     text = path.read_text()
-    missing = [s for s in ("execution plan", "newly initialized", "own warning", "a worker died", "FutureWarning", "PYTHON worker processes") if s not in text]
+    missing = [s for s in ("execution plan", "newly initialized", "own warning", "a worker died", "FutureWarning", "PYTHON worker processes",
+                                 "infinite retries remaining") if s not in text]
     assert not missing, (missing, text)
     assert path == tmp_path / "run" / "logs" / "driver.log"
 
