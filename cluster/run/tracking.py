@@ -4,8 +4,9 @@
 Every report of training rank 0 is logged live by a Ray Train ``UserCallback``, which Ray runs in the Train
 controller, an actor pinned to the driver's node, so its files land in the driver's output folder. The
 driver opens the MLflow run before the fit (the job as parameters) and closes it afterwards with the test
-metrics and the run's plots. W&B is written when the run ends, from the evaluation history (its runs are
-bound to the process that opens them).
+metrics and the run's plots. W&B likewise: the driver picks the run's id, the callback opens that run in the
+controller and logs each report as it comes (a W&B run belongs to the process that opens it), and the driver
+reopens it by id at the end for the test metrics (``resume="allow"``).
 """
 
 from __future__ import annotations
@@ -53,14 +54,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TrackingCallback(UserCallback):
-    """Logs every report of rank 0 to TensorBoard and MLflow, against the report's ``step``."""
+    """Logs every report of rank 0 to TensorBoard, MLflow and W&B, against the report's ``step``.
 
-    def __init__(self, tensorboard_dir: str | None, mlflow_uri: str | None = None, mlflow_run_id: str | None = None):
+    ``wandb_init``: the ``wandb.init`` arguments of the run (its id chosen by the driver), or None."""
+
+    def __init__(self, tensorboard_dir: str | None, mlflow_uri: str | None = None, mlflow_run_id: str | None = None,
+                 wandb_init: dict[str, Any] | None = None):
         self.tensorboard_dir, self.mlflow_uri, self.mlflow_run_id = tensorboard_dir, mlflow_uri, mlflow_run_id
+        self.wandb_init = wandb_init
         self._writer: Any = None
+        self._wandb: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:  # sent to the controller actor without an open writer
-        return {**self.__dict__, "_writer": None}
+    def __getstate__(self) -> dict[str, Any]:  # sent to the controller actor without an open writer or run
+        return {**self.__dict__, "_writer": None, "_wandb": None}
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not metrics:
@@ -74,8 +80,27 @@ class TrackingCallback(UserCallback):
 
                 stamp = int(time.time() * 1000)
                 mlflow_client(self.mlflow_uri).log_batch(self.mlflow_run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
+            if self.wandb_init:
+                self.wandb_run().log(values, step=step)
         except Exception as exc:  # noqa: BLE001 - tracking never stops a run
             log.warning("tracking: could not log step %d: %s", step, exc)
+
+    def after_exception(self, run_context: Any, worker_exceptions: Any) -> None:
+        self.close_wandb(1)
+
+    def wandb_run(self) -> Any:
+        """The W&B run, opened in this process at the first report."""
+        if self._wandb is None:
+            import wandb
+
+            self._wandb = wandb.init(**self.wandb_init)
+        return self._wandb
+
+    def close_wandb(self, exit_code: int = 0) -> None:
+        """Finish this process's hold on the W&B run (the driver reopens it for the final metrics)."""
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=exit_code)
+            self._wandb = None
 
     def writer(self) -> Any:
         if self._writer is None:
@@ -97,6 +122,7 @@ class Tracker:
     def __init__(self, job: Any):
         self.job, self.spec = job, job.tracking
         self.mlflow_run_id: str | None = None
+        self.wandb_init: dict[str, Any] | None = None
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -106,9 +132,22 @@ class Tracker:
         """Open the MLflow run (when asked for) and return the Ray Train callbacks that log the reports."""
         if self.spec.mlflow:
             self.mlflow_run_id = self._start_mlflow()
-        if not (self.spec.tensorboard or self.mlflow_run_id):
+        if self.spec.wandb:
+            self.wandb_init = self._wandb_init()
+        if not (self.spec.tensorboard or self.mlflow_run_id or self.wandb_init):
             return []
-        return [TrackingCallback(str(self.tensorboard_dir) if self.spec.tensorboard else None, self.spec.mlflow, self.mlflow_run_id)]
+        tensorboard = str(self.tensorboard_dir) if self.spec.tensorboard else None
+        return [TrackingCallback(tensorboard, self.spec.mlflow, self.mlflow_run_id, self.wandb_init)]
+
+    def _wandb_init(self) -> dict[str, Any] | None:
+        """The ``wandb.init`` arguments of this run, with an id picked here so every process logs to one run."""
+        try:
+            import wandb
+        except ImportError:
+            log.warning("tracking.wandb is set but wandb is not installed (pip install wandb); not logging to W&B")
+            return None
+        return {"project": self.spec.wandb, "name": self.job.name, "id": wandb.util.generate_id(), "resume": "allow",
+                "config": self.job.model_dump(mode="json"), "dir": str(Path(self.job.output_dir).absolute())}
 
     def _start_mlflow(self) -> str | None:
         try:
@@ -154,22 +193,19 @@ class Tracker:
                 if Path(path).is_file():
                     client.log_artifact(self.mlflow_run_id, str(path))
             self.close("FINISHED")
-        if self.spec.wandb:
-            self._write_wandb(summary, final)
+        if self.wandb_init:
+            self._finish_wandb(final)
 
     def close(self, status: str) -> None:
         if self.mlflow_run_id:
             mlflow_client(self.spec.mlflow).set_terminated(self.mlflow_run_id, status)
             self.mlflow_run_id = None
 
-    def _write_wandb(self, summary: Any, final: dict[str, float]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            log.warning("tracking.wandb is set but wandb is not installed (pip install wandb); not logging to W&B")
-            return
-        run = wandb.init(project=self.spec.wandb, name=self.job.name, config=self.job.model_dump(mode="json"), dir=str(self.job.output_dir))
-        for row in summary.history:
-            run.log(scalars(row), step=int(row.get("step", 0)))
+    def _finish_wandb(self, final: dict[str, float]) -> None:
+        """Reopen the W&B run (its history was logged live) to add the best and test metrics, and finish it."""
+        import wandb
+
+        Path(self.wandb_init["dir"]).mkdir(parents=True, exist_ok=True)
+        run = wandb.init(**self.wandb_init)
         run.summary.update(final)
         run.finish()

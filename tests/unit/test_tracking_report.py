@@ -114,3 +114,41 @@ def test_forgetting_and_drift_reach_tensorboard_the_report_and_the_console(tmp_p
     with contextlib.redirect_stdout(out):
         print_summary(job, run)
     assert "forgetting of the source (retention set general.parquet" in out.getvalue() and "drift on target data" in out.getvalue()
+
+
+class StandInWandb:
+    """The part of ``wandb`` the tracker uses, recording what each run received."""
+
+    def __init__(self):
+        self.runs: list[SimpleNamespace] = []
+        self.util = SimpleNamespace(generate_id=lambda: "run0001")
+
+    def init(self, **kwargs):
+        run = SimpleNamespace(init=kwargs, logged=[], summary={}, finished=None)
+        run.log = lambda values, step: run.logged.append((step, dict(values)))
+        run.finish = lambda exit_code=0: setattr(run, "finished", exit_code)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_receives_each_evaluation_as_it_comes_then_the_final_metrics(tmp_path, monkeypatch):
+    import sys
+
+    wandb = StandInWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    job = run_job(tmp_path, tensorboard=False, wandb="my-project")
+    tracker = Tracker(job)
+    [callback] = tracker.start()
+    callback = __import__("pickle").loads(__import__("pickle").dumps(callback))  # as Ray sends it to the controller
+    for i, row in enumerate(HISTORY):
+        callback.after_report(None, [row, {**row, "train_loss": 99.0}], None)
+        live = wandb.runs[0]
+        assert [step for step, _ in live.logged] == [r["step"] for r in HISTORY[:i + 1]]  # logged while the run goes
+    assert [values["val_accuracy"] for _, values in live.logged] == pytest.approx([0.5, 0.7, 0.9])
+    assert [values["train_loss"] for _, values in live.logged] == pytest.approx([0.5, 0.25, 1 / 6])  # rank 0's
+    assert live.init["project"] == "my-project" and live.init["id"] == "run0001" and live.init["config"]["name"] == "tracked"
+    tracker.finish(summary())
+    assert len(wandb.runs) == 2
+    final = wandb.runs[1]
+    assert final.init["id"] == "run0001" and final.init["resume"] == "allow"  # the same run, reopened
+    assert final.logged == [] and final.summary["test_accuracy"] == 0.875 and final.finished == 0
