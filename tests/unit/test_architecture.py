@@ -7,7 +7,7 @@
 3. ``peft`` is imported only in the ``engine/adapters/`` package (PEFT wrapping and the fused LoRA path),
    ``deepspeed`` only in ``engine/backends/deepspeed.py``.
 4. ``engine/`` is grouped by concern: every module sits in its concern's folder (``errors.py`` aside), and the
-   README's layout table names every folder.
+   CONTRIBUTING.md's layout table names every folder.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_the_import_scan_finds_imports_in_functions():
     assert third_party_imports(tree, "peft") == [1, 3]
 
 
-# engine/'s folders, one per concern; a new one is added here and to the README's layout table.
+# engine/'s folders, one per concern; a new one is added here and to CONTRIBUTING.md's layout table.
 CONCERNS = {
     "config": "the job schema", "tasks": "what each task is", "preprocessing": "modality preprocessing",
     "models": "loading and surgery", "adapters": "PEFT", "backends": "DDP and DeepSpeed", "perf": "speed",
@@ -187,6 +187,6 @@ def test_engine_is_grouped_by_concern_and_the_readme_names_each_folder():
     loose = {p.name for p in engine.glob("*.py")}
     assert folders == set(CONCERNS), f"engine/ folders {sorted(folders)} differ from the concerns {sorted(CONCERNS)}"
     assert loose == {"__init__.py", "errors.py"}, f"modules outside a concern's folder: {sorted(loose - {'__init__.py', 'errors.py'})}"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "CONTRIBUTING.md").read_text()
     missing = [name for name in CONCERNS if f"| `engine/{name}/` |" not in readme]
-    assert not missing, f"the README's layout table has no row for engine/{missing}"
+    assert not missing, f"CONTRIBUTING.md's layout table has no row for engine/{missing}"
