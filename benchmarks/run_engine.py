@@ -38,7 +38,7 @@ def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The job through ``preflight`` and ``run_training``, the code path of ``shoulders train``."""
     import ray
 
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from cluster.run.trainer import EMBEDDED_TRAIN_ENV, run_training
     from engine.config.schema import build_job
 
@@ -132,7 +132,7 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     without Ray: no Ray Data, no Ray Train worker, batches tokenized up front."""
     import torch
 
-    from cluster.preflight.checks import with_absolute_paths
+    from cluster.preflight.job import with_absolute_paths
     from engine.backends import build_backend
     from engine.backends.ddp import autocast_dtype
     from engine.config.schema import build_job

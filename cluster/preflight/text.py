@@ -117,3 +117,25 @@ def check_text(job: JobSpec, splits: dict[str, Any]) -> None:
     check_chat_template(job)
     for split in splits.values():
         check_rows(job, split)
+
+
+def check_retention_text(job: JobSpec) -> None:
+    """``safeguards.retention_data``: readable files with the text column, not empty."""
+    from cluster.ingest.rows import open_dataset
+    from cluster.ingest.splits import detect_format, is_uri, resolve_files
+
+    spec = job.safeguards
+    if not (spec.track_forgetting and spec.retention_data) or is_uri(spec.retention_data):
+        return
+    key = "safeguards.retention_data"
+    files = resolve_files(spec.retention_data, key)
+    fmt = detect_format(files, "auto", key)
+    try:
+        dataset = open_dataset(files, fmt)
+        columns, rows = dataset.schema.names, dataset.count_rows()
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise JobError(f"{key}: could not read '{spec.retention_data}' as {fmt}: {str(exc).splitlines()[0]}") from None
+    if job.data.text_column not in columns:
+        raise JobError(f"{key}: '{spec.retention_data}' has no column '{job.data.text_column}' (data.text_column); its columns are {sorted(columns)}.")
+    if rows == 0:
+        raise JobError(f"{key}: '{spec.retention_data}' has no rows. Give general text of the source domain, or remove {key}.")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import tiny_chat
-from cluster.preflight.checks import check_data
+from cluster.preflight.data import check_data
 from engine.config.schema import build_job
 from engine.errors import JobError
 
@@ -138,7 +138,7 @@ def test_submit_packs_a_save_to_disk_folder_and_leaves_a_hub_id_to_the_cluster_c
 
 
 def test_dataset_preflight_imports_no_torch_and_no_ray(sources):
-    code = (f"import sys; from cluster.preflight.checks import check_data; from engine.config.schema import build_job; "
+    code = (f"import sys; from cluster.preflight.job import check_data; from engine.config.schema import build_job; "
             f"check_data(build_job({{'model': {{'name': {str(sources['model'])!r}, 'task': 'causal_lm'}}, "
             f"'data': {{'train': {{'hf': {REPO!r}, 'split': 'train'}}, 'layout': 'chat'}}}})); "
             "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'")
