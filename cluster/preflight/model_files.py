@@ -187,8 +187,8 @@ def weight_names(files: ModelFiles) -> list[str] | None:
 
 
 def check_tokenizer(files: ModelFiles, job: JobSpec) -> None:
-    """Text tasks need the checkpoint's tokenizer (or ``model.tokenizer``)."""
-    if get_task(job.model.task).modality != "text" or job.model.tokenizer:
+    """Text inputs need the checkpoint's tokenizer (or ``model.tokenizer``)."""
+    if job.model.tokenizer:
         return
     present = [f for f in TOKENIZER_FILES if files.find(f)]
     if not present:
