@@ -72,8 +72,8 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     values = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns.values()}
     from engine.tasks import get_task
 
-    lm = get_task(job.model.task).next_token_loss
-    packing = job.perf.packing and lm
+    task = get_task(job.model.task)
+    lm, packing = task.next_token_loss, task.packs_rows(job)
     collate = Collate(job.data.max_length if packing else None, tokenizer.pad_token_id or 0)
     bs = job.optim.batch_size
     out = []

@@ -26,7 +26,6 @@ from cluster.modalities import modality_of
 from engine.config.schema import DatasetSource, JobSpec
 from engine.errors import JobError
 from engine.preprocessing.datafiles import ARROW_STREAM
-from engine.tasks import get_task
 
 
 def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo:
@@ -77,7 +76,7 @@ def class_label_names(split: SplitInfo, column: str) -> list[str] | None:
 def check_labels(job: JobSpec, splits: dict[str, SplitInfo]) -> list[str] | None:
     """The class names: the job's, else those of a Hugging Face ``ClassLabel`` column (its integers index
     them), checked against every split; else the sorted values found in training."""
-    if not get_task(job.model.task).has_classes:
+    if "label_column" not in modality_of(job).required_columns(job):  # the targets are not class names
         return None
     declared = job.model.labels or class_label_names(splits["train"], job.data.label_column)
     found_train: set[str] = set()

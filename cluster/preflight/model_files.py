@@ -26,12 +26,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 """What a Hugging Face hub id looks like: ``name`` or ``org/name``."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-ENCODER_ONLY = {
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "data2vec-text",
-    "roberta-prelayernorm", "xmod", "megatron-bert", "rembert", "big_bird", "modernbert", "distilbert", "albert", "deberta", "deberta-v2",
-}
-"""Encoder architectures that transformers can wrap in a causal-LM head (``BertLMHeadModel``), which only
-makes sense for a checkpoint trained as a decoder (``is_decoder: true``)."""
 MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -103,12 +97,7 @@ def check_architecture(files: ModelFiles, task: str) -> None:
             f"model.name '{files.name}' is a '{model_type}' model, which cannot do model.task '{task}'. "
             f"Pick a model whose architecture supports {task} (e.g. {', '.join(list(supported)[:5])}, ...) or another task."
         )
-    if get_task(task).next_token_loss and model_type in ENCODER_ONLY and not files.config.get("is_decoder"):
-        raise JobError(
-            f"model.name '{files.name}' is an encoder-only '{model_type}' model (no is_decoder in its config): it was not "
-            f"trained to predict the next token, so model.task '{task}' would start from an untrained language model. "
-            "Use a decoder model (GPT-2, Llama, Qwen2, ...) or model.task: sequence_classification."
-        )
+    get_task(task).check_architecture(files.config, files.name)
 
 
 # ---------------------------------------------------------------------------------------------------
