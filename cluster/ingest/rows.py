@@ -10,6 +10,7 @@ deeper in a large dataset is found while streaming, and the run stops with the f
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,12 @@ def open_dataset(files: list[str], fmt: str):
     from engine.preprocessing.datafiles import open_files
 
     return open_files(files, fmt)
+
+
+def iter_column(files: list[str], fmt: str, column: str) -> Iterator[Any]:
+    """The values of one column of a split, in file and row order, a batch at a time."""
+    for batch in open_dataset(files, fmt).to_batches(columns=[column]):
+        yield from batch.column(0).to_pylist()
 
 
 class BadRowError(ValueError):

@@ -87,7 +87,7 @@ def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
     count = job.eval.generation_samples
     if job.data.layout == "text" or count == 0:
         return []
-    from cluster.preflight.text import iter_column
+    from cluster.ingest.rows import iter_column
 
     split = info.splits.get("validation") or info.splits["train"]
     held_out = "validation" not in info.splits

@@ -7,10 +7,10 @@ never through ``transformers``; rows are read with pyarrow, a column at a time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cluster.ingest.rows import iter_column
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 from engine.preprocessing.chat import ROLES
@@ -65,14 +65,6 @@ def check_chat_template(job: JobSpec) -> None:
             "tokenizer_config.json's chat_template). Give one in data.chat_template (Jinja text or a .jinja file), "
             "or use an instruct model."
         )
-
-
-def iter_column(files: list[str], fmt: str, column: str) -> Iterator[Any]:
-    """The values of one column of a split, in file and row order, a batch at a time."""
-    from cluster.ingest.rows import open_dataset
-
-    for batch in open_dataset(files, fmt).to_batches(columns=[column]):
-        yield from batch.column(0).to_pylist()
 
 
 def chat_row_problem(value: Any) -> str | None:

@@ -45,7 +45,7 @@ def test_a_hub_id_offline_and_a_save_to_disk_split_are_read_from_their_arrow_fil
     assert train.files[0].endswith("colour-chat-train.arrow") and "shoulders-test___colour-chat" in train.files[0]
     assert validation.files == [str(sources["disk"] / "validation" / "data-00000-of-00001.arrow")]
     # the first rows as the workers and the generation samples see them: the jsonl rows, in order
-    from cluster.preflight.text import iter_column
+    from cluster.ingest.rows import iter_column
 
     first = next(iter_column(train.files, train.format, "messages"))
     assert first == json.loads(sources["data"]["chat_train"].read_text().splitlines()[0])["messages"]
