@@ -139,7 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
             job, info = validate_search(args.job, args.overrides, resume=args.resume)
         else:
-            from cluster.preflight.checks import preflight_checks
+            from cluster.preflight.job import preflight_checks
 
             info = preflight_checks(job, resume=args.resume)
         rows = ", ".join(f"{s.name} {s.num_rows} rows" for s in info.splits.values())
@@ -150,7 +150,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from engine.config.schema import load_job
 
     job = load_job(args.job, args.overrides)
@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.preflight.checks import check_eval_data, read_export_job
+    from cluster.preflight.data import check_eval_data, read_export_job
 
     job, labels = read_export_job(Path(args.model_dir))
     info = check_eval_data(job, labels, args.data)

@@ -1,6 +1,6 @@
 """``shoulders init``: a starter job for a task and a model, printed as commented YAML that validates.
 
-The data layout and columns come from the task (the columns the preflight requires) with the schema's defaults, so the starter
+The data layout comes from the task, the columns from its modality (those the preflight requires) with the schema's defaults, so the starter
 names exactly the columns ``shoulders validate`` will look for. Torch-free.
 """
 
@@ -10,7 +10,7 @@ import re
 
 from engine.config.schema import build_job
 from engine.errors import JobError
-from cluster.preflight.checks import required_columns
+from cluster.modalities import modality_of
 from engine.tasks.base import TASK_MODULES, find_task
 
 
@@ -32,7 +32,7 @@ def starter_job(task_name: str, model: str) -> str:
     layout = "text" if "text" in task.layouts else task.layouts[0]
     placeholder = {"name": name, "model": {"name": model, "task": task_name}, "data": {"train": "data/train.jsonl", "layout": layout}}
     job = build_job(placeholder, "shoulders init")
-    columns = required_columns(job)
+    columns = modality_of(job).required_columns(job)
     lines = [
         f"# Starter job: model.task {task_name} on {model} (written by shoulders init).",
         "# Point data: at your files, then check everything train checks, in seconds, and train:",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight.checks import DataInfo
+from cluster.ingest.splits import DataInfo
 from cluster.run.scratch_twin import validation_rows
 from cluster.tune.space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
@@ -317,7 +317,8 @@ def check_tune_output(job: JobSpec, resume: bool) -> None:
 def check_search(job: JobSpec, raw: dict[str, Any], resume: bool = False) -> tuple[dict[str, Any], int | None]:
     """The checks ``tune`` adds to the train preflight (``job`` has passed it): each trial fits the cluster, no
     search is overwritten, the space is valid. Returns the base job of the trials and the model's depth."""
-    from cluster.preflight.checks import check_resources, with_absolute_paths
+    from cluster.preflight.job import with_absolute_paths
+    from cluster.preflight.output import check_resources
 
     job = with_absolute_paths(job)
     check_resources(job, extra_cpus=job.tune.data_cpus, what="each trial")
@@ -330,7 +331,7 @@ def check_search(job: JobSpec, raw: dict[str, Any], resume: bool = False) -> tup
 
 def validate_search(job_path: str, overrides: list[str], resume: bool = False) -> tuple[JobSpec, DataInfo]:
     """Every check ``shoulders tune`` makes before Ray starts (``shoulders validate --tune``); writes nothing."""
-    from cluster.preflight.checks import preflight_checks
+    from cluster.preflight.job import preflight_checks
     from engine.config.schema import read_job_file
 
     raw = merge(read_job_file(job_path), parse_overrides(overrides))
@@ -345,7 +346,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     import time
 
     from cluster.run.interrupts import Interrupted, watch_interrupts
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from engine.config.schema import read_job_file
 
     started = time.perf_counter()
