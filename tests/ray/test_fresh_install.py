@@ -18,7 +18,13 @@ import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
-SKIP = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "runs", "data", "models", "__pycache__", "*.egg-info", ".ray")
+TOP_LEVEL_SKIP = {".git", ".venv", "venv", "build", "dist", "runs", "data", "models", ".ray"}
+"""What a user's checkout may hold beside the sources (only at its top: ``engine/models/`` is source)."""
+
+
+def skip(folder: str, names: list[str]) -> set[str]:
+    here = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+    return here | (TOP_LEVEL_SKIP & set(names) if Path(folder) == ROOT else set())
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
@@ -28,7 +34,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subproc
 def test_plain_pip_install_runs_the_quickstart_to_curves_and_report(tmp_path):
     python = shutil.which("python3.11") or sys.executable
     venv, source, work = tmp_path / "venv", tmp_path / "src", tmp_path / "work"
-    shutil.copytree(ROOT, source, ignore=SKIP)  # the package as a clean clone holds it, built outside the checkout
+    shutil.copytree(ROOT, source, ignore=skip)  # the package as a clean clone holds it, built outside the checkout
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "RAY_"))}
     env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", PIP_DISABLE_PIP_VERSION_CHECK="1",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="fresh-ray-"))  # short: Ray's socket paths have a length limit
