@@ -12,7 +12,7 @@ from typing import Any
 import ray.data
 import ray.train
 
-from cluster.ingest.read import (  # noqa: F401  (fits_in_object_store, read_split: re-exported)
+from cluster.ingest.read import (
     fits_in_object_store, holdout_mask, limit_block_size, read_split, select_rows,
 )
 from cluster.ingest.speech import build_speech_datasets, build_speech_eval_dataset
@@ -77,11 +77,11 @@ def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.
     return train.drop_columns([TRUNCATED])
 
 
-def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
-    """The first ``eval.generation_samples`` validation prompts (the held-out rows when there is no
+def answer_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
+    """The first ``eval.answer_samples`` validation prompts (the held-out rows when there is no
     validation split) with their reference answers: ``{"messages": [...], "reference": str}``, the
     messages ending with the user turn the last answer replies to."""
-    count = job.eval.generation_samples
+    count = job.eval.answer_samples
     if job.data.layout == "text" or count == 0:
         return []
     from cluster.preflight.text import iter_column

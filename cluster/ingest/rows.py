@@ -10,7 +10,7 @@ deeper in a large dataset is found while streaming, and the run stops with the f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

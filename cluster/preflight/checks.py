@@ -15,9 +15,10 @@ from pathlib import Path
 
 from cluster.ingest.rows import RowRules, bad_row_message, column_values, first_bad_row, open_dataset
 from cluster.preflight.text import check_text, text_required_columns
-from engine.config.schema import DatasetSource, JobSpec
+from engine.config.data_section import DatasetSource
+from engine.config.schema import JobSpec
 from engine.errors import JobError
-from engine.preprocessing.datafiles import ARROW_STREAM, open_files
+from engine.preprocessing.datafiles import ARROW_STREAM
 from engine.tasks import get_task
 
 EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}

@@ -31,7 +31,8 @@ from typing import Any, TextIO
 import yaml
 
 from cluster.preflight.checks import check_data, check_model, is_uri, resolve_files
-from engine.config.schema import DatasetSource, JobSpec, build_job, load_job
+from engine.config.data_section import DatasetSource
+from engine.config.schema import JobSpec, build_job, load_job
 from engine.errors import JobError
 
 JOB_FILE = "job.yaml"

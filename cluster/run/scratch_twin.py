@@ -97,7 +97,7 @@ def candidate_lrs(job: JobSpec) -> list[float]:
 
 
 def train_scratch_twin(job: JobSpec, info: DataInfo, out_dir: Path) -> tuple[Any, ScratchSearch]:
-    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.guards.scratch_job`) in ``out_dir``.
+    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.transfer.scratch_job`) in ``out_dir``.
 
     With several candidate LRs, each first trains ``safeguards.scratch_search_fraction`` of the step budget
     (no export) in ``out_dir/lr-<i>``; the best on validation then trains the full budget. With a fraction

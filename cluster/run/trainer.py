@@ -15,7 +15,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.ingest.datasets import build_datasets, build_eval_dataset, generation_samples
+from cluster.ingest.datasets import build_datasets, build_eval_dataset, answer_samples
 from cluster.run.interrupts import watch_interrupts
 from cluster.preflight.checks import DataInfo, check_resources
 from engine.config.schema import JobSpec
@@ -114,7 +114,7 @@ def build_trainer(
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
     ``console``: the workers' log folder and rank 0's event queue (``cluster.run.console.run_console``).
     """
-    from engine.loop.faults import debug_hooks
+    from engine.loop.faults import fault_settings
     from engine.safeguards.guards import read_drift_texts, read_retention_texts
 
     gpu = use_gpu(job)
@@ -129,8 +129,8 @@ def build_trainer(
             "pad_token_id": pad_token_id,
             "retention_texts": read_retention_texts(job, split_files),
             "drift_texts": read_drift_texts(job, split_files),  # target rows beside the retention set
-            "debug": debug_hooks(),
-            "generation_samples": generation_samples(job, info),  # validation prompts answered at each evaluation
+            "faults": fault_settings(),
+            "answer_samples": answer_samples(job, info),  # validation prompts answered at each evaluation
             "console": console,  # the workers' log folder and rank 0's event queue (cluster.run.console)
         },
         scaling_config=ray.train.ScalingConfig(
@@ -185,7 +185,7 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    from engine.loop.console import worker_log_file
+    from engine.loop.worker_output import worker_log_file
     from engine.loop.recipe import train_loop_per_worker
 
     with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
@@ -228,9 +228,9 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     with result.checkpoint.as_directory() as last:
         train_state = json.loads((Path(last) / "state.json").read_text())["train"]
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
-    from engine.evaluation.generation import write_generations
+    from engine.evaluation.answers import write_answers
 
-    write_generations(train_state.get("generations", []), job.output_dir / "generations.jsonl")
+    write_answers(train_state.get("answers", []), job.output_dir / "answers.jsonl")
 
     export_dir, test = None, None
     if job.output.export != "none":

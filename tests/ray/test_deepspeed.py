@@ -63,8 +63,8 @@ def test_zero_lora_with_frozen_blocks_and_lr_ratios_recovers_from_a_killed_worke
     from engine.loop.optim import lr_multiplier
 
     marker = tmp_path / "killed"
-    hooks = {"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6, "frozen_digest": True}
-    monkeypatch.setenv("SHOULDERS_DEBUG", json.dumps(hooks))
+    faults = {"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6, "frozen_digest": True}
+    monkeypatch.setenv("SHOULDERS_FAULTS", json.dumps(faults))
     raw = ds_job(tiny_bert, id_data, tmp_path / "out", stage)
     assert main(["train", write_job(tmp_path / "job.yaml", raw)]) == 0
     assert marker.exists()

@@ -136,7 +136,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
     job_path = write_job(tmp_path / "job.yaml", raw)
     ray_tmp = Path(tempfile.mkdtemp(prefix="shtune", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "SHOULDERS_DEBUG": json.dumps({"step_sleep_s": 0.15})}  # room to interrupt between a trial's checkpoints
+           "SHOULDERS_FAULTS": json.dumps({"step_sleep_s": 0.15})}  # room to interrupt between a trial's checkpoints
     env.pop("RAY_ADDRESS", None)
     planned = 45  # 240 rows / 16 per step x 3 epochs on one worker
     with open(tmp_path / "first.log", "w") as log:

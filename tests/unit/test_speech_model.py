@@ -141,9 +141,9 @@ def test_text_tasks_keep_their_metrics(tiny_wav2vec2):
 
 @pytest.mark.parametrize("kind", ["hubert", "wavlm"])
 def test_hubert_and_wavlm_take_the_same_path(tmp_path, kind):
-    import tiny_speech
+    from cluster.datagen.speech_models import save_tiny_wav2vec2
 
-    folder = tiny_speech.save_tiny_wav2vec2(tmp_path / kind, kind=kind)
+    folder = save_tiny_wav2vec2(tmp_path / kind, kind=kind)
     prepared = prepare_model(job(folder, "audio_classification", finetune={"freeze_depth": 1}), ["a", "b"])
     assert prepared.stack.path == f"{kind}.encoder.layers" and prepared.head_names == ["projector", "classifier"]
     names = trainable(prepared.model)
