@@ -185,7 +185,7 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
 
 
 def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
-    from cluster.ingest.datasets import build_datasets, answer_samples
+    from cluster.ingest.datasets import answer_samples, build_datasets
     from cluster.preflight.checks import preflight
     from engine.config.schema import JobSpec
     from engine.loop.recipe import train_loop_per_worker

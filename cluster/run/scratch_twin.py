@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster.preflight.checks import DataInfo, SplitInfo, open_dataset
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.safeguards.transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
 
@@ -193,17 +193,12 @@ def write_verdict(out_dir: Path, verdict: TransferVerdict, search: ScratchSearch
     """``transfer.json`` in ``out_dir``: the verdict, its numbers and the scratch LR search (atomic write)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / VERDICT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**verdict.to_dict(), "scratch_lr_search": asdict(search) if search else None}, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps({**verdict.to_dict(), "scratch_lr_search": asdict(search) if search else None}, indent=1))
 
 
 def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSearch | None = None) -> Path | None:
     """Put the verdict section (as in the search's report) into a run's ``report.md``, replacing an earlier
     one; nothing when the run wrote no report."""
-    from cluster.run.report_files import write_atomic
-
     if not report.is_file():
         return None
     text = report.read_text()

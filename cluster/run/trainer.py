@@ -15,9 +15,10 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.ingest.datasets import build_datasets, build_eval_dataset, answer_samples
+from cluster.ingest.datasets import answer_samples, build_datasets, build_eval_dataset
 from cluster.run.interrupts import watch_interrupts
 from cluster.preflight.checks import DataInfo, check_resources
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 
@@ -316,8 +317,6 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str =
 
 def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
     """``metrics.json`` in the output folder (written to a temporary name, then renamed)."""
-    path = job.output_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
     payload = {
         "job": job.name,
         "best_validation": summary.best,
@@ -326,6 +325,4 @@ def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
         "history": summary.history,
         "worker_nodes": summary.worker_nodes,
     }
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(job.output_dir / "metrics.json", json.dumps(payload, indent=1))

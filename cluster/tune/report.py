@@ -12,10 +12,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-from cluster.run.report_files import save_fig, write_atomic
+from cluster.run.report_files import save_fig
 from cluster.run.forgetting import forgetting_lines
 from cluster.tune.evidence import recommendation
 from cluster.tune.space import tune_metric
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec, job_to_yaml
 
 CSV_FIELDS = [

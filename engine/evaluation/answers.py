@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine.checkpoints.atomic import write_atomic
 from engine.preprocessing.chat import Message, prompt_text, template_of, with_system
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,7 @@ def write_answers(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Write the evaluation answers as jsonl (temporary name, then renamed); None when there are none."""
     if not records:
         return None
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def load_answering_model(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
