@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from figures import assert_drawn_png, figure_pixels
 from cluster.cli.main import main
 from cluster.tune.report import read_results_csv
 from engine.checkpoints.store import is_complete
@@ -61,8 +62,8 @@ def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, t
     assert all(r["iterations"] == "3" and r["stopped_early"] == "False" and not r["error"] for r in rows)
     drift = {float(r["finetune.backbone_lr_ratio"]): float(r["drift"]) for r in rows}  # no retention_data: target rows
     assert 0.0 <= drift[0.01] < drift[1.0]  # item 4: the backbone LR ratio drives how far the backbone moves
-    for name in ("best_job.yaml", "report.md", "metric_vs_lr_ratio.png", "learning_curves.png"):
-        assert (out / name).stat().st_size > 0
+    assert_drawn_png(out / "metric_vs_lr_ratio.png", figure_pixels((6.5, 4.2)))
+    assert_drawn_png(out / "learning_curves.png", figure_pixels((7, 4.0 + 0.22 * 2)))  # one curve per trial
     from engine.config.schema import load_job
 
     best = load_job(out / "best_job.yaml")
