@@ -78,10 +78,10 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
 
     Ray's state API (which Ray Train's placement-group cleaner calls from a detached actor) looks its
     cluster up by scanning the host for GCS processes unless ``RAY_API_SERVER_ADDRESS`` names the dashboard;
-    with a second instance up (a ``ray start`` cluster, another terminal's run) it raised "Found multiple
-    active Ray instances", the finished trial's placement group was never freed and the next trial waited
-    forever. The dashboard gets a port chosen here, and every process the instance starts inherits its URL
-    (and ``EMBEDDED_TRAIN_ENV``).
+    with a second instance up (a ``ray start`` cluster, another terminal's run) that scan raises "Found
+    multiple active Ray instances", a finished trial's placement group is never freed and the next trial
+    waits forever. So the dashboard gets a port chosen here, and every process the instance starts inherits
+    its URL (and ``EMBEDDED_TRAIN_ENV``).
     """
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

@@ -1,10 +1,10 @@
 """``shoulders tune`` and the safeguards on a local Ray with tiny models.
 
 - a 2-trial grid over the backbone LR ratio: results file, best job, report and plots; the drift
-  rises from ratio 0.01 to 1 (issue item 4);
-- gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule (item 5);
+  rises from ratio 0.01 to 1 (the ratio drives how far the backbone moves);
+- gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule;
 - the tune driver killed mid-search and ``--resume``d: finished trials are not rerun, the unfinished one
-  continues from its checkpoint (item 2).
+  continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_grid_over_lr_ratio_reports_and_forgetting_rises(ray_local, tiny_bert, t
     assert len(rows) == 2 and {r["finetune.backbone_lr_ratio"] for r in rows} == {"0.01", "1.0"}
     assert all(r["iterations"] == "3" and r["stopped_early"] == "False" and not r["error"] for r in rows)
     drift = {float(r["finetune.backbone_lr_ratio"]): float(r["drift"]) for r in rows}  # no retention_data: target rows
-    assert 0.0 <= drift[0.01] < drift[1.0]  # item 4: the backbone LR ratio drives how far the backbone moves
+    assert 0.0 <= drift[0.01] < drift[1.0]  # the backbone LR ratio drives how far the backbone moves
     assert_drawn_png(out / "metric_vs_lr_ratio.png", figure_pixels((6.5, 4.2)))
     assert_drawn_png(out / "learning_curves.png", figure_pixels((7, 4.0 + 0.22 * 2)))  # one curve per trial
     from engine.config.schema import load_job
