@@ -1,7 +1,7 @@
 """Golden runs: each task's tiny model trained a few steps through the real per-worker path, without Ray.
 
-The driver side runs for real (``cluster.preflight.checks.preflight``, ``cluster.ingest.datasets.build_datasets`` with its
-preprocessing functions, ``cluster.ingest.datasets.answer_samples``, the task's ``preprocessors``)
+The driver side runs for real (``cluster.preflight.job.preflight``, ``cluster.ingest.datasets.build_datasets`` with its
+preprocessing functions, ``cluster.ingest.text.answer_samples``, the task's ``preprocessors``)
 over an in-process stand-in for Ray Data (:class:`LocalDataset`: the same ``map_batches`` calls, applied
 in order); the worker side is ``engine.loop.recipe.train_loop_per_worker`` itself, with ``ray.train``'s context,
 shards and ``report`` replaced by local stand-ins (one worker, CPU). The reported metrics (losses, task
@@ -185,8 +185,9 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
 
 
 def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
-    from cluster.ingest.datasets import answer_samples, build_datasets
-    from cluster.preflight.checks import preflight
+    from cluster.ingest.datasets import build_datasets
+    from cluster.ingest.text import answer_samples
+    from cluster.preflight.job import preflight
     from engine.config.schema import JobSpec
     from engine.loop.recipe import train_loop_per_worker
     from engine.tasks import get_task

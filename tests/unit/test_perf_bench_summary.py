@@ -56,7 +56,7 @@ def test_fits_in_object_store_decides_in_memory_shuffle(tmp_path, monkeypatch):
     import ray
 
     from cluster.ingest.read import fits_in_object_store
-    from cluster.preflight.checks import SplitInfo
+    from cluster.ingest.splits import SplitInfo
 
     path = tmp_path / "a.parquet"
     path.write_bytes(b"x" * 1000)
