@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,12 @@ def test_a_failed_write_leaves_the_old_content_and_no_temporary(tmp_path):
 def test_the_helper_imports_without_torch():
     code = "import sys, engine.checkpoints.atomic; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_nothing_else_renames_files_into_place():
+    root = Path(__file__).parents[2]
+    renames = [
+        str(path.relative_to(root)) for package in ("engine", "cluster") for path in (root / package).rglob("*.py")
+        if any(call in path.read_text() for call in ("os.replace(", "os.rename(", "tmp.replace(", "tmp.rename("))
+    ]
+    assert renames == ["engine/checkpoints/atomic.py"]
