@@ -54,17 +54,17 @@ def lm_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_wav2vec2(tmp_path_factory) -> Path:
     """Tiny wav2vec2 (2 blocks, hidden 32) with its feature extractor and a character CTC vocabulary."""
-    import tiny_speech
+    from cluster.datagen.speech_models import save_tiny_wav2vec2
 
-    return tiny_speech.save_tiny_wav2vec2(tmp_path_factory.mktemp("tiny-wav2vec2"))
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("tiny-wav2vec2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory) -> Path:
     """Tiny Whisper (2+2 blocks, 2-second window) with feature extractor, tokenizer and generation config."""
-    import tiny_speech
+    from cluster.datagen.speech_models import save_tiny_whisper
 
-    return tiny_speech.save_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+    return save_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Golden runs: each task's tiny model trained a few steps through the real per-worker path, without Ray.
 
 The driver side runs for real (``cluster.preflight.job.preflight``, ``cluster.ingest.datasets.build_datasets`` with its
-preprocessing functions, ``cluster.ingest.datasets.generation_samples``, the task's ``preprocessors``)
+preprocessing functions, ``cluster.ingest.text.answer_samples``, the task's ``preprocessors``)
 over an in-process stand-in for Ray Data (:class:`LocalDataset`: the same ``map_batches`` calls, applied
 in order); the worker side is ``engine.loop.recipe.train_loop_per_worker`` itself, with ``ray.train``'s context,
 shards and ``report`` replaced by local stand-ins (one worker, CPU). The reported metrics (losses, task
@@ -186,7 +186,7 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
 
 def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
     from cluster.ingest.datasets import build_datasets
-    from cluster.ingest.text import generation_samples
+    from cluster.ingest.text import answer_samples
     from cluster.preflight.job import preflight
     from engine.config.schema import JobSpec
     from engine.loop.recipe import train_loop_per_worker
@@ -205,8 +205,8 @@ def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]
             "num_train_rows": num_train_rows,
             "pad_token_id": get_task(job.model.task).preprocessors(job)[1],
             "retention_texts": None,
-            "debug": None,
-            "generation_samples": generation_samples(job, info),
+            "faults": None,
+            "answer_samples": answer_samples(job, info),
             "console": None,
         }
     with local_ray(datasets, str(storage), reports):
@@ -231,14 +231,15 @@ def build_assets(root: Path) -> dict[str, Path]:
     import tiny
     import tiny_chat
     import tiny_speech
+    from cluster.datagen.speech_models import save_tiny_wav2vec2, save_tiny_whisper
 
     assets: dict[str, Any] = {
         "bert": tiny.save_tiny_model("bert", root / "bert"),
         "llama_lm": tiny.save_tiny_model("llama", root / "llama-lm", task="causal_lm"),
         "chat": tiny_chat.save_tiny_chat_model(root / "chat"),
         "t5": tiny_chat.save_tiny_t5(root / "t5"),
-        "wav2vec2": tiny_speech.save_tiny_wav2vec2(root / "wav2vec2"),
-        "whisper": tiny_speech.save_tiny_whisper(root / "whisper"),
+        "wav2vec2": save_tiny_wav2vec2(root / "wav2vec2"),
+        "whisper": save_tiny_whisper(root / "whisper"),
     }
     assets["topics"] = tiny.write_topic_data(root / "topics", rows=32)
     assets["lm"] = tiny.write_lm_data(root / "lm", rows=32)
@@ -254,7 +255,7 @@ def cases(a: dict[str, Any]) -> dict[str, dict[str, Any]]:
     instruct = {"max_length": 40, "rows_per_block": 16, "system_prompt": "answer in one word"}
     pc = {**instruct, "train": str(a["instruct"]["pc_train"]), "validation": str(a["instruct"]["pc_validation"]), "layout": "prompt_completion"}
     chat = {**instruct, "train": str(a["instruct"]["chat_train"]), "validation": str(a["instruct"]["chat_validation"]), "layout": "chat"}
-    generate = {"generation_samples": 2, "max_new_tokens": 4}
+    generate = {"answer_samples": 2, "max_new_tokens": 4}
     return {
         "sequence_classification": _job(
             "golden-cls", {"name": str(a["bert"]), "labels": ["food", "sport", "tech"]}, {**topics, "max_length": 16, "rows_per_block": 16},

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.datagen.speech_models import SENTENCE_WORDS, save_tiny_wav2vec2, save_tiny_whisper  # noqa: F401
 
 
 def tone_word(word: str, rate: int, seconds: float, rng: random.Random) -> np.ndarray:

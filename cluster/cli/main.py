@@ -170,9 +170,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.compare_scratch or job.safeguards.compare_scratch:  # the fair twin, with its own learning rate
         scratch, search = train_scratch_twin(job, info, job.output_dir / "scratch")
     print_summary(job, summary, scratch)
-    from cluster.cli.answers import print_generations
+    from cluster.cli.answers import print_eval_answers
 
-    print_generations(job.output_dir)  # prompt/completion and chat runs: the last evaluation's answers
+    print_eval_answers(job.output_dir)  # prompt/completion and chat runs: the last evaluation's answers
     verdict = judge_run(job, info, summary.test, summary.best, scratch, search)  # also vs chance and majority
     if verdict is not None:
         print_verdict(verdict, search)
@@ -204,14 +204,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise JobError(f"'{args.model_dir}' is not an exported model (no config.json or adapter_config.json); pass output.dir/model of a run.")
     prompts = [[{"role": "user", "content": p}] for p in args.prompt]
     if args.prompts_file:
-        from engine.evaluation.generation import prompts_from_file
+        from engine.evaluation.answers import prompts_from_file
 
         prompts += prompts_from_file(args.prompts_file)
     if not prompts:
         raise JobError("shoulders generate: give --prompt TEXT (repeatable) or --prompts-file FILE.")
-    from engine.evaluation.generation import generate_from_export
+    from engine.evaluation.answers import answers_from_export
 
-    print_answers(prompts, generate_from_export(model_dir, prompts, args.max_new_tokens), args.jsonl)
+    print_answers(prompts, answers_from_export(model_dir, prompts, args.max_new_tokens), args.jsonl)
     return 0
 
 

@@ -13,6 +13,7 @@ import random
 import re
 from pathlib import Path
 
+from engine.checkpoints.atomic import atomic_path
 from engine.errors import JobError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -57,11 +58,11 @@ def build_fortunes(out_dir: str | os.PathLike, topics: tuple[str, ...] = QUICKST
     for name, split in rows.items():
         rng.shuffle(split)
         table = pa.table({"text": [t for t, _ in split], "label": [label for _, label in split]})
-        pq.write_table(table, out / f"{name}.parquet.tmp")
-        os.replace(out / f"{name}.parquet.tmp", out / f"{name}.parquet")
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
     retention = [q for topic in RETENTION_TOPICS for q in rng.sample(read_fortunes(topic), RETENTION_PER_TOPIC)]
-    pq.write_table(pa.table({"text": retention}), out / "retention.parquet.tmp")
-    os.replace(out / "retention.parquet.tmp", out / "retention.parquet")
+    with atomic_path(out / "retention.parquet") as tmp:
+        pq.write_table(pa.table({"text": retention}), tmp)
     return {**{name: len(split) for name, split in rows.items()}, "retention": len(retention)}
 
 

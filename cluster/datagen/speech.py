@@ -17,6 +17,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine.checkpoints.atomic import atomic_path
 from engine.errors import JobError
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -109,8 +110,8 @@ def build_speech_data(kind: str, out_dir: str | os.PathLike, *, rate: int | None
         if fmt == "parquet":
             table = {"audio": [c for c, _ in clips], **table}
             out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table(table), out / f"{split}.parquet.tmp")
-            os.replace(out / f"{split}.parquet.tmp", out / f"{split}.parquet")
+            with atomic_path(out / f"{split}.parquet") as tmp:
+                pq.write_table(pa.table(table), tmp)
         else:
             (out / "wav" / split).mkdir(parents=True, exist_ok=True)
             paths = []
@@ -118,8 +119,8 @@ def build_speech_data(kind: str, out_dir: str | os.PathLike, *, rate: int | None
                 rel = f"wav/{split}/{i:05d}.wav"
                 (out / rel).write_bytes(clip)
                 paths.append(rel)
-            pacsv.write_csv(pa.table({"path": paths, **table}), out / f"{split}.csv.tmp")
-            os.replace(out / f"{split}.csv.tmp", out / f"{split}.csv")
+            with atomic_path(out / f"{split}.csv") as tmp:
+                pacsv.write_csv(pa.table({"path": paths, **table}), tmp)
         counts[split] = len(rows)
     return counts
 

@@ -80,11 +80,11 @@ def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.
     return train.drop_columns([TRUNCATED])
 
 
-def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
-    """The first ``eval.generation_samples`` validation prompts (the held-out rows when there is no
+def answer_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
+    """The first ``eval.answer_samples`` validation prompts (the held-out rows when there is no
     validation split) with their reference answers: ``{"messages": [...], "reference": str}``, the
     messages ending with the user turn the last answer replies to."""
-    count = job.eval.generation_samples
+    count = job.eval.answer_samples
     if job.data.layout == "text" or count == 0:
         return []
     from cluster.ingest.rows import iter_column

@@ -23,7 +23,8 @@ from cluster.ingest.splits import (
     resolve_files,
 )
 from cluster.modalities import modality_of
-from engine.config.schema import DatasetSource, JobSpec
+from engine.config.data_section import DatasetSource
+from engine.config.schema import JobSpec
 from engine.errors import JobError
 from engine.preprocessing.datafiles import ARROW_STREAM
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from engine.config.schema import DatasetSource
+from engine.config.data_section import DatasetSource
 from engine.errors import JobError
 
 

@@ -33,7 +33,8 @@ import yaml
 from cluster.ingest.splits import is_uri, resolve_files
 from cluster.preflight.data import check_data
 from cluster.preflight.job import check_model
-from engine.config.schema import DatasetSource, JobSpec, build_job, load_job
+from engine.config.data_section import DatasetSource
+from engine.config.schema import JobSpec, build_job, load_job
 from engine.errors import JobError
 
 JOB_FILE = "job.yaml"

@@ -3,7 +3,7 @@
 A header (where Ray runs, the job, the model and its trainable share, the data), one progress line with
 loss and ETA, a line per evaluation, the verdicts and the final table. Everything Ray, transformers and
 DeepSpeed print goes to log files in the run folder (``logs/driver.log`` here, ``logs/worker-<rank>.log``
-on each training worker, see ``engine.loop.console``; the routing is ``cluster.run.driver_logs``);
+on each training worker, see ``engine.loop.worker_output``; the routing is ``cluster.run.driver_logs``);
 ``--verbose`` shows it all on the console instead.
 
 The training workers' rank 0 sends its progress and evaluations through a ``ray.util.queue.Queue`` (an

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.run.console import log_dir, metric_keys
-from cluster.run.report_files import save_fig, write_atomic
+from cluster.run.report_files import save_fig
 from cluster.run.forgetting import forgetting_lines
+from engine.checkpoints.atomic import write_atomic
 
 CURVES = "curves.png"
 REPORT = "report.md"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cluster.ingest.rows import open_dataset
 from cluster.ingest.splits import DataInfo, SplitInfo
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.safeguards.transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
 
@@ -98,7 +98,7 @@ def candidate_lrs(job: JobSpec) -> list[float]:
 
 
 def train_scratch_twin(job: JobSpec, info: DataInfo, out_dir: Path) -> tuple[Any, ScratchSearch]:
-    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.guards.scratch_job`) in ``out_dir``.
+    """Train the fair scratch twin of ``job`` (:func:`engine.safeguards.transfer.scratch_job`) in ``out_dir``.
 
     With several candidate LRs, each first trains ``safeguards.scratch_search_fraction`` of the step budget
     (no export) in ``out_dir/lr-<i>``; the best on validation then trains the full budget. With a fraction
@@ -194,17 +194,12 @@ def write_verdict(out_dir: Path, verdict: TransferVerdict, search: ScratchSearch
     """``transfer.json`` in ``out_dir``: the verdict, its numbers and the scratch LR search (atomic write)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / VERDICT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**verdict.to_dict(), "scratch_lr_search": asdict(search) if search else None}, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps({**verdict.to_dict(), "scratch_lr_search": asdict(search) if search else None}, indent=1))
 
 
 def add_to_run_report(report: Path, verdict: TransferVerdict, search: ScratchSearch | None = None) -> Path | None:
     """Put the verdict section (as in the search's report) into a run's ``report.md``, replacing an earlier
     one; nothing when the run wrote no report."""
-    from cluster.run.report_files import write_atomic
-
     if not report.is_file():
         return None
     text = report.read_text()

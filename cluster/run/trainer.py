@@ -16,10 +16,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from cluster.ingest.datasets import build_datasets, build_eval_dataset
-from cluster.ingest.text import generation_samples
+from cluster.ingest.text import answer_samples
 from cluster.run.interrupts import watch_interrupts
 from cluster.ingest.splits import DataInfo
 from cluster.preflight.output import check_resources
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 
@@ -79,10 +80,10 @@ def start_embedded_ray(**init_kwargs: Any) -> None:
 
     Ray's state API (which Ray Train's placement-group cleaner calls from a detached actor) looks its
     cluster up by scanning the host for GCS processes unless ``RAY_API_SERVER_ADDRESS`` names the dashboard;
-    with a second instance up (a ``ray start`` cluster, another terminal's run) it raised "Found multiple
-    active Ray instances", the finished trial's placement group was never freed and the next trial waited
-    forever. The dashboard gets a port chosen here, and every process the instance starts inherits its URL
-    (and ``EMBEDDED_TRAIN_ENV``).
+    with a second instance up (a ``ray start`` cluster, another terminal's run) that scan raises "Found
+    multiple active Ray instances", a finished trial's placement group is never freed and the next trial
+    waits forever. So the dashboard gets a port chosen here, and every process the instance starts inherits
+    its URL (and ``EMBEDDED_TRAIN_ENV``).
     """
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
@@ -116,7 +117,7 @@ def build_trainer(
     ``callbacks``: Ray Train callbacks (``shoulders tune`` passes ``TuneReportCallback``).
     ``console``: the workers' log folder and rank 0's event queue (``cluster.run.console.run_console``).
     """
-    from engine.loop.faults import debug_hooks
+    from engine.loop.faults import fault_settings
     from engine.safeguards.guards import read_drift_texts, read_retention_texts
 
     gpu = use_gpu(job)
@@ -131,8 +132,8 @@ def build_trainer(
             "pad_token_id": pad_token_id,
             "retention_texts": read_retention_texts(job, split_files),
             "drift_texts": read_drift_texts(job, split_files),  # target rows beside the retention set
-            "debug": debug_hooks(),
-            "generation_samples": generation_samples(job, info),  # validation prompts answered at each evaluation
+            "faults": fault_settings(),
+            "answer_samples": answer_samples(job, info),  # validation prompts answered at each evaluation
             "console": console,  # the workers' log folder and rank 0's event queue (cluster.run.console)
         },
         scaling_config=ray.train.ScalingConfig(
@@ -187,7 +188,7 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    from engine.loop.console import worker_log_file
+    from engine.loop.worker_output import worker_log_file
     from engine.loop.recipe import train_loop_per_worker
 
     with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
@@ -230,9 +231,9 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     with result.checkpoint.as_directory() as last:
         train_state = json.loads((Path(last) / "state.json").read_text())["train"]
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
-    from engine.evaluation.generation import write_generations
+    from engine.evaluation.answers import write_answers
 
-    write_generations(train_state.get("generations", []), job.output_dir / "generations.jsonl")
+    write_answers(train_state.get("answers", []), job.output_dir / "answers.jsonl")
 
     export_dir, test = None, None
     if job.output.export != "none":
@@ -318,8 +319,6 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str =
 
 def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
     """``metrics.json`` in the output folder (written to a temporary name, then renamed)."""
-    path = job.output_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
     payload = {
         "job": job.name,
         "best_validation": summary.best,
@@ -328,6 +327,4 @@ def write_metrics(job: JobSpec, summary: RunSummary) -> Path:
         "history": summary.history,
         "worker_nodes": summary.worker_nodes,
     }
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(job.output_dir / "metrics.json", json.dumps(payload, indent=1))

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster.run.report_files import save_fig, write_atomic
-from cluster.run.forgetting import MEASURE_UNITS, forgetting_lines  # noqa: F401  (re-exported)
-from cluster.tune.evidence import recommendation  # noqa: F401  (the recommendation rule, also for tests)
+from cluster.run.report_files import save_fig
+from cluster.run.forgetting import forgetting_lines
+from cluster.tune.evidence import recommendation
 from cluster.tune.space import tune_metric
+from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec, job_to_yaml
 
 CSV_FIELDS = [

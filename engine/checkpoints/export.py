@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from engine.adapters import is_peft_model, merge_adapters, tidy_adapter_config
+from engine.checkpoints.atomic import atomic_path
 from engine.checkpoints.store import load_trainable_state, read_checkpoint
 from engine.config.schema import JobSpec
 from engine.models.prepare import prepare_model
@@ -33,15 +33,12 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathL
     load_trainable_state(prepared.model, saved["weights"])
     model = prepared.model if job.output.export == "adapter" else merge_adapters(prepared.model)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if is_peft_model(model):
-        tidy_adapter_config(model, job.model.name)
-        model.get_base_model().config.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    for preprocessor in preprocessors:
-        preprocessor.save_pretrained(tmp)
-    (tmp / JOB_FILE).write_text(json.dumps({"job": saved["job"], "labels": labels, "metrics": saved["state"].get("metrics")}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        if is_peft_model(model):
+            tidy_adapter_config(model, job.model.name)
+            model.get_base_model().config.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        for preprocessor in preprocessors:
+            preprocessor.save_pretrained(tmp)
+        (tmp / JOB_FILE).write_text(json.dumps({"job": saved["job"], "labels": labels, "metrics": saved["state"].get("metrics")}, indent=1))
     return out

@@ -3,7 +3,7 @@
 The PEFT merge itself is :func:`engine.adapters.merge_adapters`; this module loads the export as
 ``shoulders eval`` does (:func:`engine.evaluation.exported.load_exported`), merges, and writes the result
 beside the export's tokenizer or feature extractor, with its ``shoulders_job.json`` saying ``export: merged``
-(so ``shoulders eval`` and ``generate`` take it). Written to a temporary folder and renamed into place.
+(so ``shoulders eval`` and ``generate`` take it), written whole (``engine.checkpoints.atomic``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from engine.adapters import merge_adapters
+from engine.checkpoints.atomic import atomic_path
 from engine.checkpoints.export import JOB_FILE
 from engine.errors import JobError
 
@@ -35,16 +36,14 @@ def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         raise JobError(f"shoulders merge: '{out}' already exists. Give a new folder (or remove it).")
     job, labels = meta["job"], meta.get("labels")
     model = merge_adapters(load_exported(export, job["model"]["task"], labels))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in export.iterdir():  # tokenizer, feature extractor, chat template, generation config
-        if item.is_file() and item.name not in ADAPTER_FILES:
-            shutil.copy2(item, tmp / item.name)
-    model.save_pretrained(tmp)
-    job["output"] = {**job.get("output", {}), "export": "merged"}
-    (tmp / JOB_FILE).write_text(json.dumps({**meta, "job": job, "merged_from": str(export.resolve())}, indent=1))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        for item in export.iterdir():  # tokenizer, feature extractor, chat template, generation config
+            if item.is_file() and item.name not in ADAPTER_FILES:
+                shutil.copy2(item, tmp / item.name)
+        model.save_pretrained(tmp)
+        job["output"] = {**job.get("output", {}), "export": "merged"}
+        (tmp / JOB_FILE).write_text(json.dumps({**meta, "job": job, "merged_from": str(export.resolve())}, indent=1))
     return out
 
 

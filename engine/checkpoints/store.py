@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from engine.checkpoints.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -186,20 +187,17 @@ def save_checkpoint(
     """
     path = Path(path)
     trainable = backend.trainable_state()
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / rank_dir(rank)).mkdir(parents=True)
-    if rank == 0:
-        save_file(trainable, tmp / WEIGHTS)
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-        (tmp / JOB).write_text(json.dumps(job, indent=1))
-    backend.save(tmp, rank)
-    tensors, meta = capture_rng(generators)
-    save_file(tensors, tmp / rank_dir(rank) / RNG)
-    (tmp / rank_dir(rank) / POSITION).write_text(json.dumps({"rng": meta, **(rank_state or {})}))
-    _write_manifest(tmp, rank, world_size)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        (tmp / rank_dir(rank)).mkdir(parents=True)
+        if rank == 0:
+            save_file(trainable, tmp / WEIGHTS)
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            (tmp / JOB).write_text(json.dumps(job, indent=1))
+        backend.save(tmp, rank)
+        tensors, meta = capture_rng(generators)
+        save_file(tensors, tmp / rank_dir(rank) / RNG)
+        (tmp / rank_dir(rank) / POSITION).write_text(json.dumps({"rng": meta, **(rank_state or {})}))
+        _write_manifest(tmp, rank, world_size)
     return path
 
 

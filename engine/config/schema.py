@@ -19,10 +19,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from engine.config.job_yaml import load_yaml, read_job_yaml
-from engine.config.data_section import SOURCE_TAGS, DataSource, DatasetSource, DataSpec  # noqa: F401  (re-exported)
-from engine.config.sections import (  # noqa: F401  (re-exported: engine.config.schema is the schema's public home)
-    Task, Strategy, Section, ModelSpec, FinetuneSpec,
-    PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, SearchKind, TuneSpec, SafeguardsSpec,
+from engine.config.data_section import SOURCE_TAGS, DataSpec
+from engine.config.sections import (
+    Section, ModelSpec, FinetuneSpec,
+    PeftSpec, OptimSpec, ScalingSpec, BackendSpec, PerfSpec, EvalSpec, OutputSpec, RunSpec, TuneSpec, SafeguardsSpec,
     TrackingSpec,
 )
 from engine.errors import JobError

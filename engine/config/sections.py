@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
+TaskName = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
 Strategy = Literal["feature_extraction", "light", "full", "lora"]
 
 
@@ -24,7 +24,7 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name: str
     """Hugging Face hub id (``org/model``) or a local folder written by ``save_pretrained``."""
-    task: Task = "sequence_classification"
+    task: TaskName = "sequence_classification"
     """What the model is adapted to do; picks the HF Auto class, the head, the loss and the metrics."""
     labels: list[str] | None = None
     """Class names for classification, in index order. Left empty, they are read from the training data."""
@@ -230,10 +230,11 @@ class EvalSpec(Section):
     """Stop after this many evaluations without improvement of the metric."""
     batch_size: int | None = Field(None, gt=0)
     """Evaluation batch size; left empty, twice ``optim.batch_size``."""
-    generation_samples: int = Field(4, ge=0)
-    """``causal_lm`` with ``data.layout`` prompt_completion or chat: at every evaluation, greedy answers to
-    the first this many validation prompts are generated, scored against their references (exact match,
-    ROUGE-L) and written to ``generations.jsonl`` in the output folder; 0 turns this off."""
+    answer_samples: int = Field(4, ge=0, validation_alias=AliasChoices("answer_samples", "generation_samples"))
+    """Tasks that answer prompts (``causal_lm`` with ``data.layout`` prompt_completion or chat, ``seq2seq``): at
+    every evaluation, greedy answers to the first this many validation prompts are generated, scored against
+    their references (exact match, ROUGE-L) and written to ``answers.jsonl`` in the output folder; 0 turns
+    this off. Also read from ``generation_samples``."""
     max_new_tokens: int = Field(64, gt=0)
     """Tokens generated at most per answer in those evaluations."""
     cache_mib: int = Field(256, ge=0)

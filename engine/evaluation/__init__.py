@@ -1,1 +1,1 @@
-"""Evaluation: metrics per task (``metrics``), ASR decoding (``asr``), greedy generation (``generation``), evaluating an exported folder (``exported``)."""
+"""Evaluation: metrics per task (``metrics``), ASR decoding (``asr``), greedy answers to prompts (``answers``), evaluating an exported folder (``exported``)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.preprocessing.text import IGNORE_INDEX
+from engine.preprocessing.labels import IGNORE_INDEX
 
 PREFIX_TOKENS = 4
 """Whisper's decoder prefix (start, language, task, no-timestamps) counts against its positions."""

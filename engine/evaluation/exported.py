@@ -4,7 +4,7 @@ helpers that let the workers' validation pass count every row exactly once."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 

@@ -9,7 +9,8 @@
 - :mod:`engine.loop.batches`, :mod:`engine.loop.evaluation`, :mod:`engine.loop.window`: collate and
   streams, the validation pass, the loss / throughput window and progress line.
 - :mod:`engine.loop.optim`: parameter groups and LR ratios, the LR schedule.
-- :mod:`engine.loop.faults`, :mod:`engine.loop.console`: fault injection for recovery tests; the workers' console.
+- :mod:`engine.loop.faults`, :mod:`engine.loop.worker_output`: fault injection for recovery tests; the workers'
+  log files and rank 0's events to the driver's console.
 
 Nothing is imported here: a module of the loop loads only what it needs.
 """

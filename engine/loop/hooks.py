@@ -63,7 +63,7 @@ class GradualUnfreezing(LoopHook):
 
 
 class FaultInjection(LoopHook):
-    """``SHOULDERS_DEBUG``'s faults (:mod:`engine.loop.faults`): kill or slow a worker after a step, and record
+    """``SHOULDERS_FAULTS``'s faults (:mod:`engine.loop.faults`): kill or slow a worker after a step, and record
     a digest of the frozen weights in every checkpoint."""
 
     def __init__(self, settings: dict[str, Any], rank: int, backend: Backend):
@@ -71,7 +71,7 @@ class FaultInjection(LoopHook):
 
     def after_step(self, state: TrainState) -> None:
         """Sleep or kill this worker, as the settings ask."""
-        faults.after_step(self.settings, self.rank, state.step)
+        faults.inject_step_faults(self.settings, self.rank, state.step)
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """The frozen weights' digest, when asked for (a collective under ZeRO-3)."""

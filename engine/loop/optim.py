@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -81,18 +80,22 @@ def build_optimizer(groups: list[dict[str, Any]], betas: tuple[float, float], de
     return torch.optim.AdamW(groups, betas=betas, fused=device.type == "cuda")
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Factor applied to every group's ``initial_lr`` at optimizer step ``step`` (warm-up, then decay)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return max(1.0 - progress, 0.0)
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The job's LR schedule, scaling each group's ``initial_lr``: a linear warm-up over ``warmup_steps``,
+    then ``optim.schedule`` (``linear`` / ``cosine`` decay to 0, or ``constant``) over the remaining steps.
 
+    The decay is ``transformers.get_scheduler`` with no warm-up of its own. The warm-up is torch's
+    ``LinearLR`` (joined by ``SequentialLR``): factor ``(step + 1) / warmup_steps``, so the first step
+    already learns and the last warm-up step runs at the full LR, where transformers' warm-up starts at 0
+    and reaches it one step later. Every part's state dict is plain data (``schedule.json``).
+    """
+    from torch.optim.lr_scheduler import LinearLR, SequentialLR
+    from transformers import get_scheduler
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that scales each group's ``initial_lr`` by :func:`lr_multiplier`; its state dict is plain data."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, schedule))
+    decay = get_scheduler(schedule, optimizer, num_warmup_steps=0, num_training_steps=total_steps - warmup_steps)
+    if not warmup_steps:
+        return decay
+    warmup = LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=max(warmup_steps - 1, 1))
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])

@@ -2,7 +2,7 @@
 
 :func:`train_loop_per_worker` is the whole loop; each phase is a small function below it:
 setup and resume (:mod:`engine.loop.setup`) -> :func:`start` -> for each batch of the streamed shard:
-:func:`train_step` (forward, backward, accumulate, clip, step) -> :func:`after_step` (hooks, progress)
+:func:`train_step` (forward, backward, accumulate, clip, step) -> :func:`finish_step` (per-step hooks, progress)
 -> every ``eval.every_n_steps``: :func:`evaluate_and_report` (metrics, :func:`stop_reason`, checkpoint
 and report to Ray Train). ``ray.train`` is the only Ray API the loop uses.
 """
@@ -38,7 +38,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in epoch_batches(worker.train_shard, worker.job, state, worker.train_collate, worker.device, worker.grouped):
             if not train_step(worker, state, window, batch):
                 continue  # accumulating: no optimizer step yet
-            after_step(worker, state, window)
+            finish_step(worker, state, window)
             if state.step % worker.eval_every == 0 or state.step >= worker.total_steps:
                 stop = evaluate_and_report(worker, state, window)
             if stop or state.step >= worker.total_steps:
@@ -80,7 +80,7 @@ def train_step(worker: Worker, state: TrainState, window: TrainWindow, batch: di
     return True
 
 
-def after_step(worker: Worker, state: TrainState, window: TrainWindow) -> None:
+def finish_step(worker: Worker, state: TrainState, window: TrainWindow) -> None:
     """After an optimizer step: the per-step hooks (faults, gradual unfreezing), then the progress line."""
     for hook in worker.step_hooks:
         hook.after_step(state)
@@ -118,7 +118,7 @@ def evaluation_metrics(worker: Worker, state: TrainState, window: TrainWindow) -
     throughput = window.meter.read()  # tokens/s, samples/s, MFU, peak memory of this window
     train_loss = window.mean_loss()
     val = evaluate(backend.model, worker.val_batches, worker.job, worker.num_labels, worker.device, backend.amp_dtype)
-    val.update(worker.answers.evaluate(backend.module, state.step, state.generations, backend.amp_dtype))
+    val.update(worker.answers.evaluate(backend.module, state.step, state.answers, backend.amp_dtype))
     metrics = {
         "step": state.step,
         "epoch": state.epoch,

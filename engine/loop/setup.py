@@ -19,9 +19,9 @@ from engine.backends import Backend, build_backend, partitions_parameters
 from engine.backends.ddp import autocast_dtype
 from engine.checkpoints.store import RunFolder, next_restart_index, open_latest_complete, restore_checkpoint, seed_rngs
 from engine.config.schema import JobSpec, plan_steps
-from engine.evaluation.generation import AnswerProbe
+from engine.evaluation.answers import AnswerProbe
 from engine.loop.batches import Collate, ValidationBatches
-from engine.loop.console import RunEvents
+from engine.loop.worker_output import RunEvents
 from engine.loop.hooks import EarlyStopping, FaultInjection, ForgettingLimit, GradualUnfreezing, LoopHook, step_hooks
 from engine.loop.optim import build_param_groups
 from engine.loop.state import TrainState
@@ -92,7 +92,7 @@ def setup(config: dict[str, Any]) -> Worker:
     # Safeguards: retention set measured on the pre-trained model; gradual unfreezing joins the groups.
     guard = Safeguards(job, model, prepared.stack, prepared.n_frozen, prepared.head_names, steps_per_epoch)
     guard.start(model, config.get("retention_texts"), text_tokenizer(job), device, config.get("drift_texts"))
-    answers = AnswerProbe(config.get("generation_samples"), job, text_tokenizer(job))  # greedy answers at each evaluation
+    answers = AnswerProbe(config.get("answer_samples"), job, text_tokenizer(job))  # greedy answers at each evaluation
     with guard.param_groups_scope(model):
         groups = build_param_groups(
             model, prepared.head_names, job.finetune.head_lr, job.finetune.backbone_lr_ratio,
@@ -101,7 +101,7 @@ def setup(config: dict[str, Any]) -> Worker:
     # Backend (DDP or DeepSpeed ZeRO): wraps the model; owns optimizer, LR schedule, accumulation, clipping.
     backend = build_backend(job, model, groups, total_steps, int(job.optim.warmup_ratio * total_steps), device, world_size)
 
-    hooks = loop_hooks(job, guard, backend, config.get("debug"), rank, total_steps)
+    hooks = loop_hooks(job, guard, backend, config.get("faults"), rank, total_steps)
     packing = get_task(job.model.task).packs_rows(job)
     return Worker(
         job=job, rank=rank, world_size=world_size, device=device, num_labels=len(labels) if labels else None, model=model,
@@ -118,12 +118,12 @@ def setup(config: dict[str, Any]) -> Worker:
 
 
 def loop_hooks(
-    job: JobSpec, guard: Safeguards, backend: Backend, debug: dict[str, Any] | None, rank: int, total_steps: int,
+    job: JobSpec, guard: Safeguards, backend: Backend, faults: dict[str, Any] | None, rank: int, total_steps: int,
 ) -> list[LoopHook]:
     """The hooks this job needs, in the order they run: faults, gradual unfreezing, forgetting limit, early stopping."""
     hooks: list[LoopHook] = []
-    if debug:
-        hooks.append(FaultInjection(debug, rank, backend))
+    if faults:
+        hooks.append(FaultInjection(faults, rank, backend))
     if guard.unfreezer:
         hooks.append(GradualUnfreezing(guard, backend))
     hooks.append(ForgettingLimit(guard))

@@ -29,7 +29,7 @@ class TrainState:
         evals_without_improvement: evaluations since ``best`` last improved (early stopping counts these).
         history: every evaluation's metrics, in order.
         worker_nodes: the Ray node id of every rank, in rank order.
-        generations: the greedy answers recorded at each evaluation (generative tasks with samples).
+        answers: the greedy answers recorded at each evaluation (generative tasks with samples).
         sample_ids: this rank's consumed sample ids, in order (with ``data.id_column``).
         generators: named torch generators whose states a checkpoint saves with the process RNGs.
     """
@@ -42,19 +42,19 @@ class TrainState:
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
-    generations: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[dict[str, Any]] = field(default_factory=list)
     sample_ids: list[int] = field(default_factory=list)
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
     def shared(self) -> dict[str, Any]:
-        """``state.json["train"]``: the part every rank agrees on (``generations`` only once there are some)."""
+        """``state.json["train"]``: the part every rank agrees on (``answers`` only once there are some)."""
         out = {
             "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "restarts": self.restarts,
             "best": self.best, "evals_without_improvement": self.evals_without_improvement, "history": self.history,
             "worker_nodes": self.worker_nodes,
         }
-        if self.generations:
-            out["generations"] = self.generations
+        if self.answers:
+            out["answers"] = self.answers
         return out
 
     def rank_position(self, extras: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,7 +68,7 @@ class TrainState:
         self.best, self.evals_without_improvement = shared["best"], shared["evals_without_improvement"]
         self.history = list(shared["history"])
         self.worker_nodes = list(shared.get("worker_nodes", []))
-        self.generations = list(shared.get("generations", []))
+        self.answers = list(shared.get("answers", []))
         self.sample_ids = list(position.get("sample_ids", []))
         self.restarts = restarts
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from engine.loop.console import RunEvents
+from engine.loop.worker_output import RunEvents
 from engine.perf.speed import ThroughputMeter
 
 log = logging.getLogger("engine.loop")

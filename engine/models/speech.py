@@ -85,21 +85,17 @@ def build_ctc_vocab(transcripts: list[str], out_dir: str | Path) -> Path:
     Characters are those of :func:`normalize_transcript`, upper-cased as wav2vec2 CTC vocabularies are
     (the tokenizer's ``do_lower_case`` upper-cases its input to match); spaces become the word delimiter ``|``. Written to a temporary folder and renamed into place.
     """
-    import os
-    import shutil
-
     from transformers import Wav2Vec2CTCTokenizer
+
+    from engine.checkpoints.atomic import atomic_path
 
     chars = sorted({c for text in transcripts for c in normalize_transcript(text).upper()} - {" "})
     vocab = {**CTC_SPECIALS, **{c: i + len(CTC_SPECIALS) for i, c in enumerate(chars)}}
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = Wav2Vec2CTCTokenizer(str(tmp / "vocab.json"), pad_token="<pad>", unk_token="<unk>", word_delimiter_token="|", do_lower_case=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "vocab.json").write_text(json.dumps(vocab))
+        tokenizer = Wav2Vec2CTCTokenizer(str(tmp / "vocab.json"), pad_token="<pad>", unk_token="<unk>", word_delimiter_token="|", do_lower_case=True)
+        tokenizer.save_pretrained(tmp)
     log.info("built a CTC vocabulary of %d characters from %d training transcripts: %s", len(chars), len(transcripts), out)
     return out

@@ -3,7 +3,7 @@
 numpy in, numpy out, no Ray. The source (``data.prompt_column``) goes to the encoder; the target
 (``data.completion_column``), tokenized by the same tokenizer with its EOS, becomes ``labels`` (-100 on
 padding); the model builds its decoder inputs from them. Evaluation generates greedily, as Whisper does
-(``engine.evaluation.generation``).
+(``engine.evaluation.answers``).
 """
 
 from __future__ import annotations

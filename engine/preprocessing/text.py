@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.preprocessing.labels import IGNORE_INDEX, encode_labels  # noqa: F401  (re-exported: the text path's labels)
+from engine.preprocessing.labels import IGNORE_INDEX, encode_labels
 
 SAMPLE_ID = "sample_id"
 """Column of integer sample ids kept in the training data when ``data.id_column`` is set (for resume audits)."""

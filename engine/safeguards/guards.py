@@ -30,9 +30,6 @@ from torch import nn
 from engine.config.schema import JobSpec
 from engine.models.blocks import BlockStack
 from engine.models.surgery import freeze_bottom_blocks
-from engine.safeguards.transfer import (  # noqa: F401  (re-exported: the safeguards' public home)
-    Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job, transfer_verdict,
-)
 
 log = logging.getLogger(__name__)
 

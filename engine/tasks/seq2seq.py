@@ -2,7 +2,7 @@
 
 The prompt column feeds the encoder and the completion column is the decoder's target
 (``engine.preprocessing.seq2seq.encode_pairs``); the model keeps its LM head; evaluation reports the loss and greedy
-answers scored by exact match and ROUGE-L (``engine.evaluation.generation``); ``finetune.freeze_depth`` counts the
+answers scored by exact match and ROUGE-L (``engine.evaluation.answers``); ``finetune.freeze_depth`` counts the
 encoder's blocks.
 """
 

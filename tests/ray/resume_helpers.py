@@ -90,10 +90,10 @@ def assert_each_id_once_per_epoch(ids_per_rank: list[list[int]], epochs: int, ro
         seen |= set(per_epoch[0])
 
 
-def start_driver(job_path: str, tmp: Path, debug: dict[str, Any], *args: str) -> subprocess.Popen:
+def start_driver(job_path: str, tmp: Path, faults: dict[str, Any], *args: str) -> subprocess.Popen:
     """``shoulders train`` in its own process group with its own Ray (so the test can kill all of it)."""
     ray_tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, SHOULDERS_DEBUG=json.dumps(debug), RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, SHOULDERS_FAULTS=json.dumps(faults), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     log = open(tmp / "driver.log", "w")
     proc = subprocess.Popen(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import tiny
+from figures import assert_drawn_png, figure_pixels
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MAX_LINES = 40
@@ -73,7 +74,7 @@ output: {{dir: "{run}"}}
     events.Reload()
     assert {"train_loss", "val_loss", "val_accuracy", "lr_head", "test_accuracy"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("val_accuracy")] == [6, 12]  # every evaluation, at its step
-    assert (run / "curves.png").stat().st_size > 10_000
+    assert_drawn_png(run / "curves.png", figure_pixels((13, 3.6)))
     report = (run / "report.md").read_text()
     assert "## Parameter groups" in report and "| head |" in report and "test (exported model): loss" in report
     assert "## Transfer verdict" in report  # the verdict, decided after the run, is in the report too

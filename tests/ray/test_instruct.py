@@ -36,7 +36,7 @@ def base_job(model, tmp_path, **data) -> dict:
         "data": {"max_length": 48, "rows_per_block": 32, "system_prompt": "answer in one word", **data},
         "optim": {"epochs": 2, "batch_size": 16, "warmup_ratio": 0.0, "schedule": "constant"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-        "eval": {"every_n_steps": 6, "generation_samples": 4, "max_new_tokens": 4},
+        "eval": {"every_n_steps": 6, "answer_samples": 4, "max_new_tokens": 4},
         "safeguards": {"track_forgetting": False},
         "output": {"dir": str(tmp_path / "out")},
     }
@@ -46,12 +46,12 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_generations(tmp_path, history: list[dict], references: list[str]) -> list[dict]:
-    """generations.jsonl: the same 4 validation prompts at every evaluation, with their references; the
+def check_answers(tmp_path, history: list[dict], references: list[str]) -> list[dict]:
+    """answers.jsonl: the same 4 validation prompts at every evaluation, with their references; the
     scores in the history are those of the recorded answers. Returns the last evaluation's records."""
-    from engine.evaluation.generation import score_answers
+    from engine.evaluation.answers import score_answers
 
-    records = read_jsonl(tmp_path / "out" / "generations.jsonl")
+    records = read_jsonl(tmp_path / "out" / "answers.jsonl")
     assert [r["step"] for r in records] == [h["step"] for h in history for _ in range(4)]
     for h in history:
         at_step = [r for r in records if r["step"] == h["step"]]
@@ -67,7 +67,7 @@ def generate_jsonl(export, prompts_file, capsys) -> list[str]:
     return [json.loads(line)["answer"] for line in capsys.readouterr().out.strip().splitlines()]
 
 
-def test_prompt_completion_full_finetune_writes_generations_and_the_merged_export_answers_alike(instruct, tmp_path, capsys):
+def test_prompt_completion_full_finetune_writes_answers_and_the_merged_export_answers_alike(instruct, tmp_path, capsys):
     model, data = instruct
     job = base_job(model, tmp_path, train=str(data["pc_train"]), validation=str(data["pc_validation"]), layout="prompt_completion")
     job["finetune"] = {"strategy": "full", "head_lr": 1e-2, "backbone_lr_ratio": 1.0}
@@ -75,7 +75,7 @@ def test_prompt_completion_full_finetune_writes_generations_and_the_merged_expor
     history = metrics["history"]
     assert len(history) == 2 and history[-1]["val_loss"] < 0.7 * history[0]["val_loss"]
     validation = read_jsonl(data["pc_validation"])[:4]
-    last = check_generations(tmp_path, history, [row["completion"] for row in validation])
+    last = check_answers(tmp_path, history, [row["completion"] for row in validation])
     assert [r["prompt"] for r in last] == [row["prompt"] for row in validation]
     assert any(r["answer"] for r in last)  # it answers (after 12 steps, not necessarily right)
     assert "answers to validation prompts at step 12" in capsys.readouterr().out
@@ -103,8 +103,8 @@ def test_chat_with_lora_from_a_hub_dataset_and_a_disk_folder_trains_the_assistan
     history = metrics["history"]
     assert [h["step"] for h in history] == [6, 12]  # 96 rows read from the hub split: 6 steps of 16 per epoch
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    validation = read_jsonl(data["chat_validation"])[:4]  # the generations' prompts come from the disk folder's rows
-    last = check_generations(tmp_path, history, [row["messages"][-1]["content"] for row in validation])
+    validation = read_jsonl(data["chat_validation"])[:4]  # the answered prompts come from the disk folder's rows
+    last = check_answers(tmp_path, history, [row["messages"][-1]["content"] for row in validation])
     assert [r["prompt"] for r in last] == [row["messages"][-2]["content"] for row in validation]  # each chat's second question
     export = tmp_path / "out" / "model"
     assert (export / "adapter_config.json").is_file()
@@ -124,7 +124,7 @@ def test_t5_seq2seq_trains_generates_and_the_adapter_export_answers_alike(instru
     history = metrics["history"]
     assert len(history) == 2 and history[-1]["val_loss"] < history[0]["val_loss"]
     validation = read_jsonl(data["pc_validation"])[:4]
-    last = check_generations(tmp_path, history, [row["completion"] for row in validation])
+    last = check_answers(tmp_path, history, [row["completion"] for row in validation])
     assert [r["prompt"] for r in last] == [row["prompt"] for row in validation]
     assert (tmp_path / "out" / "model" / "adapter_config.json").is_file()
     prompts = tmp_path / "prompts.txt"

@@ -4,15 +4,14 @@
 - a bad row deep in a multi-file dataset (past the rows the preflight samples) stops the run within bounded
   time, the last words naming the file and the row, and nothing is exported;
 - ``shoulders tune`` as a user runs it (a new process, embedded Ray) beside a ``ray start`` cluster: it exits 0,
-  and Ray Train's placement-group cleaner finds its own instance (when it did not, a finished trial's
-  reservation was never freed and the next trial waited forever). ``shoulders train`` starts its Ray the same
+  and Ray Train's placement-group cleaner finds its own instance (were it to find two, a finished trial's
+  reservation would never be freed and the next trial would wait forever). ``shoulders train`` starts its Ray the same
   way (``cluster.run.trainer.start_embedded_ray``), and every in-process Ray test here runs beside that cluster.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys

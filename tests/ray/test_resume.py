@@ -57,7 +57,7 @@ def test_uninterrupted_run_sees_each_id_once_per_epoch(uninterrupted):
 
 def test_worker_sigkilled_mid_epoch_recovers_exactly(ray_local, tiny_bert, id_data, uninterrupted, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv("SHOULDERS_DEBUG", json.dumps({"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6}))
+    monkeypatch.setenv("SHOULDERS_FAULTS", json.dumps({"kill_at_step": 3, "kill_rank": 1, "kill_marker": str(marker), "kill_delay_s": 6}))
     job = resume_job(tiny_bert, id_data, tmp_path / "out", max_failures=1)
     assert main(["train", write_job(tmp_path / "job.yaml", job)]) == 0
     assert marker.exists()  # the worker really died after step 3 ...

@@ -34,6 +34,18 @@ def splits(tones) -> dict:
     return {"train": str(tones["train"]), "validation": str(tones["validation"]), "test": str(tones["test"]), "audio_column": "path"}
 
 
+def assert_corpus_error_rates(metrics: dict, manifest, prefix: str = "") -> None:
+    """WER and CER are corpus-level rates over ``manifest``'s transcripts: word (character) edits over the
+    reference words (characters), so each is a whole number of edits over the split's total, never negative."""
+    import pyarrow.csv as pacsv
+
+    transcripts = pacsv.read_csv(manifest).column("transcript").to_pylist()
+    totals = {"wer": sum(len(t.split()) for t in transcripts), "cer": sum(len(t) for t in transcripts)}
+    for name, total in totals.items():
+        edits = metrics[prefix + name] * total
+        assert edits >= 0 and edits == pytest.approx(round(edits), abs=1e-3), (name, metrics[prefix + name], total)
+
+
 def as_parquet_bytes(manifest, out):
     """The manifest's clips as a parquet file of {bytes, path} structs, as Hugging Face datasets write audio."""
     import pyarrow as pa
@@ -69,7 +81,10 @@ def test_ctc_reports_wer_and_cer_and_its_loss_falls(ray_local, tmp_path, tiny_wa
     assert len(history) >= 3 and all({"val_wer", "val_cer"} <= set(h) for h in history)
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert all(h["tflops_per_s_per_device"] > 0 for h in history)
-    assert {"wer", "cer", "loss"} <= set(metrics["test"]) and metrics["test"]["cer"] >= 0
+    assert {"wer", "cer", "loss"} <= set(metrics["test"])
+    for h in history:
+        assert_corpus_error_rates(h, tones["validation"], prefix="val_")
+    assert_corpus_error_rates(metrics["test"], tones["test"])
 
 
 def whisper_forward_flops(model_dir, label_length: int) -> float:
@@ -97,13 +112,14 @@ def test_whisper_lora_generates_and_reports_wer_and_cer(ray_local, tmp_path, tin
     })
     history = metrics["history"]
     assert [h["step"] for h in history] == [3, 6]
-    assert all(0 <= h["val_wer"] and 0 <= h["val_cer"] for h in history)
+    for h in history:
+        assert_corpus_error_rates(h, tones["validation"], prefix="val_")
     # The step's FLOPs are counted (encoder frames, convolutions, decoder), not taken from transcript tokens:
     # a LoRA step over a frozen base is about two forward passes (forward + input gradients) per sample.
     forward = whisper_forward_flops(tiny_whisper, label_length=8)
     for h in history:
         per_sample = h["tflops_per_s_per_device"] * 1e12 * 2 / h["samples_per_s"]  # 2 workers
         assert 1.5 * forward < per_sample < 2.5 * forward
-    assert {"wer", "cer"} <= set(metrics["test"])
+    assert_corpus_error_rates(metrics["test"], tones["test"])
     exported = tmp_path / "whisper" / "model"
     assert (exported / "preprocessor_config.json").is_file() and (exported / "tokenizer_config.json").is_file()

@@ -215,7 +215,7 @@ CONCERNS = {
     "engine": {
         "config": "the job schema", "tasks": "what each task is", "preprocessing": "modality preprocessing",
         "models": "loading and surgery", "adapters": "PEFT", "backends": "DDP and DeepSpeed", "perf": "speed",
-        "loop": "the per-worker recipe", "checkpoints": "checkpoints and exports", "evaluation": "metrics and generation",
+        "loop": "the per-worker recipe", "checkpoints": "checkpoints and exports", "evaluation": "metrics and answers",
         "safeguards": "forgetting, drift, negative transfer",
     },
     "cluster": {

@@ -11,7 +11,8 @@ import soundfile as sf
 
 from engine.preprocessing import audio
 from engine.preprocessing.speech import PADDING_MASK, encode_transcripts, featurize_batch
-from engine.preprocessing.text import IGNORE_INDEX, trim_batch
+from engine.preprocessing.labels import IGNORE_INDEX
+from engine.preprocessing.text import trim_batch
 
 
 def sine(freq: float, rate: int, seconds: float) -> np.ndarray:

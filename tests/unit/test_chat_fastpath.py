@@ -11,7 +11,7 @@ import torch
 
 import tiny_chat
 from engine.preprocessing.chat import encode_conversations
-from engine.config.schema import PerfSpec
+from engine.config.sections import PerfSpec
 from engine.preprocessing.packing import pack_batch
 from engine.perf.speed import apply_perf
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from cluster.run.console import ProgressPrinter, bar_line, set_verbose
 from cluster.run.driver_logs import route_driver_logs
 from cluster.run.summary import summary_table, text_table
-from engine.loop.console import worker_log_file
+from engine.loop.worker_output import worker_log_file
 
 
 def test_table_is_whole_and_aligned_whatever_its_width():

@@ -9,7 +9,7 @@ import torch
 
 import tiny_chat
 from cluster.cli.main import main
-from engine.evaluation.generation import score_answers
+from engine.evaluation.answers import score_answers
 
 MESSAGES = [{"role": "user", "content": "what colour is sky"}]
 
@@ -65,7 +65,7 @@ def test_adapter_export_is_not_the_base_model(exports):
 
 
 def test_prompts_file_and_the_job_system_prompt(exports, tmp_path, capsys):
-    from engine.evaluation.generation import generate_from_export
+    from engine.evaluation.answers import answers_from_export
 
     prompts = tmp_path / "prompts.jsonl"
     chat = [{"role": "user", "content": "what colour is apple"}, {"role": "assistant", "content": "red"}, {"role": "user", "content": "and snow"}]
@@ -78,7 +78,7 @@ def test_prompts_file_and_the_job_system_prompt(exports, tmp_path, capsys):
     meta_path = exports["merged"] / "shoulders_job.json"
     meta_path.write_text(json.dumps({"job": {"data": {"system_prompt": "answer in one word"}}}))
     system = [{"role": "system", "content": "answer in one word"}, *MESSAGES]
-    assert generate_from_export(exports["merged"], [MESSAGES], 6) == [reference_answer(exports["model"], exports["tokenizer"], system, 6)]
+    assert answers_from_export(exports["merged"], [MESSAGES], 6) == [reference_answer(exports["model"], exports["tokenizer"], system, 6)]
 
 
 def test_generate_refuses_a_folder_that_is_no_export(tmp_path, capsys):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import tiny
-import tiny_speech
-from cluster.datagen.speech_models import save_ctc_vocab
+from cluster.datagen.speech_models import save_ctc_vocab, save_tiny_wav2vec2
 from engine.config.schema import build_job
 from engine.errors import JobError
 from engine.models.prepare import prepare_model
@@ -73,7 +72,7 @@ def test_keep_is_refused_when_the_head_does_not_fit(classifier_checkpoint):
 
 
 def test_finetuned_ctc_checkpoint_keeps_its_output_layer_with_its_own_vocabulary(tmp_path):
-    base = tiny_speech.save_tiny_wav2vec2(tmp_path / "base")
+    base = save_tiny_wav2vec2(tmp_path / "base")
     model = prepare_model(job(base, "ctc"), None).model
     with torch.no_grad():
         model.lm_head.weight.uniform_(-1, 1)

@@ -13,13 +13,13 @@ SHARED_KEYS = ["step", "epoch", "batches_in_epoch", "restarts", "best", "evals_w
 
 def test_state_json_keeps_its_keys_in_order():
     assert list(TrainState().shared()) == SHARED_KEYS
-    assert list(TrainState(generations=[{"step": 1}]).shared()) == [*SHARED_KEYS, "generations"]
+    assert list(TrainState(answers=[{"step": 1}]).shared()) == [*SHARED_KEYS, "answers"]
     assert TrainState(sample_ids=[3, 1]).rank_position({"frozen_digest": "x"}) == {"sample_ids": [3, 1], "frozen_digest": "x"}
 
 
 def test_restore_round_trips_through_json():
     saved = TrainState(step=6, epoch=1, batches_in_epoch=2, restarts=0, best=0.5, evals_without_improvement=1,
-                       history=[{"step": 6, "val_loss": 0.5}], worker_nodes=["a"], generations=[{"step": 6}], sample_ids=[4, 2])
+                       history=[{"step": 6, "val_loss": 0.5}], worker_nodes=["a"], answers=[{"step": 6}], sample_ids=[4, 2])
     shared = json.loads(json.dumps(saved.shared()))
     position = json.loads(json.dumps(saved.rank_position()))
     restored = TrainState()

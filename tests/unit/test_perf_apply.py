@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config.schema import PerfSpec
+from engine.config.sections import PerfSpec
 from engine.perf.speed import apply_perf
 
 

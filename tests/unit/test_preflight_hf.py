@@ -44,7 +44,7 @@ def test_a_hub_id_offline_and_a_save_to_disk_split_are_read_from_their_arrow_fil
     assert train.format == validation.format == "arrow" and train.columns == ["messages"]
     assert train.files[0].endswith("colour-chat-train.arrow") and "shoulders-test___colour-chat" in train.files[0]
     assert validation.files == [str(sources["disk"] / "validation" / "data-00000-of-00001.arrow")]
-    # the first rows as the workers and the generation samples see them: the jsonl rows, in order
+    # the first rows as the workers and the answer samples see them: the jsonl rows, in order
     from cluster.ingest.rows import iter_column
 
     first = next(iter_column(train.files, train.format, "messages"))

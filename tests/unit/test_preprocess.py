@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.preprocessing.text import IGNORE_INDEX, cached_tokenizer, encode_labels, tokenize_batch, trim_batch
+from engine.preprocessing.labels import IGNORE_INDEX, encode_labels
+from engine.preprocessing.text import cached_tokenizer, tokenize_batch, trim_batch
 
 
 def test_encode_labels_by_name_and_index():

@@ -45,7 +45,7 @@ def test_labels_are_the_target_with_eos_and_trim_to_their_own_length(t5):
 
 
 def test_t5_job_with_lora_trains_and_generates(t5):
-    from engine.evaluation.generation import generate_answer
+    from engine.evaluation.answers import generate_answer
     from engine.models.prepare import prepare_model
 
     path, tokenizer = t5

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 import tiny_speech
+from cluster.datagen.speech_models import save_tiny_wav2vec2
 from cluster.preflight.data import check_data
 from cluster.preflight.job import preflight
 from engine.preprocessing.audio import _logged_rates
@@ -67,7 +68,7 @@ def test_asr_jobs_need_a_transcript_column_and_refuse_labels(tiny_wav2vec2, tone
 
 
 def test_ctc_checkpoint_without_vocabulary_gets_one_from_the_transcripts(tmp_path, tones_8k):
-    bare = tiny_speech.save_tiny_wav2vec2(tmp_path / "bare", with_vocab=False)
+    bare = save_tiny_wav2vec2(tmp_path / "bare", with_vocab=False)
     job = speech_job(bare, {"train": str(tones_8k["train"]), "validation": str(tones_8k["validation"])}, task="ctc",
                      output={"dir": str(tmp_path / "run")})
     job, _ = preflight(job)

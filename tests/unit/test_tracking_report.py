@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from figures import assert_drawn_png, figure_pixels
 from cluster.run.report import write_run_report
 from cluster.run.tracking import TB_DIR, Tracker
 from engine.config.schema import build_job
@@ -72,7 +73,7 @@ def test_every_run_gets_curves_and_a_report(tmp_path):
     job = run_job(tmp_path, tensorboard=False)
     info = SimpleNamespace(splits={"train": SimpleNamespace(num_rows=96), "validation": SimpleNamespace(num_rows=24)}, labels=["a", "b"])
     curves, report = write_run_report(job, info, summary())
-    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+    assert_drawn_png(curves, figure_pixels((13, 3.6)))  # loss, metric and LR side by side
     text = report.read_text()
     for expected in ("# Training report: tracked", "| train | 96 |", "| validation | 24 |", "| head | 99 | 0.001 | 0.01 | 0.000167 |",
                      "best validation (step 6): val_loss 0.2000, val_accuracy 0.9000", "test (exported model): accuracy 0.8750",

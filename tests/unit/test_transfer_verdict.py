@@ -14,7 +14,7 @@ import tiny
 from cluster.ingest.splits import DataInfo, SplitInfo
 from cluster.run.scratch_twin import ScratchSearch, candidate_lrs, judge_run, label_counts, run_baselines
 from engine.config.schema import build_job
-from engine.safeguards.guards import class_baselines, judge_transfer, scratch_job, transfer_verdict
+from engine.safeguards.transfer import class_baselines, judge_transfer, scratch_job, transfer_verdict
 
 LABELS = ["a", "b", "c"]
 # Training labels 40/30/30: chance 1/3, majority 'a' at 0.40. On n = 100 rows, beating the better baseline

@@ -9,7 +9,7 @@ from cluster.tune import report as tune_report
 from cluster.tune import search as tune
 from cluster.tune.evidence import best_up_to, compare_strategies, recommendation_lines
 from engine.config.schema import build_job
-from engine.safeguards.guards import transfer_verdict
+from engine.safeguards.transfer import transfer_verdict
 
 M = "val_accuracy"
 
@@ -86,7 +86,7 @@ def test_report_has_the_verdict_and_no_recommendation_without_signal(tmp_path):
     outcome = tune.TuneOutcome(out_dir=tmp_path, trials=ROWS, histories=HISTORIES, best_job=best_job, validation_rows=100)
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.7}, None, []).read_text()
     assert "The search cannot tell light fine-tuning from full fine-tuning" in report and "difference +0.1000" in report
-    from engine.safeguards.guards import class_baselines
+    from engine.safeguards.transfer import class_baselines
 
     no_signal = transfer_verdict("accuracy", 0.36, 0.34, "max", 100, baselines=class_baselines({"a": 40, "b": 30, "c": 30}))
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.36}, (no_signal, None), []).read_text()

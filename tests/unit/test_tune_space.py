@@ -6,9 +6,11 @@ import math
 
 import pytest
 
+from figures import assert_drawn_png, figure_pixels
 from cluster.tune import search as tune
 from cluster.tune import space as shtune
 from cluster.tune import report as tune_report
+from cluster.tune.evidence import recommendation
 from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 
@@ -137,8 +139,10 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     assert again.finetune.freeze_depth == 2 and again.output_dir == tmp_path / "best"
     plots = tune_report.plot_results(tmp_path, rows, histories, "val_accuracy", depth=6)
     assert {p.name for p in plots} == {"metric_vs_freeze_depth.png", "metric_vs_lr_ratio.png", "learning_curves.png"}
-    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
-    from engine.safeguards.guards import transfer_verdict
+    sizes = {"metric_vs_freeze_depth.png": (6.5, 4.2), "metric_vs_lr_ratio.png": (6.5, 4.2), "learning_curves.png": (7, 4.0 + 0.22 * len(rows))}
+    for plot in plots:
+        assert_drawn_png(plot, figure_pixels(sizes[plot.name]))
+    from engine.safeguards.transfer import transfer_verdict
 
     verdict = transfer_verdict("accuracy", 0.4, 0.55, "max", 300)  # se 0.0403, margin 0.0807 < 0.15
     report = tune_report.write_report(tmp_path, job, outcome, 6, {"accuracy": 0.4}, (verdict, None), plots).read_text()
@@ -152,7 +156,7 @@ def test_results_file_best_job_plots_and_report(tmp_path):
     [(6, "none", "feature extraction"), (0, "none", "full fine-tuning"), (4, "none", "light fine-tuning"), (0, "lora", "parameter-efficient fine-tuning")],
 )
 def test_recommendation_terms(n_frozen, method, name):
-    assert tune_report.recommendation(n_frozen, 6, method)[0] == name
+    assert recommendation(n_frozen, 6, method)[0] == name
 
 
 def test_quickstart_tune_job_searches_valid_keys_one_trial_at_a_time_on_two_cores():

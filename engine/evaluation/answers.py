@@ -1,4 +1,5 @@
-"""Greedy answers from a causal LM, prompted as it was trained: with the chat template (or plain text).
+"""Greedy answers to prompts from a causal LM (or text seq2seq model), prompted as it was trained: with the
+chat template (or plain text).
 
 Used at every evaluation (a fixed handful of validation prompts, scored against their references with
 exact match and torchmetrics' ROUGE-L) and by ``shoulders generate`` on an exported model folder.
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine.checkpoints.atomic import write_atomic
 from engine.preprocessing.chat import Message, prompt_text, template_of, with_system
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def score_answers(predictions: list[str], references: list[str]) -> dict[str, fl
 
 class AnswerProbe:
     """At each evaluation: greedy answers to a fixed handful of validation prompts, their scores, and a
-    record of them in the train state (``TrainState.generations``; the driver writes ``generations.jsonl``).
+    record of them in the train state (``TrainState.answers``; the driver writes ``answers.jsonl``).
 
     Every rank generates the same answers (the same weights), so every rank reports the same metrics.
     """
@@ -89,18 +91,16 @@ class AnswerProbe:
         return score_answers(answers, references)
 
 
-def write_generations(records: list[dict[str, Any]], path: Path) -> Path | None:
+def write_answers(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Write the evaluation answers as jsonl (temporary name, then renamed); None when there are none."""
     if not records:
         return None
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def load_for_generation(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """An exported folder (merged model or PEFT adapter) as (model, tokenizer, its ``shoulders_job.json``)."""
+def load_answering_model(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """An exported folder (merged model or PEFT adapter) as (model, tokenizer, its ``shoulders_job.json``),
+    loaded as the job's task when that task answers prompts, else as the first task that does."""
     import transformers
 
     from engine.evaluation.exported import load_exported
@@ -129,9 +129,9 @@ def prompts_from_file(path: str | Path) -> list[list[Message]]:
     return [list(r["messages"]) if "messages" in r else [{"role": "user", "content": str(r["prompt"])}] for r in rows]
 
 
-def generate_from_export(model_dir: str | Path, conversations: list[list[Message]], max_new_tokens: int = 128) -> list[str]:
+def answers_from_export(model_dir: str | Path, conversations: list[list[Message]], max_new_tokens: int = 128) -> list[str]:
     """Greedy answers of an exported model, prompted with its saved chat template and the job's system prompt."""
-    model, tokenizer, meta = load_for_generation(model_dir)
+    model, tokenizer, meta = load_answering_model(model_dir)
     system = ((meta.get("job") or {}).get("data") or {}).get("system_prompt")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
