@@ -17,6 +17,7 @@ from cluster.ingest.rows import RowRules, bad_row_message, column_values, first_
 from cluster.preflight.text import check_text, text_required_columns
 from engine.config.schema import DatasetSource, JobSpec
 from engine.errors import JobError
+from engine.checkpoints.storage import is_uri
 from engine.preprocessing.datafiles import ARROW_STREAM, open_files
 from engine.tasks import get_task
 
@@ -43,26 +44,49 @@ class DataInfo:
     labels: list[str] | None = None
 
 
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names a remote filesystem (``s3://``, ``gs://``, ...) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
-
-
 def resolve_files(path: str, key: str) -> list[str]:
-    """The data files a source names: a file, a folder (its data files) or a glob."""
+    """The data files a source names: a file, a folder (its data files) or a glob, on a local path or a URI
+    (``s3://bucket/train/``, ``s3://bucket/train/*.parquet``), listed through :mod:`engine.checkpoints.storage`."""
     if is_uri(path):
-        return [path]
-    local = os.path.expanduser(path.removeprefix("file://"))
-    if os.path.isdir(local):
-        files = sorted(str(p) for p in Path(local).rglob("*") if p.suffix.lower() in EXTENSIONS)
+        files = remote_files(path, key)
     else:
-        files = sorted(glob.glob(local)) if any(c in local for c in "*?[") else ([local] if os.path.isfile(local) else [])
+        local = os.path.expanduser(path.removeprefix("file://"))
+        if os.path.isdir(local):
+            files = sorted(str(p) for p in Path(local).rglob("*") if p.suffix.lower() in EXTENSIONS)
+        else:
+            files = sorted(glob.glob(local)) if any(c in local for c in "*?[") else ([local] if os.path.isfile(local) else [])
+        files = [os.path.abspath(f) for f in files]
     if not files:
         raise JobError(
             f"{key}: '{path}' does not exist or holds no data files (.parquet, .jsonl, .csv). "
             "Fix the path (relative paths are relative to the directory you run shoulders from)."
         )
-    return [os.path.abspath(f) for f in files]
+    return files
+
+
+def remote_files(uri: str, key: str) -> list[str]:
+    """The data files at a URI: the object itself, the data files under a prefix, or those matching a glob."""
+    import fnmatch
+
+    from engine.checkpoints import storage
+
+    base, query = storage.split_query(uri)
+    try:
+        if any(c in base for c in "*?["):
+            folder = base[: base.rfind("/", 0, min(base.find(c) for c in "*?[" if c in base))]
+            listed = storage.list_folder(folder + query, recursive=True)
+            return [f for f, kind in listed if kind == "file" and fnmatch.fnmatch(storage.split_query(f)[0], base)]
+        kind = storage.file_type(uri)
+        if kind == "file":
+            return [uri]
+        if kind == "dir":
+            listed = storage.list_folder(uri, recursive=True)
+            return [f for f, k in listed if k == "file" and Path(storage.split_query(f)[0]).suffix.lower() in EXTENSIONS]
+        return []
+    except JobError:
+        raise
+    except Exception as exc:  # pyarrow raises OSError and ArrowInvalid for storage failures
+        raise JobError(f"{key}: could not list '{base}': {storage.storage_error(uri, exc)}") from None
 
 
 def detect_format(files: list[str], declared: str, key: str) -> str:
@@ -221,9 +245,10 @@ def row_rules(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> RowRu
 
 
 def check_sample(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> None:
-    """The first :data:`SAMPLE_ROWS` rows of each local file: readable, and no bad row (unless skipped)."""
+    """The first :data:`SAMPLE_ROWS` rows of each of the first files (local or in object storage): readable,
+    and no bad row (unless skipped)."""
     rules = row_rules(job, split, labels)
-    for path in [f for f in split.files if not is_uri(f)][:SAMPLE_FILES]:
+    for path in split.files[:SAMPLE_FILES]:
         try:
             table = open_dataset([path], split.format).head(SAMPLE_ROWS, columns=rules.columns)
         except Exception as exc:  # pyarrow raises several types for unreadable files
@@ -274,19 +299,26 @@ RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """The file Ray Train keeps in a run folder; a TorchTrainer with the same run folder resumes from it."""
 
 
-def local_run_dir(job: JobSpec) -> Path | None:
-    """The Ray Train run folder of a job on local storage (None for a URI, which is not checked here)."""
+def run_dir_location(job: JobSpec) -> str:
+    """The Ray Train run folder of a job: ``output.dir``/train, or ``run.storage_path``/<job name> (a local
+    path or a URI)."""
+    from engine.checkpoints.storage import join
+
     if job.run.storage_path is None:
-        return job.output_dir / "train"
-    return None if is_uri(job.run.storage_path) else Path(job.run.storage_path).expanduser().resolve() / job.name
+        return str(job.output_dir / "train")
+    return join(job.run.storage_path, job.name)
 
 
-def run_started(run_dir: Path) -> bool:
-    """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
-    workers may have written one that a killed driver never registered; resume starts from it)."""
+def run_started(run_dir: str) -> bool:
+    """Whether a Train run has begun in ``run_dir`` (local or object storage): Ray's snapshot or a checkpoint
+    folder is there (the workers may have written one that a killed driver never registered; resume starts from it)."""
+    from engine.checkpoints import storage
     from engine.checkpoints.store import RunFolder
 
-    return (run_dir / RAY_RUN_SNAPSHOT).exists() or bool(RunFolder.local(run_dir).checkpoints())
+    try:
+        return storage.exists(storage.join(run_dir, RAY_RUN_SNAPSHOT)) or bool(RunFolder.at(run_dir).checkpoints())
+    except OSError as exc:
+        raise JobError(f"could not read the run folder '{storage.split_query(run_dir)[0]}': {storage.storage_error(run_dir, exc)}") from None
 
 
 def check_output(job: JobSpec, resume: bool = False) -> None:
@@ -298,18 +330,28 @@ def check_output(job: JobSpec, resume: bool = False) -> None:
             f"output.dir '{out}' already holds a finished run (metrics.json). "
             "Choose another output.dir or name, or remove the folder."
         )
-    run_dir = local_run_dir(job)
-    started = run_dir is not None and run_started(run_dir)
+    if not resume and job.output.uri and storage_exists(job.results_location, "metrics.json"):
+        raise JobError(f"output.uri '{job.results_location}' already holds a finished run (metrics.json). "
+                       "Choose another output.uri or name, or remove it.")
+    run_dir = run_dir_location(job)
+    started = run_started(run_dir)
     if not resume and started:
         raise JobError(
             f"'{run_dir}' holds an unfinished run of this job. Pass --resume to continue it from its latest "
             "checkpoint, or choose another output.dir or name, or remove the folder."
         )
-    if resume and run_dir is not None and not started:
+    if resume and not started:
         raise JobError(
             f"--resume: there is no run to resume in '{run_dir}' (no {RAY_RUN_SNAPSHOT}, no checkpoint folder); "
             "train without --resume."
         )
+
+
+def storage_exists(location: str, file_name: str) -> bool:
+    """Whether ``location``/``file_name`` exists (local or object storage)."""
+    from engine.checkpoints import storage
+
+    return storage.exists(storage.join(location, file_name))
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -323,6 +365,20 @@ def check_writable(path: Path, key: str) -> None:
         raise JobError(f"{key} '{path}' lies under '{probe}', which is a file, so the folder cannot be made. Choose another {key}.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise JobError(f"{key} '{path}': '{probe}' is not writable by this user. Choose a folder you can write, e.g. under your home.")
+
+
+def check_storage(job: JobSpec) -> None:
+    """``run.storage_path`` and ``output.uri`` are writable: a local folder's permissions, or for a URI a probe
+    object written and removed (about a second; one line naming the URI and what failed)."""
+    from engine.checkpoints import storage
+
+    for key, location in (("run.storage_path", job.run.storage_path), ("output.uri", job.output.uri and job.results_location)):
+        if not location:
+            continue
+        if is_uri(location):
+            storage.check_writable(location, key)
+        else:
+            check_writable(Path(storage.local_path(location)), key)
 
 
 def check_resources(job: JobSpec, cpus: float | None = None, gpus: float | None = None, extra_cpus: float = 0.0, what: str = "the run") -> None:
@@ -364,8 +420,7 @@ def preflight(job: JobSpec, resume: bool = False) -> tuple[JobSpec, DataInfo]:
     """All checks a job must pass before Ray starts anything; returns the job with absolute paths."""
     check_model(job)
     check_writable(job.output_dir, "output.dir")
-    if job.run.storage_path and not is_uri(job.run.storage_path):
-        check_writable(Path(job.run.storage_path).expanduser().resolve(), "run.storage_path")
+    check_storage(job)
     check_resources(job)
     info = check_data(job)
     check_output(job, resume)
