@@ -147,6 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_verdict(verdict, search)
         write_verdict(job.output_dir, verdict, search)
         add_to_run_report(job.output_dir / "report.md", verdict, search)  # the same section as the search's report
+    from cluster.run.trainer import copy_results
+
+    copy_results(job)  # metrics, report, verdict to output.uri when set
     return 0
 
 

@@ -258,11 +258,11 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
 
     tracker.finish(summary, list(write_run_report(job, info, summary)))  # curves.png, report.md
     remove_stale_checkpoints(job, [checkpoint for checkpoint, _ in result.best_checkpoints] + [result.checkpoint], best_checkpoint)
-    copy_results(job)
+    copy_results(job)  # to output.uri when set (``shoulders train`` copies them again after the transfer verdict)
     return summary
 
 
-RESULT_FILES = ("metrics.json", "report.md", "curves.png", "generations.jsonl", "verdict.json")
+RESULT_FILES = ("metrics.json", "report.md", "curves.png", "generations.jsonl", "transfer.json")
 """Small files of a run's output folder that ``output.uri`` receives too."""
 
 

@@ -431,5 +431,5 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
         print_verdict(*verdict)
     from cluster.run.trainer import copy_results
 
-    copy_results(job, (RESULTS_FILE, "best_job.yaml", "report.md", "verdict.json"))  # to output.uri, when set
+    copy_results(job, (RESULTS_FILE, "best_job.yaml", "report.md", "transfer.json"))  # to output.uri, when set
     print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

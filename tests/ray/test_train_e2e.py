@@ -158,7 +158,7 @@ def test_bf16_weights_with_fp32_masters_train_two_workers_checkpoint_fp32_and_va
     assert any(not (t == t.bfloat16().float()).all() for t in weights.values())
 
 
-def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_data, tmp_path):
+def test_causal_lm_with_lora_validation_loss_falls_and_the_export_in_object_storage_generates(ray_local, s3, tiny_llama_lm, lm_data, tmp_path, capsys):
     job = {
         "name": "tiny-lm",
         "model": {"name": str(tiny_llama_lm), "task": "causal_lm"},
@@ -168,7 +168,7 @@ def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_
         "optim": {"epochs": 6, "batch_size": 16, "warmup_ratio": 0.0, "schedule": "constant"},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "eval": {"every_n_steps": 7},
-        "output": {"dir": str(tmp_path / "out"), "export": "adapter"},
+        "output": {"dir": str(tmp_path / "out"), "export": "adapter", "uri": s3.uri("lm-results")},
     }
     assert main(["train", write_job(tmp_path, job)]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -177,5 +177,16 @@ def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_
     assert len(losses) >= 3 and losses[-1] < 0.95 * losses[0]
     assert all(later <= earlier + 1e-3 for earlier, later in zip(losses, losses[1:]))
     assert all(h["val_perplexity"] > 1 for h in metrics["history"])
-    export = tmp_path / "out" / "model"
+    from engine.checkpoints import storage
+
+    assert metrics["export_dir"] == s3.uri("lm-results", "model")
+    assert json.loads(storage.read_text(s3.uri("lm-results", "metrics.json")))["history"] == metrics["history"]
+    export = storage.download_folder(metrics["export_dir"], tmp_path / "model")
     assert (export / "adapter_config.json").is_file() and (export / "adapter_model.safetensors").is_file()
+    # shoulders generate answers from the export in the bucket as from its local copy
+    answers = []
+    for model_dir in (metrics["export_dir"], str(export)):
+        capsys.readouterr()
+        assert main(["generate", model_dir, "--prompt", "the", "--prompt", "a", "--max-new-tokens", "4", "--jsonl"]) == 0
+        answers.append([json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")])
+    assert len(answers[0]) == 2 and answers[0] == answers[1]

@@ -97,3 +97,21 @@ def test_checkpoint_completeness_is_read_on_object_storage(s3):
     assert runs.incomplete_reason(path) is None
     storage.write_bytes(storage.join(folder, "trainable.safetensors"), b"x" * 4)
     assert "has 4 bytes" in runs.incomplete_reason(path)
+
+
+def test_storage_credentials_travel_in_the_runtime_env_of_jobs_that_use_object_storage(monkeypatch, tmp_path):
+    from cluster.remote.submit import build_runtime_env, uses_object_storage
+    from cluster.run.trainer import storage_runtime_env
+    from engine.config.schema import build_job
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    base = {"name": "x", "model": {"name": "m"}, "data": {"train": "t.parquet"}}
+    assert not uses_object_storage(build_job(base))
+    assert uses_object_storage(build_job({**base, "run": {"storage_path": "s3://b/runs"}}))
+    assert uses_object_storage(build_job({**base, "data": {"train": "s3://b/t.parquet"}}))
+    assert build_runtime_env(tmp_path, ship_code=False, storage_env=True)["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert "AWS_SECRET_ACCESS_KEY" not in build_runtime_env(tmp_path, ship_code=False)["env_vars"]
+    assert storage_runtime_env()["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"  # ray.init to a cluster
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside a submitted job: its runtime env already has them
+    assert storage_runtime_env() == {}
