@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from cluster.preflight.checks import DataInfo
+from cluster.ingest.splits import DataInfo
 from engine.config.schema import JobSpec
 
 

@@ -14,10 +14,12 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.ingest.datasets import build_datasets, generation_samples
+from cluster.ingest.datasets import build_datasets
+from cluster.ingest.splits import DataInfo
+from cluster.ingest.text import generation_samples
+from cluster.preflight.output import check_resources, run_dir_location
 from cluster.run.export_task import evaluate_export  # noqa: F401  (shoulders eval's entry point)
 from cluster.run.interrupts import watch_interrupts
-from cluster.preflight.checks import DataInfo, check_resources, run_dir_location
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight.checks import DataInfo
+from cluster.ingest.splits import DataInfo
 from cluster.run.scratch_twin import validation_rows
 from cluster.tune.space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
@@ -56,7 +56,7 @@ def experiment_location(job: JobSpec) -> str:
 def train_history(job: JobSpec) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """A trial's evaluations from its Train run (all of them, also those from before a resume) and the kept
     checkpoint (local path or URI) of each step: the newest complete checkpoint's ``state.json`` holds the full history."""
-    from cluster.preflight.checks import run_dir_location
+    from cluster.preflight.output import run_dir_location
     from engine.checkpoints import storage
 
     run_dir = run_dir_location(job)
@@ -340,7 +340,8 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     import time
 
     from cluster.run.interrupts import Interrupted, watch_interrupts
-    from cluster.preflight.checks import check_resources, preflight
+    from cluster.preflight.job import preflight
+    from cluster.preflight.output import check_resources
     from engine.config.schema import read_job_file
 
     started = time.perf_counter()

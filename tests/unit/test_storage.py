@@ -58,7 +58,8 @@ def test_bucket_check_answers_in_about_a_second_naming_what_failed(s3, monkeypat
 
 
 def test_preflight_reads_remote_parquet_folders_globs_and_jsonl_and_finds_bad_rows(s3, tmp_path):
-    from cluster.preflight.checks import check_sample, check_split, resolve_files
+    from cluster.ingest.splits import resolve_files
+    from cluster.preflight.data import check_sample, check_split
     from engine.config.schema import build_job
 
     for i in range(2):
