@@ -23,12 +23,9 @@ from engine.config.schema import JobSpec
 def export_and_test(job: JobSpec, info: DataInfo, checkpoint: Any, location: str, gpu: bool) -> dict[str, float] | None:
     """Export ``checkpoint`` (a ``ray.train.Checkpoint``) to ``location`` and return its test metrics
     (None without a test split), computed in a Ray task with a training worker's resources."""
-    from engine.checkpoints.storage import credential_env
-
-    task = ray.remote(_export_and_test).options(
-        num_cpus=job.scaling.cpus_per_worker, num_gpus=1 if gpu else 0, max_retries=0,
-        runtime_env={"env_vars": credential_env()},  # the storage credentials, as the workers get them
-    )
+    # The storage credentials reach this task as they reach the training workers: the job's runtime environment
+    # (``cluster.run.trainer.storage_runtime_env``, or a submitted job's own), or the embedded Ray's inherited env.
+    task = ray.remote(_export_and_test).options(num_cpus=job.scaling.cpus_per_worker, num_gpus=1 if gpu else 0, max_retries=0)
     return ray.get(task.remote(job, info, checkpoint, location))
 
 
