@@ -325,8 +325,16 @@ class RunFolder:
         """The run's checkpoint folders, newest (step, restart index) first (none when the folder is missing)."""
         import pyarrow.fs
 
-        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
-        return resume_candidates([info.path for info in infos if info.type == pyarrow.fs.FileType.Directory])
+        if isinstance(self.filesystem, pyarrow.fs.LocalFileSystem):
+            infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
+            return resume_candidates([info.path for info in infos if info.type == pyarrow.fs.FileType.Directory])
+        # An object store: a folder is the objects under its prefix. Some S3 servers (SeaweedFS) keep listing a
+        # prefix whose objects were all deleted, so only folders holding a file count.
+        prefix = self.path.rstrip("/") + "/"
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=True))
+        return resume_candidates([prefix + rest.split("/", 1)[0] for rest in
+                                  (info.path[len(prefix):] for info in infos if info.type == pyarrow.fs.FileType.File and info.path.startswith(prefix))
+                                  if "/" in rest])
 
 
 def next_restart_index(run: RunFolder) -> int:

@@ -59,7 +59,9 @@ def bucket_checkpoints(run: str) -> list[str]:
     """The checkpoint folders (URIs) of a run folder in object storage, oldest first."""
     from engine.checkpoints import storage
 
-    return sorted(uri for uri, kind in storage.list_folder(run) if kind == "dir" and storage.name(uri).startswith("checkpoint_"))
+    from engine.checkpoints.store import RunFolder
+
+    return sorted(storage.as_location(run, path) for path in RunFolder.at(run).checkpoints())  # folders holding files
 
 
 def bucket_incomplete_reason(checkpoint: str) -> str | None:

@@ -98,6 +98,8 @@ def test_checkpoint_completeness_is_read_on_object_storage(s3):
     assert runs.incomplete_reason(path) is None
     storage.write_bytes(storage.join(folder, "trainable.safetensors"), b"x" * 4)
     assert "has 4 bytes" in runs.incomplete_reason(path)
+    runs.filesystem.delete_dir(path)  # SeaweedFS keeps listing the emptied prefix: it is no checkpoint
+    assert runs.checkpoints() == []
 
 
 def test_storage_credentials_travel_in_the_runtime_env_of_jobs_that_use_object_storage(monkeypatch, tmp_path):
