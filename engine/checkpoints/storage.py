@@ -129,6 +129,20 @@ def list_folder(location: str, recursive: bool = False) -> list[tuple[str, str]]
     return sorted((as_location(location, info.path), kinds[info.type]) for info in infos if info.type in kinds)
 
 
+def file_sizes(locations: list[str]) -> list[int]:
+    """The sizes in bytes of files (local or on one object store: one listing request per batch of paths)."""
+    if not locations:
+        return []
+    if not is_uri(locations[0]):
+        return [os.path.getsize(local_path(f)) for f in locations]
+    fs = resolve(locations[0])[0]
+    infos = fs.get_file_info([resolve(f)[1] for f in locations])
+    missing = [f for f, info in zip(locations, infos) if info.size is None]
+    if missing:
+        raise FileNotFoundError(f"'{missing[0]}' does not exist")
+    return [info.size for info in infos]
+
+
 def read_bytes(location: str) -> bytes:
     """The bytes of a file."""
     fs, path = resolve(location)

@@ -77,6 +77,7 @@ def test_preflight_reads_remote_parquet_folders_globs_and_jsonl_and_finds_bad_ro
                      "output": {"dir": str(tmp_path / "out")}})
     split = check_split(job, "train", s3.uri("pre", "train"))
     assert split.num_rows == 10 and split.columns == ["label", "text"]
+    assert storage.file_sizes(split.files) == [(tmp_path / f"part-{i}.parquet").stat().st_size for i in range(2)]  # the shuffle decision's input
     check_sample(job, split, ["a", "b"])
     bad = check_split(job, "validation", s3.uri("pre", "bad.jsonl"))
     with pytest.raises(JobError, match="bad.jsonl.*row 2"):
