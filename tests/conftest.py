@@ -112,7 +112,22 @@ def other_ray():
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory, other_ray):
+def s3(tmp_path_factory):
+    """A real S3 server on loopback (SeaweedFS) with a bucket; its AWS variables are set for the whole session
+    (before the session's Ray starts, so its workers reach it as a cloud node's would). Stopped by pid at the end
+    without waiting for it to exit (~10 s)."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory, other_ray, s3):
     """One local Ray per test session with 4 logical CPUs (fractional workers leave room for Ray Data)."""
     import ray
 

@@ -178,28 +178,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_verdict(verdict, search)
         write_verdict(job.output_dir, verdict, search)
         add_to_run_report(job.output_dir / "report.md", verdict, search)  # the same section as the search's report
+    from cluster.run.trainer import copy_results
+
+    copy_results(job)  # metrics, report, verdict to output.uri when set
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.checkpoints.storage import local_folder
+
+    with local_folder(args.model_dir) as model_dir:  # an export in object storage: a temporary download
+        return evaluate_export_folder(args, model_dir)
+
+
+def evaluate_export_folder(args: argparse.Namespace, model_dir: Path) -> int:
     import json
 
     from cluster.preflight.data import check_eval_data, read_export_job
 
-    job, labels = read_export_job(Path(args.model_dir))
+    job, labels = read_export_job(model_dir)
     info = check_eval_data(job, labels, args.data)
     from cluster.run.trainer import ensure_ray, evaluate_export
 
     ensure_ray()
-    metrics = evaluate_export(job, info, Path(args.model_dir), split="eval")
+    metrics = evaluate_export(job, info, model_dir, split="eval")
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.checkpoints.storage import local_folder
+
+    with local_folder(args.model_dir) as model_dir:  # an export in object storage: a temporary download
+        return generate_from_folder(args, model_dir)
+
+
+def generate_from_folder(args: argparse.Namespace, model_dir: Path) -> int:
     from cluster.cli.answers import print_answers
 
-    model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise JobError(f"'{args.model_dir}' is not an exported model (no config.json or adapter_config.json); pass output.dir/model of a run.")
     prompts = [[{"role": "user", "content": p}] for p in args.prompt]

@@ -89,9 +89,11 @@ def fits_in_object_store(split: SplitInfo, share: float = 0.2, expansion: float 
     """Whether a split (its files' bytes x ``expansion`` for decompression) fits in ``share`` of the object
     store. Such a split's blocks are shuffled in memory; a larger one is shuffled by file order at read time,
     because shuffling blocks materialises the whole split (it would spill to disk instead of streaming)."""
-    try:
-        size = sum(os.path.getsize(f) for f in split.files)
-    except OSError:  # remote files: treat as large
+    from engine.checkpoints.storage import file_sizes
+
+    try:  # local files and object storage alike: the same split shuffles the same way wherever it lives
+        size = sum(file_sizes(split.files))
+    except OSError:  # unreadable sizes: treat as large
         return False
     return size * expansion <= share * ray.cluster_resources().get("object_store_memory", 0)
 

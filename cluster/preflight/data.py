@@ -19,7 +19,6 @@ from cluster.ingest.splits import (
     DataInfo,
     SplitInfo,
     detect_format,
-    is_uri,
     resolve_files,
 )
 from cluster.modalities import modality_of
@@ -125,9 +124,10 @@ SAMPLE_ROWS = 256
 checked while streaming."""
 
 def check_sample(job: JobSpec, split: SplitInfo, labels: list[str] | None) -> None:
-    """The first :data:`SAMPLE_ROWS` rows of each local file: readable, and no bad row (unless skipped)."""
+    """The first :data:`SAMPLE_ROWS` rows of each of the first files (local or in object storage): readable,
+    and no bad row (unless skipped)."""
     rules = modality_of(job).row_rules(job, split, labels)
-    for path in [f for f in split.files if not is_uri(f)][:SAMPLE_FILES]:
+    for path in split.files[:SAMPLE_FILES]:
         try:
             table = open_dataset([path], split.format).head(SAMPLE_ROWS, columns=rules.columns)
         except Exception as exc:  # pyarrow raises several types for unreadable files

@@ -7,12 +7,11 @@ Only pyarrow and ``transformers`` configs are touched (no torch, no Ray).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from cluster.ingest.splits import DataInfo, is_uri
+from cluster.ingest.splits import DataInfo
 from cluster.modalities import modality_of
 from cluster.preflight.data import check_data
-from cluster.preflight.output import check_output, check_resources, check_writable
+from cluster.preflight.output import check_output, check_resources, check_storage, check_writable
 from engine.config.schema import JobSpec
 
 
@@ -36,8 +35,7 @@ def preflight_checks(job: JobSpec, resume: bool = False) -> DataInfo:
     ``shoulders validate`` runs exactly this, so a job it passes is never refused by :func:`preflight`."""
     check_model(job)
     check_writable(job.output_dir, "output.dir")
-    if job.run.storage_path and not is_uri(job.run.storage_path):
-        check_writable(Path(job.run.storage_path).expanduser().resolve(), "run.storage_path")
+    check_storage(job)
     check_resources(job)
     info = check_data(job)
     check_output(job, resume)

@@ -15,44 +15,83 @@ from engine.errors import JobError
 RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """The file Ray Train keeps in a run folder; a TorchTrainer with the same run folder resumes from it."""
 
-def local_run_dir(job: JobSpec) -> Path | None:
-    """The Ray Train run folder of a job on local storage (None for a URI, which is not checked here)."""
+def run_dir_location(job: JobSpec) -> str:
+    """The Ray Train run folder of a job: ``output.dir``/train, or ``run.storage_path``/<job name> (a local
+    path or a URI)."""
+    from engine.checkpoints.storage import join
+
     if job.run.storage_path is None:
-        return job.output_dir / "train"
-    return None if is_uri(job.run.storage_path) else Path(job.run.storage_path).expanduser().resolve() / job.name
+        return str(job.output_dir / "train")
+    return join(job.run.storage_path, job.name)
 
-def run_started(run_dir: Path) -> bool:
-    """Whether a Train run has begun in ``run_dir``: Ray's snapshot or a checkpoint folder is there (the
-    workers may have written one that a killed driver never registered; resume starts from it)."""
-    if (run_dir / RAY_RUN_SNAPSHOT).exists():
-        return True
-    if not run_dir.is_dir() or not any(p.name.startswith("checkpoint_") for p in run_dir.iterdir()):
-        return False  # no checkpoint folder: answered without the checkpoint store (which loads torch)
-    from engine.checkpoints.store import RunFolder
 
-    return bool(RunFolder.local(run_dir).checkpoints())
+def run_started(run_dir: str) -> bool:
+    """Whether a Train run has begun in ``run_dir`` (local or object storage): Ray's snapshot or a checkpoint
+    folder is there (the workers may have written one that a killed driver never registered; resume starts from it).
+    A local folder without a ``checkpoint_*`` folder is answered without the checkpoint store (which loads torch)."""
+    from engine.checkpoints import storage
+
+    try:
+        if storage.exists(storage.join(run_dir, RAY_RUN_SNAPSHOT)):
+            return True
+        if not storage.is_uri(run_dir):
+            local = Path(run_dir)
+            if not local.is_dir() or not any(p.name.startswith("checkpoint_") for p in local.iterdir()):
+                return False
+        from engine.checkpoints.store import RunFolder
+
+        return bool(RunFolder.at(run_dir).checkpoints())
+    except OSError as exc:
+        raise JobError(f"could not read the run folder '{storage.split_query(run_dir)[0]}': {storage.storage_error(run_dir, exc)}") from None
+
+
+def storage_exists(location: str, file_name: str) -> bool:
+    """Whether ``location``/``file_name`` exists (local or object storage)."""
+    from engine.checkpoints import storage
+
+    return storage.exists(storage.join(location, file_name))
+
 
 def check_output(job: JobSpec, resume: bool = False) -> None:
     """Refuse to overwrite a finished run's output folder unless resuming, and to silently continue an
-    unfinished one: Ray Train resumes a run whose folder it finds, so that must be asked for (``--resume``)."""
+    unfinished one: Ray Train resumes a run whose folder it finds, so that must be asked for (``--resume``).
+    The run folder may be local or in object storage."""
     out = job.output_dir
     if not resume and (out / "metrics.json").exists():
         raise JobError(
             f"output.dir '{out}' already holds a finished run (metrics.json). "
             "Choose another output.dir or name, or remove the folder."
         )
-    run_dir = local_run_dir(job)
-    started = run_dir is not None and run_started(run_dir)
+    if not resume and job.output.uri and storage_exists(job.results_location, "metrics.json"):
+        raise JobError(f"output.uri '{job.results_location}' already holds a finished run (metrics.json). "
+                       "Choose another output.uri or name, or remove it.")
+    run_dir = run_dir_location(job)
+    started = run_started(run_dir)
     if not resume and started:
         raise JobError(
             f"'{run_dir}' holds an unfinished run of this job. Pass --resume to continue it from its latest "
             "checkpoint, or choose another output.dir or name, or remove the folder."
         )
-    if resume and run_dir is not None and not started:
+    if resume and not started:
         raise JobError(
             f"--resume: there is no run to resume in '{run_dir}' (no {RAY_RUN_SNAPSHOT}, no checkpoint folder); "
             "train without --resume."
         )
+
+
+def check_storage(job: JobSpec) -> None:
+    """``run.storage_path`` and ``output.uri`` are writable: a local folder's permissions, or for a URI a probe
+    object written and removed (about a second; one line naming the URI and what failed)."""
+    from engine.checkpoints import storage
+
+    for key, location in (("run.storage_path", job.run.storage_path), ("output.uri", job.output.uri and job.results_location)):
+        if not location:
+            continue
+        if is_uri(location):
+            storage.check_writable(location, key)
+        else:
+            check_writable(Path(storage.local_path(location)), key)
+
 
 def check_writable(path: Path, key: str) -> None:
     """``path`` is, or can be made as, a folder this user writes: the nearest existing ancestor is a writable folder."""

@@ -236,11 +236,21 @@ def declared_packages() -> list[str]:
     return [r for r in reqs if "extra ==" not in r and not re.match(r"ray\b", r)]
 
 
-def build_runtime_env(working_dir: Path, ship_code: bool = True, pip: bool = False) -> dict[str, Any]:
-    """The runtime environment of a submitted job: the packed folder, this checkout's code, forwarded env vars."""
+def uses_object_storage(job: JobSpec) -> bool:
+    """Whether the job reads or writes a URI (data splits, ``run.storage_path``, ``output.uri``)."""
+    splits = [getattr(job.data, k) for k in ("train", "validation", "test")]
+    return any(isinstance(v, str) and is_uri(v) for v in [*splits, job.run.storage_path, job.output.uri] if v)
+
+
+def build_runtime_env(working_dir: Path, ship_code: bool = True, pip: bool = False, storage_env: bool = False) -> dict[str, Any]:
+    """The runtime environment of a submitted job: the packed folder, this checkout's code, forwarded env vars;
+    with ``storage_env``, this machine's storage credentials and endpoint (``AWS_*``, ``GOOGLE_*``) too, so the
+    driver and every worker reach the job's object storage (they travel in the runtime environment, never in a file)."""
+    from engine.checkpoints.storage import credential_env
+
     env: dict[str, Any] = {
         "working_dir": str(working_dir),
-        "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+        "env_vars": {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **(credential_env() if storage_env else {})},
         "excludes": ["__pycache__", "*.pyc"],
     }
     if ship_code:
@@ -298,7 +308,7 @@ def submit(job_path: str, overrides: list[str] | None = None, address: str | Non
         job_id = client.submit_job(
             entrypoint=f"python -m cluster.cli.main {command} {JOB_FILE}",
             submission_id=submission_id(job),
-            runtime_env=build_runtime_env(folder, ship_code, pip),
+            runtime_env=build_runtime_env(folder, ship_code, pip, storage_env=uses_object_storage(job)),
             metadata={"shoulders_job": job.name, "shoulders_command": command},
         )
     print(f"submitted '{job.name}' ({package.total_bytes / 2**20:.1f} MiB packed) as {job_id}", file=log)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,12 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.ingest.datasets import build_datasets, build_eval_dataset
-from cluster.ingest.text import answer_samples
-from cluster.run.interrupts import watch_interrupts
+from cluster.ingest.datasets import build_datasets
 from cluster.ingest.splits import DataInfo
-from cluster.preflight.output import check_resources
+from cluster.ingest.text import answer_samples
+from cluster.preflight.output import check_resources, run_dir_location
+from cluster.run.export_task import evaluate_export  # noqa: F401  (shoulders eval's entry point)
+from cluster.run.interrupts import watch_interrupts
 from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.errors import JobError
@@ -50,10 +50,22 @@ def ensure_ray(address: str | None = None) -> None:
     from cluster.remote.local_cluster import secure_embedded_token
 
     if address:
-        ray.init(address=address, **ray_init_kwargs())
+        ray.init(address=address, **storage_runtime_env(), **ray_init_kwargs())
     else:
         secure_embedded_token()  # the token file Ray would write readable by all: mode 600
         start_embedded_ray(**ray_init_kwargs())
+
+
+def storage_runtime_env() -> dict[str, Any]:
+    """``ray.init``'s ``runtime_env`` carrying the storage credentials and endpoint set here (``AWS_*``, ...) to
+    every worker of a cluster this driver connects to; empty inside a submitted job (its runtime environment,
+    which already carries them, must not be replaced) and when none is set."""
+    from engine.checkpoints.storage import credential_env
+
+    env_vars = credential_env()
+    if not env_vars or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return {}
+    return {"runtime_env": {"env_vars": env_vars}}
 
 
 EMBEDDED_TRAIN_ENV = {
@@ -179,7 +191,7 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
     A URI (``s3://``, ``gs://``, ...) is passed to Ray as it is; a local path is made absolute.
     """
-    from cluster.ingest.splits import is_uri
+    from engine.checkpoints.storage import is_uri
 
     path = job.run.storage_path
     if not path:
@@ -201,7 +213,8 @@ class RunSummary:
 
     best: dict[str, Any]
     test: dict[str, float] | None
-    export_dir: Path | None
+    export_dir: str | None
+    """Where the export is: a local folder or a URI (``output.uri``/model)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     worker_nodes: list[str] = field(default_factory=list)
     """Ray node id of each training worker, in rank order."""
@@ -210,7 +223,8 @@ class RunSummary:
 
 
 def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
-    """Train the job on Ray, export the best checkpoint, evaluate it on the test split, write metrics.json."""
+    """Train the job on Ray, export the best checkpoint and evaluate it on the test split (both in a Ray task
+    with a worker's resources, :mod:`cluster.run.export_task`), write metrics.json and the report."""
     from engine.tasks import get_task
 
     ensure_ray()
@@ -228,8 +242,7 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
             raise result.error
     candidates = result.best_checkpoints + unregistered_checkpoints(job, result.best_checkpoints)
     best_checkpoint, best = pick_best(candidates, f"val_{job.eval_metric}", job.eval_mode)
-    with result.checkpoint.as_directory() as last:
-        train_state = json.loads((Path(last) / "state.json").read_text())["train"]
+    train_state = read_checkpoint_json(result.checkpoint, "state.json")["train"]  # a small file, not the checkpoint
     history, worker_nodes = train_state.get("history", []), train_state.get("worker_nodes", [])
     from engine.evaluation.answers import write_answers
 
@@ -237,58 +250,85 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
 
     export_dir, test = None, None
     if job.output.export != "none":
-        from engine.checkpoints.export import export_checkpoint
+        from cluster.run.export_task import export_and_test
+        from engine.checkpoints.storage import join
 
-        with best_checkpoint.as_directory() as folder:
-            export_dir = export_checkpoint(folder, job.output_dir / EXPORT_DIR, info.labels)
-        if "test" in info.splits:
-            test = evaluate_export(job, info, export_dir)
+        export_dir = join(job.results_location, EXPORT_DIR)
+        test = export_and_test(job, info, best_checkpoint, export_dir, use_gpu(job))
     summary = RunSummary(best=best, test=test, export_dir=export_dir, history=history, worker_nodes=worker_nodes, layout=console.layout)
     write_metrics(job, summary)
     from cluster.run.report import write_run_report
 
     tracker.finish(summary, list(write_run_report(job, info, summary)))  # curves.png, report.md
     remove_stale_checkpoints(job, [checkpoint for checkpoint, _ in result.best_checkpoints] + [result.checkpoint], best_checkpoint)
+    copy_results(job)  # to output.uri when set (``shoulders train`` copies them again after the transfer verdict)
     return summary
+
+
+RESULT_FILES = ("metrics.json", "report.md", "curves.png", "answers.jsonl", "transfer.json")
+"""Small files of a run's output folder that ``output.uri`` receives too."""
+
+
+def copy_results(job: JobSpec, names: tuple[str, ...] = RESULT_FILES) -> list[str]:
+    """Copy the run's small result files from ``output.dir`` to ``output.uri`` (when set); returns their locations."""
+    from engine.checkpoints import storage
+
+    if not job.output.uri:
+        return []
+    copied = []
+    for file_name in names:
+        path = job.output_dir / file_name
+        if path.is_file():
+            location = storage.join(job.results_location, file_name)
+            storage.write_bytes(location, path.read_bytes())
+            copied.append(location)
+    return copied
+
+
+def read_checkpoint_json(checkpoint: Any, file_name: str) -> dict[str, Any]:
+    """One JSON file of a ``ray.train.Checkpoint`` read through its filesystem (local or object storage)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{file_name}") as stream:
+        return json.loads(stream.read())
 
 
 def remove_stale_checkpoints(job: JobSpec, registered: list[Any], best: Any) -> list[str]:
     """Once the run is finished and its best model exported, delete the checkpoint folders Ray Train's
     retention never sees: not registered (written just before a driver died, or cut short by a crash) and
     not the best model, so ``output.keep_checkpoints`` holds however often the run was interrupted. Ray's
-    ``num_to_keep`` looks after the registered ones. (Local storage only.)"""
-    from cluster.preflight.output import local_run_dir
+    ``num_to_keep`` looks after the registered ones. Local storage and object storage alike."""
+    from engine.checkpoints import storage
     from engine.checkpoints.store import RunFolder
 
-    run_dir = local_run_dir(job)
-    if run_dir is None:
-        return []
-    kept = {Path(checkpoint.path).name for checkpoint in registered if checkpoint is not None} | {Path(best.path).name}
-    stale = [f for f in RunFolder.local(run_dir).checkpoints() if Path(f).name not in kept]
+    kept = {storage.name(checkpoint.path) for checkpoint in registered if checkpoint is not None} | {storage.name(best.path)}
+    run = RunFolder.at(run_dir_location(job))
+    stale = [f for f in run.checkpoints() if storage.name(f) not in kept]
     for folder in stale:
-        log.info("removing checkpoint %s: interrupted runs left it outside Ray's retention", Path(folder).name)
-        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removing checkpoint %s: interrupted runs left it outside Ray's retention", storage.name(folder))
+        try:
+            run.filesystem.delete_dir(folder)
+        except OSError as exc:
+            log.warning("could not remove checkpoint %s: %s", folder, exc)
     return stale
 
 
 def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
-    """Complete checkpoints in the job's (local) run folder that Ray Train does not list, with the metrics
-    their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
-    may hold the best model. (A URI storage path is not listed here.)"""
-    from cluster.preflight.output import local_run_dir
-    from engine.checkpoints.store import STATE, RunFolder, is_complete
+    """Complete checkpoints in the job's run folder (local or object storage) that Ray Train does not list,
+    with the metrics their ``state.json`` holds: written by the workers just before a driver died, then
+    resumed from, they may hold the best model. Completeness is read from the manifests and file sizes on
+    storage; nothing is downloaded but the small JSON files."""
+    from engine.checkpoints import storage
+    from engine.checkpoints.store import STATE, RunFolder
 
-    run_dir = local_run_dir(job)
-    if run_dir is None:
-        return []
-    known = {Path(checkpoint.path).name for checkpoint, _ in registered}
+    known = {storage.name(checkpoint.path) for checkpoint, _ in registered}
+    run = RunFolder.at(run_dir_location(job))
     found = []
-    for folder in map(Path, RunFolder.local(run_dir).checkpoints()):
-        if folder.name in known or not is_complete(folder):
+    for folder in run.checkpoints():
+        if storage.name(folder) in known or run.incomplete_reason(folder) is not None:
             continue
-        metrics = json.loads((folder / STATE).read_text()).get("metrics")
+        checkpoint = ray.train.Checkpoint(folder, filesystem=run.filesystem)
+        metrics = read_checkpoint_json(checkpoint, STATE).get("metrics")
         if metrics:
-            found.append((ray.train.Checkpoint(str(folder)), metrics))
+            found.append((checkpoint, metrics))
     return found
 
 
@@ -298,23 +338,6 @@ def pick_best(checkpoints: list[tuple[Any, dict[str, Any]]], key: str, mode: str
         raise JobError("training reported no checkpoint; check the worker logs above")
     sign = 1 if mode == "max" else -1
     return max(checkpoints, key=lambda pair: sign * pair[1][key])
-
-
-def evaluate_export(job: JobSpec, info: DataInfo, export_dir: Path, split: str = "test") -> dict[str, float]:
-    """Metrics of the exported model on a split, loaded with plain transformers/peft, streamed by Ray Data."""
-    import torch
-
-    from engine.evaluation.exported import evaluate_model, load_exported
-    from engine.loop.batches import collate
-
-    model = load_exported(export_dir, job.model.task, info.labels)
-    dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))
-    batches = dataset.iter_torch_batches(batch_size=job.eval.batch_size or 2 * job.optim.batch_size, collate_fn=collate)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    from engine.tasks import get_task
-
-    metrics = get_task(job.model.task).export_metrics(job, model, export_dir, device)
-    return evaluate_model(model, batches, job.model.task, len(info.labels) if info.labels else None, device, metrics=metrics)
 
 
 def write_metrics(job: JobSpec, summary: RunSummary) -> Path:

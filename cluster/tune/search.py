@@ -34,27 +34,44 @@ RESULTS_FILE = "tune_results.csv"
 
 
 def trial_spec(base_raw: dict[str, Any], overrides: dict[str, Any], trial_id: str, trials_root: str | os.PathLike) -> JobSpec:
-    """The job trial ``trial_id`` runs, with its own name and output folder (where its Train run lives)."""
-    return trial_job(base_raw, overrides, f"{base_raw.get('name', 'job')}-{trial_id}", os.path.join(trials_root, trial_id))
+    """The job trial ``trial_id`` runs, with its own name and output folder (its logs; its Train run too, unless
+    the search has a ``run.storage_path``: then the run lives in ``run.storage_path``/<job name>/trials/<trial id>)."""
+    from engine.checkpoints.storage import join
+
+    name = base_raw.get("name", "job")
+    storage_path = (base_raw.get("run") or {}).get("storage_path")
+    if storage_path:
+        base_raw = merge(base_raw, {"run": {"storage_path": join(storage_path, name, TRIALS_DIR, trial_id)}})
+    return trial_job(base_raw, overrides, f"{name}-{trial_id}", os.path.join(trials_root, trial_id))
+
+
+def experiment_location(job: JobSpec) -> str:
+    """Where a search keeps its Tune experiment (``tune/``) and its trials' Train runs: ``run.storage_path``/<job
+    name> (a local path or a URI), or ``output.dir``."""
+    from engine.checkpoints.storage import join
+
+    return join(job.run.storage_path, job.name) if job.run.storage_path else str(job.output_dir)
 
 
 def train_history(job: JobSpec) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """A trial's evaluations from its Train run (all of them, also those from before a resume) and the kept
-    checkpoint of each step: the newest complete checkpoint's ``state.json`` holds the full history."""
-    from cluster.run.trainer import storage_location
+    checkpoint (local path or URI) of each step: the newest complete checkpoint's ``state.json`` holds the full history."""
+    from cluster.preflight.output import run_dir_location
+    from engine.checkpoints import storage
 
-    storage, name = storage_location(job)
-    run_dir = Path(storage) / name
-    if "://" in storage or not run_dir.is_dir():
-        return [], {}
+    run_dir = run_dir_location(job)
     by_step: dict[int, str] = {}
     newest: tuple[int, list[dict[str, Any]]] = (-1, [])
-    for state_file in run_dir.glob("checkpoint_*/state.json"):
+    try:
+        folders = [f for f, kind in storage.list_folder(run_dir) if kind == "dir" and storage.name(f).startswith("checkpoint_")]
+    except OSError:
+        return [], {}
+    for folder in folders:
         try:
-            train = json.loads(state_file.read_text())["train"]
+            train = json.loads(storage.read_text(storage.join(folder, "state.json")))["train"]
         except (OSError, ValueError, KeyError):
             continue
-        by_step[int(train["step"])] = str(state_file.parent)
+        by_step[int(train["step"])] = folder
         if train["step"] > newest[0]:
             newest = (int(train["step"]), list(train.get("history", [])))
     return newest[1], by_step
@@ -172,11 +189,13 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
         tune.with_parameters(run_trial, base_raw=base_raw, info=info, trials_root=str(out / TRIALS_DIR)),
         trial_resources(job.tune.data_cpus),
     )
+    from engine.checkpoints.storage import join
+
     if resume:
-        path = out / TUNE_DIR
-        if not tune.Tuner.can_restore(str(path)):
+        path = join(experiment_location(job), TUNE_DIR)
+        if not tune.Tuner.can_restore(path):
             raise JobError(f"--resume: '{path}' holds no search to continue; run shoulders tune without --resume.")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
     resources = ray.cluster_resources()
     concurrency = compute_concurrency(
@@ -205,7 +224,7 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
             ),
         ),
         run_config=tune.RunConfig(  # a growing table of trials on the console, Tune's status boxes with --verbose
-            name=TUNE_DIR, storage_path=str(out), verbose=tune_verbosity(),
+            name=TUNE_DIR, storage_path=experiment_location(job), verbose=tune_verbosity(),
             callbacks=[TrialTable(tune_metric(job), tune_mode(job), total_steps)],
         ),
     )
@@ -231,7 +250,7 @@ def collect(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], grid: Any) -
         history = frame.to_dict("records") if frame is not None and len(frame) else []
         # Tune forgets a restored trial's reports from before the restart; its Train run remembers them.
         from_train, checkpoints = train_history(trial_spec(base_raw, overrides, trial_id, job.output_dir / TRIALS_DIR))
-        if len(from_train) > len(history):
+        if len(from_train) > len(history) or (from_train and job.run.storage_path):  # checkpoints where the runs keep them
             history = [{**h, "checkpoint_path": checkpoints.get(int(h.get("step", -1)))} for h in from_train]
         histories[trial_id] = history
         rows.append(trial_row(trial_id, overrides, history, metric, mode, trial_job(base_raw, overrides), info, result.error))
@@ -307,8 +326,10 @@ def trial_row(
 
 def check_tune_output(job: JobSpec, resume: bool) -> None:
     """Refuse to start a new search over an existing one (``--resume`` continues it)."""
+    from engine.checkpoints.storage import exists, join
+
     out = job.output_dir
-    if not resume and ((out / TUNE_DIR).exists() or (out / RESULTS_FILE).exists()):
+    if not resume and (exists(join(experiment_location(job), TUNE_DIR)) or (out / RESULTS_FILE).exists()):
         raise JobError(
             f"output.dir '{out}' already holds a search. Continue it with --resume, or choose another output.dir or name."
         )
@@ -364,7 +385,7 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
         raise Interrupted()
     test, verdict = None, None
     if outcome.best_job is not None and outcome.best_checkpoint:
-        test = evaluate_best(outcome, info)
+        test = evaluate_best(outcome, info, job.results_location)
         verdict = scratch_verdict(outcome.best_job, info, test, job.output_dir / "scratch", job.safeguards.compare_scratch)
     write_outputs(job, outcome, depth, test, verdict, time.perf_counter() - started, job_path)
     return outcome
@@ -379,16 +400,20 @@ def _depth_or_none(job: JobSpec) -> int | None:
         return None
 
 
-def evaluate_best(outcome: TuneOutcome, info: DataInfo) -> dict[str, float] | None:
-    """Export the best trial's best checkpoint to ``output.dir/model`` and evaluate it on the test split."""
-    from cluster.run.trainer import EXPORT_DIR, evaluate_export
-    from engine.checkpoints.export import export_checkpoint
+def evaluate_best(outcome: TuneOutcome, info: DataInfo, results: str) -> dict[str, float] | None:
+    """Export the best trial's best checkpoint (local or in object storage) to ``results``/model and evaluate it on
+    the test split, both in a Ray task with a training worker's resources (:mod:`cluster.run.export_task`)."""
+    import ray.train
 
-    export_dir = export_checkpoint(outcome.best_checkpoint, outcome.out_dir / EXPORT_DIR, info.labels)
-    if "test" not in info.splits:
-        return None
-    test = evaluate_export(outcome.best_job, info, export_dir)
-    log.info("best trial on test: %s", test)
+    from cluster.run.export_task import export_and_test
+    from cluster.run.trainer import EXPORT_DIR, use_gpu
+    from engine.checkpoints import storage
+
+    filesystem, path = storage.resolve(outcome.best_checkpoint)
+    checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+    test = export_and_test(outcome.best_job, info, checkpoint, storage.join(results, EXPORT_DIR), use_gpu(outcome.best_job))
+    if test is not None:
+        log.info("best trial on test: %s", test)
     return test
 
 
@@ -427,4 +452,7 @@ def write_outputs(job: JobSpec, outcome: TuneOutcome, depth: int | None, test: d
         from cluster.run.scratch_twin import print_verdict
 
         print_verdict(*verdict)
+    from cluster.run.trainer import copy_results
+
+    copy_results(job, (RESULTS_FILE, "best_job.yaml", "report.md", "transfer.json"))  # to output.uri, when set
     print(f"results: {out / RESULTS_FILE}\nbest job: {out / 'best_job.yaml'}\nreport: {report}")

@@ -281,12 +281,58 @@ class RunFolder:
 
         return cls(pyarrow.fs.LocalFileSystem(), str(path))
 
+    @classmethod
+    def at(cls, location: str) -> RunFolder:
+        """The run folder at a local path or URI (``s3://bucket/runs/job``), through :mod:`engine.checkpoints.storage`;
+        ``open_folder`` downloads a remote checkpoint to a temporary folder."""
+        from engine.checkpoints import storage
+
+        filesystem, path = storage.resolve(location)
+        if not storage.is_uri(location):
+            return cls(filesystem, path)
+        return cls(filesystem, path, lambda folder: storage.local_folder(storage.as_location(location, folder)))
+
+    def incomplete_reason(self, folder: str) -> str | None:
+        """:func:`incomplete_reason` of a checkpoint folder on this filesystem, reading only its manifests
+        and the listed files' sizes (nothing is downloaded)."""
+        import pyarrow.fs
+
+        def manifest(rank: int) -> dict[str, Any]:
+            with self.filesystem.open_input_stream(f"{folder}/{manifest_name(rank)}") as stream:
+                return json.loads(stream.read())
+
+        try:
+            world_size = int(manifest(0)["world_size"])
+            manifests = [manifest(rank) for rank in range(world_size)]
+        except FileNotFoundError as exc:
+            return f"{Path(str(exc.filename or exc)).name} is missing (a rank never finished writing its part)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if "not exist" in str(exc) or "NOT_FOUND" in str(exc).upper():
+                return "a manifest is missing (a rank never finished writing its part)"
+            return f"a manifest is unreadable ({type(exc).__name__}: {exc})"
+        for rank, listed in enumerate(manifests):
+            infos = self.filesystem.get_file_info([f"{folder}/{name}" for name in listed["files"]])
+            for (name, size), info in zip(listed["files"].items(), infos):
+                if info.type != pyarrow.fs.FileType.File:
+                    return f"{name} is missing (rank {rank}'s manifest lists it)"
+                if info.size != size:
+                    return f"{name} has {info.size} bytes, rank {rank}'s manifest recorded {size} (cut short while written?)"
+        return None
+
     def checkpoints(self) -> list[str]:
         """The run's checkpoint folders, newest (step, restart index) first (none when the folder is missing)."""
         import pyarrow.fs
 
-        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
-        return resume_candidates([info.path for info in infos if info.type == pyarrow.fs.FileType.Directory])
+        if isinstance(self.filesystem, pyarrow.fs.LocalFileSystem):
+            infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True))
+            return resume_candidates([info.path for info in infos if info.type == pyarrow.fs.FileType.Directory])
+        # An object store: a folder is the objects under its prefix. Some S3 servers (SeaweedFS) keep listing a
+        # prefix whose objects were all deleted, so only folders holding a file count.
+        prefix = self.path.rstrip("/") + "/"
+        infos = self.filesystem.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=True))
+        return resume_candidates([prefix + rest.split("/", 1)[0] for rest in
+                                  (info.path[len(prefix):] for info in infos if info.type == pyarrow.fs.FileType.File and info.path.startswith(prefix))
+                                  if "/" in rest])
 
 
 def next_restart_index(run: RunFolder) -> int:

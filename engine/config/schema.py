@@ -141,6 +141,15 @@ class JobSpec(Section):
         """The resolved output folder."""
         return Path(self.output.dir.replace("{name}", self.name)).expanduser().resolve()
 
+    @property
+    def results_location(self) -> str:
+        """Where the export and the result files go: ``output.uri`` (``{name}`` replaced) or the output folder."""
+        if self.output.uri:
+            from engine.checkpoints.storage import normalize
+
+            return normalize(self.output.uri.replace("{name}", self.name))
+        return str(self.output_dir)
+
 
 STRATEGY_PRESETS: dict[str, dict[str, Any]] = {
     "feature_extraction": {"finetune.freeze_depth": "all", "peft.method": "none", "finetune.head_lr": 1e-2},

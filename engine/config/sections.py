@@ -251,13 +251,45 @@ class OutputSpec(Section):
     merged in), ``adapter`` (a PEFT adapter folder; needs ``peft.method``), or nothing."""
     keep_checkpoints: int = Field(2, gt=0)
     """Checkpoints kept besides the best one."""
+    uri: str | None = None
+    """Where the run's results go besides ``output.dir``: a URI (``s3://bucket/results/{name}``, ``gs://...``)
+    or a folder. Set, the export is written there (by the worker that exports it) and metrics.json, report.md
+    and the other small result files are copied there at the end; ``output.dir`` keeps the logs. Credentials
+    come from the environment (``AWS_ACCESS_KEY_ID`` ...), never from the URI."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_is_local(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(f"'{value}' is a URI; output.dir is a local folder (logs, reports). "
+                             "Put the export and results in object storage with output.uri instead")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_secrets(cls, value: str | None) -> str | None:
+        from engine.checkpoints.storage import check_no_secrets
+
+        if value:
+            check_no_secrets(value, "output.uri")
+        return value
 
 
 class RunSpec(Section):
     storage_path: str | None = None
     """Where Ray Train writes checkpoints and results: a local path or a pyarrow filesystem URI
     (``s3://bucket/runs``, ``gs://...``). On a multi-node cluster use storage every node reaches, so a run's
-    checkpoints survive the loss of a node. Left empty, the output folder (``output.dir``)."""
+    checkpoints survive the loss of a node. Left empty, the output folder (``output.dir``). Credentials come
+    from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, a profile)."""
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_without_secrets(cls, value: str | None) -> str | None:
+        from engine.checkpoints.storage import check_no_secrets
+
+        if value:
+            check_no_secrets(value, "run.storage_path")
+        return value
 
 
 class TrackingSpec(Section):

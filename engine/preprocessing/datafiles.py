@@ -29,4 +29,9 @@ def open_files(files: list[str], fmt: str) -> Any:
 
     if fmt == ARROW_STREAM:
         return pads.dataset([read_arrow_stream(f) for f in files])
+    from engine.checkpoints.storage import is_uri, resolve
+
+    if files and is_uri(files[0]):  # object storage: the filesystem from the first URI, credentials from the environment
+        filesystem = resolve(files[0])[0]
+        return pads.dataset([resolve(f)[1] for f in files], format=fmt, filesystem=filesystem)
     return pads.dataset(files, format=fmt)

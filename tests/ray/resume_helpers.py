@@ -55,11 +55,41 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in run_dir(out).glob("checkpoint_*") if p.is_dir())
 
 
+def bucket_checkpoints(run: str) -> list[str]:
+    """The checkpoint folders (URIs) of a run folder in object storage, oldest first."""
+    from engine.checkpoints import storage
+
+    from engine.checkpoints.store import RunFolder
+
+    return sorted(storage.as_location(run, path) for path in RunFolder.at(run).checkpoints())  # folders holding files
+
+
+def bucket_incomplete_reason(checkpoint: str) -> str | None:
+    """Why a checkpoint folder in object storage is incomplete, read from its manifests there (None: complete)."""
+    from engine.checkpoints import storage
+    from engine.checkpoints.store import RunFolder
+
+    run = RunFolder.at(checkpoint.rsplit("/", 1)[0])
+    return run.incomplete_reason(storage.resolve(checkpoint)[1])
+
+
 def final_state(out: Path) -> dict[str, Any]:
     """Trainable weights, train state and each rank's consumed sample ids of a run's newest checkpoint."""
+    return checkpoint_state(checkpoints(out)[-1])
+
+
+def final_state_in_bucket(run: str, tmp: Path) -> dict[str, Any]:
+    """:func:`final_state` of a run folder in object storage (its newest checkpoint downloaded to ``tmp``)."""
+    from engine.checkpoints import storage
+
+    newest = bucket_checkpoints(run)[-1]
+    return checkpoint_state(storage.download_folder(newest, tmp / storage.name(newest)))
+
+
+def checkpoint_state(last: Path) -> dict[str, Any]:
+    """Trainable weights, train state and each rank's consumed sample ids of one checkpoint folder."""
     from safetensors.torch import load_file
 
-    last = checkpoints(out)[-1]
     state = json.loads((last / "state.json").read_text())
     manifest = json.loads((last / "manifest-rank0.json").read_text())
     ids = [json.loads((last / f"rank-{r}" / "position.json").read_text())["sample_ids"] for r in range(manifest["world_size"])]

@@ -10,14 +10,14 @@ so step 2 and step 6 checkpoints are in the middle of an epoch.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from cluster.cli.main import main
-from engine.checkpoints.store import is_complete
 from resume_helpers import (
-    assert_each_id_once_per_epoch, assert_same_training, checkpoints, final_state, kill_driver, start_driver, wait_for,
-    write_id_data, write_job,
+    assert_each_id_once_per_epoch, assert_same_training, bucket_checkpoints, bucket_incomplete_reason, checkpoints, final_state,
+    final_state_in_bucket, kill_driver, start_driver, wait_for, write_id_data, write_job,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -69,31 +69,43 @@ def test_worker_sigkilled_mid_epoch_recovers_exactly(ray_local, tiny_bert, id_da
     assert_each_id_once_per_epoch(recovered["ids"], EPOCHS, ROWS_PER_RANK)
 
 
-def test_killed_driver_resumes_exactly_past_a_truncated_checkpoint(ray_local, tiny_bert, id_data, uninterrupted, tmp_path):
+def test_killed_driver_resumes_exactly_from_object_storage_past_a_truncated_checkpoint(ray_local, s3, tiny_bert, id_data, uninterrupted, tmp_path):
+    """Data and checkpoints in the S3 bucket: the driver SIGKILLed after the step-4 checkpoint, Ray's record of the
+    run removed, the newest checkpoint cut short; ``--resume`` ends bit-for-bit where the local uninterrupted run ends."""
+    from engine.checkpoints import storage
+    from s3_server import upload
+
     out = tmp_path / "out"
-    job_path = write_job(tmp_path / "job.yaml", resume_job(tiny_bert, id_data, out))
+    data = {k: upload(s3, v, "resume-data", Path(v).name) for k, v in id_data.items()}
+    job = resume_job(tiny_bert, data, out)
+    job["run"] = {"storage_path": s3.uri("resume-runs")}
+    run = s3.uri("resume-runs", "resume")
+    job_path = write_job(tmp_path / "job.yaml", job)
     proc = start_driver(job_path, tmp_path, {"step_sleep_s": 0.5})
     try:
-        step4 = out / "train" / "checkpoint_000000004_000"
-        wait_for(lambda: is_complete(step4), timeout=600, proc=proc, what="the step-4 checkpoint")
+        step4 = f"{run}/checkpoint_000000004_000"
+        wait_for(lambda: storage.exists(step4) and bucket_incomplete_reason(step4) is None, timeout=600, proc=proc, what="the step-4 checkpoint")
     finally:
         kill_driver(proc)  # Ray may or may not have registered the newest checkpoint yet: resume must not care
     assert not (out / "metrics.json").exists()
     # As if the driver had died before Ray registered any checkpoint: the workers' folders are what count.
-    (out / "train" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    fs, snapshot = storage.resolve(f"{run}/checkpoint_manager_snapshot.json")
+    if storage.exists(f"{run}/checkpoint_manager_snapshot.json"):
+        fs.delete_file(snapshot)
     # Without --resume the unfinished run is refused; with it, training continues.
     assert main(["train", job_path]) == 2
     # Cut the newest complete checkpoint short, as a crash while writing it would: it must be skipped.
-    newest = [p for p in checkpoints(out) if is_complete(p)][-1]
-    step = int(newest.name.split("_")[1])
+    newest = [c for c in bucket_checkpoints(run) if bucket_incomplete_reason(c) is None][-1]
+    step = int(storage.name(newest).split("_")[1])
     assert 4 <= step < 8
-    weights = newest / "trainable.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights = f"{newest}/trainable.safetensors"
+    data_bytes = storage.read_bytes(weights)
+    storage.write_bytes(weights, data_bytes[: len(data_bytes) // 2])
     assert main(["train", job_path, "--resume"]) == 0  # the workers log the skipped checkpoint
-    names = [p.name for p in checkpoints(out)]
+    names = [storage.name(c) for c in bucket_checkpoints(run)]
     assert f"checkpoint_{step:09d}_001" in names  # step trained again from the one before
-    assert newest.name not in names  # the cut-short folder, outside Ray's retention, is removed after the run
-    resumed = final_state(out)
+    assert storage.name(newest) not in names  # the cut-short folder, outside Ray's retention, is removed after the run
+    resumed = final_state_in_bucket(run, tmp_path)
     assert resumed["state"]["train"]["restarts"] == 1
     assert_same_training(resumed, uninterrupted)
     assert_each_id_once_per_epoch(resumed["ids"], EPOCHS, ROWS_PER_RANK)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -49,15 +51,53 @@ def test_dataset_streams_as_several_blocks(ray_local, classification_job):
     assert sum(b.num_rows() for b in bundles) == 240
 
 
-def test_two_worker_classification_trains_exports_and_reproduces(ray_local, classification_job, tmp_path):
-    assert main(["train", write_job(tmp_path, classification_job)]) == 0
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+DRIVER = textwrap.dedent(
+    """
+    import json, re, sys
+    from cluster.cli.main import main
+    code = main(sys.argv[1:])
+    model_code = sorted(m for m in sys.modules if re.match(r"transformers\\.models\\.(?!auto\\.)\\w+\\.modeling_", m)
+                        or m in ("engine.models.prepare", "engine.checkpoints.export", "engine.evaluation.exported", "engine.loop.recipe"))
+    print("DRIVER-MODULES " + json.dumps(model_code))
+    sys.exit(code)
+    """
+)
+
+
+def test_two_worker_classification_all_in_object_storage_trains_exports_and_reproduces(ray_local, s3, classification_job, tmp_path):
+    """Data, checkpoints and the export in the S3 bucket; the driver (its own process, connected to the session's
+    Ray) never loads model code: the export and the test evaluation run in a worker-sized Ray task. The export
+    answers ``shoulders eval`` and reproduces the test accuracy with plain transformers; the secret key is in no file."""
+    from engine.checkpoints import storage
+    from s3_server import files_holding, upload
+
+    job = classification_job
+    job["data"] = {**job["data"], **{k: upload(s3, v, "e2e-data", Path(v).name) for k, v in job["data"].items() if k in ("train", "validation", "test")}}
+    job["run"] = {"storage_path": s3.uri("e2e-runs")}
+    job["output"]["uri"] = s3.uri("e2e-results", "{name}")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, "train", write_job(tmp_path, job)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    driver_modules = json.loads(proc.stdout.split("DRIVER-MODULES ")[1].splitlines()[0])
+    assert driver_modules == []  # no transformers model class, no engine model code in the driver
+    results = s3.uri("e2e-results", "tiny-topics")
+    metrics = json.loads(storage.read_text(storage.join(results, "metrics.json")))
+    assert storage.exists(storage.join(results, "report.md"))
+    assert metrics["export_dir"] == storage.join(results, "model")
+    checkpoints = [c for c, kind in storage.list_folder(s3.uri("e2e-runs", "tiny-topics")) if kind == "dir" and "checkpoint_" in c]
+    assert checkpoints and not list((tmp_path / "out").rglob("checkpoint_*"))  # checkpoints only in the bucket
     history = metrics["history"]
     assert len(history) == 4 and history[-1]["step"] == history[0]["step"] * 4
     assert history[-1]["val_accuracy"] > 0.6  # well above chance (1/3)
     assert history[-1]["val_accuracy"] >= history[0]["val_accuracy"]
     assert metrics["test"]["accuracy"] > 0.6
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # shoulders eval reads the export and the data from the bucket, and agrees with the run's test metrics
+    evaluated = subprocess.run([sys.executable, "-m", "cluster.cli.main", "eval", metrics["export_dir"], "--data", job["data"]["test"]],
+                               env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout[evaluated.stdout.index("{"):])["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
     # the export loads with plain transformers in a new process and reproduces the test accuracy
     script = textwrap.dedent(
         """
@@ -74,12 +114,22 @@ def test_two_worker_classification_trains_exports_and_reproduces(ray_local, clas
         print(sum(p == g for p, g in zip(pred, gold)) / len(gold))
         """
     )
+    export = storage.download_folder(metrics["export_dir"], tmp_path / "export")
     proc = subprocess.run(
-        [sys.executable, "-c", script, metrics["export_dir"], classification_job["data"]["test"]],
+        [sys.executable, "-c", script, str(export), str(classification_test_file(tmp_path, job))],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)  # metric is float32
+    assert files_holding(s3, s3.secret_key, tmp_path) == []  # credentials reached the workers through the environment only
+
+
+def classification_test_file(tmp_path, job) -> Path:
+    from engine.checkpoints import storage
+
+    path = tmp_path / "test.parquet"
+    path.write_bytes(storage.read_bytes(job["data"]["test"]))
+    return path
 
 
 def test_bf16_weights_with_fp32_masters_train_two_workers_checkpoint_fp32_and_validation_counts_every_row(
@@ -109,7 +159,7 @@ def test_bf16_weights_with_fp32_masters_train_two_workers_checkpoint_fp32_and_va
     assert any(not (t == t.bfloat16().float()).all() for t in weights.values())
 
 
-def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_data, tmp_path):
+def test_causal_lm_with_lora_validation_loss_falls_and_the_export_in_object_storage_generates(ray_local, s3, tiny_llama_lm, lm_data, tmp_path, capsys):
     job = {
         "name": "tiny-lm",
         "model": {"name": str(tiny_llama_lm), "task": "causal_lm"},
@@ -119,7 +169,7 @@ def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_
         "optim": {"epochs": 6, "batch_size": 16, "warmup_ratio": 0.0, "schedule": "constant"},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "eval": {"every_n_steps": 7},
-        "output": {"dir": str(tmp_path / "out"), "export": "adapter"},
+        "output": {"dir": str(tmp_path / "out"), "export": "adapter", "uri": s3.uri("lm-results")},
     }
     assert main(["train", write_job(tmp_path, job)]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -131,5 +181,16 @@ def test_causal_lm_with_lora_validation_loss_falls(ray_local, tiny_llama_lm, lm_
     perplexities = [h["val_perplexity"] for h in metrics["history"]]
     assert perplexities == pytest.approx([math.exp(loss) for loss in losses], rel=1e-6)
     assert perplexities[-1] < math.exp(-0.05 * losses[0]) * perplexities[0]
-    export = tmp_path / "out" / "model"
+    from engine.checkpoints import storage
+
+    assert metrics["export_dir"] == s3.uri("lm-results", "model")
+    assert json.loads(storage.read_text(s3.uri("lm-results", "metrics.json")))["history"] == metrics["history"]
+    export = storage.download_folder(metrics["export_dir"], tmp_path / "model")
     assert (export / "adapter_config.json").is_file() and (export / "adapter_model.safetensors").is_file()
+    # shoulders generate answers from the export in the bucket as from its local copy
+    answers = []
+    for model_dir in (metrics["export_dir"], str(export)):
+        capsys.readouterr()
+        assert main(["generate", model_dir, "--prompt", "the", "--prompt", "a", "--max-new-tokens", "4", "--jsonl"]) == 0
+        answers.append([json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")])
+    assert len(answers[0]) == 2 and answers[0] == answers[1]

@@ -128,9 +128,35 @@ def kill_session(proc: subprocess.Popen, ray_tmp: Path) -> None:
                 pass
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topic_data, tmp_path):
+def bucket_trials(trials_root: str) -> dict[str, dict[str, tuple[int, float]]]:
+    """Trial id -> its complete checkpoints in the bucket (name -> (step, modification time))."""
+    from engine.checkpoints import storage
+    from engine.checkpoints.store import RunFolder
+
+    found = {}
+    for trial, kind in storage.list_folder(trials_root):
+        if kind != "dir":
+            continue
+        run = storage.join(trial, f"tiny-tune-{storage.name(trial)}")
+        folder = RunFolder.at(run)
+        checkpoints = {}
+        for path in folder.checkpoints():
+            if folder.incomplete_reason(path) is not None:
+                continue
+            info = folder.filesystem.get_file_info(f"{path}/state.json")
+            with folder.filesystem.open_input_stream(f"{path}/state.json") as stream:
+                checkpoints[storage.name(path)] = (json.loads(stream.read())["train"]["step"], info.mtime.timestamp())
+        found[storage.name(trial)] = checkpoints
+    return found
+
+
+def test_killed_search_resumes_from_object_storage_without_rerunning_finished_trials(s3, tiny_bert, topic_data, tmp_path):
+    """The search's experiment and its trials' Train runs in the S3 bucket (``run.storage_path``)."""
+    from engine.checkpoints import storage
+
     out = tmp_path / "out"
-    raw = tiny_job(tiny_bert, topic_data, out, tune={
+    trials_root = s3.uri("tune-runs", "tiny-tune", "trials")
+    raw = tiny_job(tiny_bert, topic_data, out, run={"storage_path": s3.uri("tune-runs")}, tune={
         "space": {"finetune.backbone_lr_ratio": {"grid": [0.05, 0.8]}}, "num_samples": 1, "scheduler": "fifo",
         "max_concurrent_trials": 1,  # one trial at a time: the first has finished when the second is cut short
     })
@@ -145,7 +171,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
         try:
             deadline = time.time() + 1200  # generous: trials start slowly on a loaded 2-core machine
             while time.time() < deadline and proc.poll() is None:
-                trials = {d.name: checkpoints(d) for d in (out / "trials").glob("*")} if (out / "trials").exists() else {}
+                trials = bucket_trials(trials_root)
                 done = [t for t, c in trials.items() if any(step == planned for step, _ in c.values())]
                 partial = [t for t, c in trials.items() if c and t not in done]
                 if done and partial:
@@ -156,9 +182,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
         finally:
             kill_session(proc, ray_tmp)
     killed_at = time.time()
-    before = {d.name: checkpoints(d) for d in (out / "trials").glob("*")}
+    before = bucket_trials(trials_root)
     for trial in partial:  # as if the driver had died before Ray registered them: the folders are what count
-        (out / "trials" / trial / "train" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+        snapshot = storage.join(trials_root, trial, f"tiny-tune-{trial}", "checkpoint_manager_snapshot.json")
+        if storage.exists(snapshot):
+            storage.resolve(snapshot)[0].delete_file(storage.resolve(snapshot)[1])
     assert not (out / "tune_results.csv").exists()
 
     with open(tmp_path / "resume.log", "w") as log:
@@ -171,7 +199,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_bert, topi
     rows = read_results_csv(out / "tune_results.csv")
     assert len(rows) == 2 and all(r["last_step"] == str(planned) and not r["error"] for r in rows)
     assert all(r["iterations"] == "3" for r in rows)  # the resumed trial's evaluations from before the kill count too
-    after = {d.name: checkpoints(d) for d in (out / "trials").glob("*")}
+    after = bucket_trials(trials_root)
+    assert storage.exists(s3.uri("tune-runs", "tiny-tune", "tune"))  # the experiment itself is in the bucket too
     assert set(before) <= set(after) and len(after) == 2
     for trial in done:  # finished before the kill: untouched, not rerun
         assert after[trial] == before[trial]
