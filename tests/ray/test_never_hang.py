@@ -2,20 +2,17 @@
 (a model named by hub id, served offline from a local Hugging Face cache, trains in ``test_console_run.py``):
 
 - a bad row deep in a multi-file dataset (past the rows the preflight samples) stops the run within bounded
-  time, the last words naming the file and the row, and nothing is exported;
-- ``shoulders tune`` as a user runs it (a new process, embedded Ray) beside a ``ray start`` cluster: it exits 0,
-  and Ray Train's placement-group cleaner finds its own instance (were it to find two, a finished trial's
-  reservation would never be freed and the next trial would wait forever). ``shoulders train`` starts its Ray the same
-  way (``cluster.run.trainer.start_embedded_ray``), and every in-process Ray test here runs beside that cluster.
+  time, the last words naming the file and the row, and nothing is exported.
+
+Every in-process Ray test here runs beside a ``ray start`` instance (the session's ``other_ray``).
+``shoulders tune`` as a user runs it (a new process, embedded Ray) beside that instance, its second trial
+starting once the first one's reservation is freed and no log saying "multiple active Ray instances", is
+checked by the killed-and-resumed search in ``test_tune.py``. ``shoulders train`` starts its Ray the same
+way (``cluster.run.trainer.start_embedded_ray``).
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +48,7 @@ def write(path: Path, raw: dict) -> str:
     return str(path)
 
 
-def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path, capsys):
+def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tiny_bert, tmp_path, capsys):
     folder = tmp_path / "train"
     folder.mkdir()
     rows_per_file, bad_file, bad_row = 400, 2, SAMPLE_ROWS + 57  # past what the preflight reads
@@ -63,9 +60,7 @@ def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path,
         pq.write_table(pa.table({"text": texts, "label": labels}), folder / f"part-{index}.parquet")
     valid = tmp_path / "validation.parquet"
     pq.write_table(pa.table({"text": ["apple bread", "ball team", "disk cpu"], "label": LABELS}), valid)
-    from tiny import save_tiny_model
-
-    model = save_tiny_model("bert", tmp_path / "model")
+    model = tiny_bert
     out = tmp_path / "out"
     # batches of 64: the run streams ~800 good rows before the bad one; few steps keep the test short
     job = write(tmp_path / "job.yaml", small_job(str(model), {"train": folder, "validation": valid}, out, optim={"batch_size": 64}))
@@ -84,30 +79,3 @@ def test_bad_row_deep_in_a_multi_file_dataset_stops_the_run(ray_local, tmp_path,
                     optim={"batch_size": 64})
     assert main(["train", write(tmp_path / "skip.yaml", raw)]) == 0
     assert (tmp_path / "out-skip" / "metrics.json").is_file()
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
-    """Run ``shoulders ARGS`` in a new process; returns it and everything it and its Ray instance logged."""
-    ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths are limited to 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    logs = [p.read_text(errors="replace") for p in Path(ray_tmp).rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")]
-    return proc, "\n".join([proc.stdout, proc.stderr, *logs])
-
-
-def test_tune_beside_another_ray_instance(other_ray, tiny_bert, topic_data, tmp_path):
-    assert other_ray.poll() is None  # the other instance is up
-    from ray._private.services import find_gcs_addresses
-
-    assert len(find_gcs_addresses()) >= 1
-    raw = small_job(str(tiny_bert), topic_data, tmp_path / "tune-out", optim={"max_steps": 6, "epochs": None}, eval={"every_n_steps": 3}, tune={
-        "space": {"finetune.backbone_lr_ratio": {"grid": [0.1, 1.0]}}, "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1,
-    })
-    proc, logged = run_cli(["tune", write(tmp_path / "tune.yaml", raw)], tmp_path, 420)
-    assert proc.returncode == 0, f"tune exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
-    assert "multiple active Ray instances" not in logged  # the console, and every log of its Ray instance
-    rows = list(csv.DictReader(open(tmp_path / "tune-out" / "tune_results.csv")))
-    assert len(rows) == 2 and all(not row.get("error") for row in rows), rows  # the second trial ran: the first one's reservation was freed
-    assert (tmp_path / "tune-out" / "report.md").is_file()

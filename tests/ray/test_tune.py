@@ -4,7 +4,10 @@
   rises from ratio 0.01 to 1 (the ratio drives how far the backbone moves);
 - gradual unfreezing in a 2-worker DDP run: the trainable set grows on schedule;
 - the tune driver killed mid-search and ``--resume``d: finished trials are not rerun, the unfinished one
-  continues from its checkpoint.
+  continues from its checkpoint; the search's experiment and its trials' runs are in an S3 bucket. Both runs
+  are ``shoulders tune`` as a user runs it (a new process, embedded Ray) beside a ``ray start`` instance: one
+  trial at a time, so the second trial starting proves the first one's reservation was freed (Ray Train's
+  placement-group cleaner found its own instance), and no log says "multiple active Ray instances".
 """
 
 from __future__ import annotations
@@ -150,9 +153,22 @@ def bucket_trials(trials_root: str) -> dict[str, dict[str, tuple[int, float]]]:
     return found
 
 
-def test_killed_search_resumes_from_object_storage_without_rerunning_finished_trials(s3, tiny_bert, topic_data, tmp_path):
-    """The search's experiment and its trials' Train runs in the S3 bucket (``run.storage_path``)."""
+def ray_logs(ray_tmp: Path) -> str:
+    """Everything the Ray instances started under ``ray_tmp`` logged."""
+    return "\n".join(p.read_text(errors="replace") for p in ray_tmp.rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log"))
+
+
+MULTIPLE_RAYS = "multiple active Ray instances"
+
+
+def test_killed_search_resumes_from_object_storage_without_rerunning_finished_trials(s3, other_ray, tiny_bert, topic_data, tmp_path):
+    """The search's experiment and its trials' Train runs in the S3 bucket (``run.storage_path``), beside another Ray instance."""
+    assert other_ray.poll() is None  # another Ray instance runs on this host: shoulders' own must not confuse it
+    from ray._private.services import find_gcs_addresses
+
     from engine.checkpoints import storage
+
+    assert len(find_gcs_addresses()) >= 1
 
     out = tmp_path / "out"
     trials_root = s3.uri("tune-runs", "tiny-tune", "trials")
@@ -176,6 +192,8 @@ def test_killed_search_resumes_from_object_storage_without_rerunning_finished_tr
                 partial = [t for t, c in trials.items() if c and t not in done]
                 if done and partial:
                     break
+                # a trial that cannot find its own instance never frees its reservation: fail now, not at the deadline
+                assert MULTIPLE_RAYS not in (tmp_path / "first.log").read_text(errors="replace"), (tmp_path / "first.log").read_text()[-3000:]
                 time.sleep(0.5)
             assert proc.poll() is None, "the search finished before it could be interrupted"
             assert done and partial, (tmp_path / "first.log").read_text()[-3000:]
@@ -196,6 +214,9 @@ def test_killed_search_resumes_from_object_storage_without_rerunning_finished_tr
         finally:
             if proc.poll() is None:
                 kill_session(proc, ray_tmp)
+    logged = "\n".join([(tmp_path / "first.log").read_text(errors="replace"), (tmp_path / "resume.log").read_text(errors="replace"), ray_logs(ray_tmp)])
+    assert MULTIPLE_RAYS not in logged  # the console of both runs, and every log of their Ray instances
+    assert (out / "report.md").is_file()
     rows = read_results_csv(out / "tune_results.csv")
     assert len(rows) == 2 and all(r["last_step"] == str(planned) and not r["error"] for r in rows)
     assert all(r["iterations"] == "3" for r in rows)  # the resumed trial's evaluations from before the kill count too
