@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
+Task = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq", "image_classification"]
 Strategy = Literal["feature_extraction", "light", "full", "lora"]
 
 
