@@ -221,3 +221,19 @@ def test_the_export_reproduces_the_engines_predictions_with_plain_transformers(c
     np.testing.assert_allclose(np.array(clean["logits"]), engine_logits.numpy(), atol=1e-5)
     assert clean["labels"] == [LABELS[i] for i in engine_logits.argmax(-1).tolist()]
     assert len(set(clean["labels"])) > 1
+
+
+def test_checkpoints_carry_the_running_statistics_of_trained_batch_norms(resnet):
+    from engine.checkpoints.store import load_trainable_state, trainable_state_dict
+
+    job = build_job({"model": {"name": str(resnet), "task": "image_classification"}, "data": {"train": "x.parquet"},
+                     "finetune": {"freeze_depth": 1}})
+    model = prepare_model(job, LABELS).model.train()
+    model(pixel_values=torch.randn(4, 3, 32, 32) * 3 + 1)
+    saved = trainable_state_dict(model)
+    trained = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and m.weight.requires_grad}
+    assert {k.rsplit(".", 1)[0] for k in saved if k.endswith("running_mean")} == trained  # frozen norms keep the checkpoint's
+    fresh = prepare_model(job, LABELS).model
+    load_trainable_state(fresh, saved)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(dict(fresh.named_buffers())[name], buffer), name
