@@ -80,7 +80,7 @@ def export_loads(export: Path, model: Path) -> bool:
 
 
 def run_case(stage: int, model: Path, data: dict[str, Path], work: Path, gpu: bool) -> dict:
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from cluster.run.trainer import run_training
     from engine.config.schema import build_job
 

@@ -113,7 +113,7 @@ def speech_dataset(work: Path, args: argparse.Namespace) -> tuple[dict[str, Any]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from cluster.run.trainer import ensure_ray
     from engine.config.schema import build_job
     from engine.loop.batches import Collate

@@ -38,7 +38,7 @@ def run_ray(job_dict: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """The job through ``preflight`` and ``run_training``, the code path of ``shoulders train``."""
     import ray
 
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from cluster.run.trainer import EMBEDDED_TRAIN_ENV, run_training
     from engine.config.schema import build_job
 
@@ -72,8 +72,8 @@ def tokenized_batches(job: Any, rows: int) -> list[dict[str, Any]]:
     values = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns.values()}
     from engine.tasks import get_task
 
-    lm = get_task(job.model.task).next_token_loss
-    packing = job.perf.packing and lm
+    task = get_task(job.model.task)
+    lm, packing = task.next_token_loss, task.packs_rows(job)
     collate = Collate(job.data.max_length if packing else None, tokenizer.pad_token_id or 0)
     bs = job.optim.batch_size
     out = []
@@ -132,7 +132,7 @@ def run_plain(job_dict: dict[str, Any], warm: int, steps: int, profile: bool) ->
     without Ray: no Ray Data, no Ray Train worker, batches tokenized up front."""
     import torch
 
-    from cluster.preflight.checks import with_absolute_paths
+    from cluster.preflight.job import with_absolute_paths
     from engine.backends import build_backend
     from engine.backends.ddp import autocast_dtype
     from engine.config.schema import build_job

@@ -1,6 +1,6 @@
 """Golden runs: each task's tiny model trained a few steps through the real per-worker path, without Ray.
 
-The driver side runs for real (``cluster.preflight.checks.preflight``, ``cluster.ingest.datasets.build_datasets`` with its
+The driver side runs for real (``cluster.preflight.job.preflight``, ``cluster.ingest.datasets.build_datasets`` with its
 preprocessing functions, ``cluster.ingest.datasets.generation_samples``, the task's ``preprocessors``)
 over an in-process stand-in for Ray Data (:class:`LocalDataset`: the same ``map_batches`` calls, applied
 in order); the worker side is ``engine.loop.recipe.train_loop_per_worker`` itself, with ``ray.train``'s context,
@@ -185,8 +185,9 @@ def run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]
 
 
 def _run_golden(raw_job: dict[str, Any], workdir: Path) -> list[dict[str, float]]:
-    from cluster.ingest.datasets import build_datasets, generation_samples
-    from cluster.preflight.checks import preflight
+    from cluster.ingest.datasets import build_datasets
+    from cluster.ingest.text import generation_samples
+    from cluster.preflight.job import preflight
     from engine.config.schema import JobSpec
     from engine.loop.recipe import train_loop_per_worker
     from engine.tasks import get_task

@@ -109,7 +109,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{key} = {default}\n    {doc}")
         return 0
     if not args.schema_only:
-        from cluster.preflight.checks import check_data, check_model
+        from cluster.preflight.data import check_data
+        from cluster.preflight.job import check_model
 
         check_model(job)
         info = check_data(job)
@@ -120,7 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from engine.config.schema import load_job
 
     job = load_job(args.job, args.overrides)
@@ -154,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.preflight.checks import check_eval_data, read_export_job
+    from cluster.preflight.data import check_eval_data, read_export_job
 
     job, labels = read_export_job(Path(args.model_dir))
     info = check_eval_data(job, labels, args.data)

@@ -1,4 +1,4 @@
-"""Commands for Ray clusters: ``submit``, ``status``, ``logs``, ``stop``, ``list`` and ``cluster up|down|status``.
+"""Commands for Ray clusters: ``submit``, ``status``, ``logs``, ``stop``, ``list``, ``cluster up|down|status|config``.
 
 Exit codes follow the job's final state: 0 succeeded, 1 failed, 3 stopped, 4 not finished yet; 2 is a bad
 job or a cluster that cannot be reached or refuses the token (the message says which).
@@ -37,16 +37,53 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("list", help="jobs on the cluster")
     jobs.add_argument("--address", help=address_help)
 
-    cluster = sub.add_parser("cluster", help="a real multi-node Ray cluster on this machine (loopback, token auth)")
-    cluster.add_argument("action", choices=["up", "down", "status"])
-    cluster.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
-    cluster.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs of each node")
-    cluster.add_argument("--head-cpus", type=int, help="logical CPUs of the head (default: --cpus-per-node)")
-    cluster.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean it)")
-    cluster.add_argument("--auth", choices=["token", "disabled"], default="token", help="Ray token authentication")
-    cluster.add_argument("--object-store-mb", type=int, default=256, help="object store size of each node")
-    cluster.add_argument("--dir", help="folder for state, token and logs (default: $SHOULDERS_CLUSTER_DIR or ~/.shoulders/cluster)")
+    cluster = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine (up|down|status), or a cloud cluster's config files (config)")
+    actions = cluster.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start a head and worker nodes on this machine (loopback, token auth)")
+    up.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
+    up.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs of each node")
+    up.add_argument("--head-cpus", type=int, help="logical CPUs of the head (default: --cpus-per-node)")
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean it)")
+    up.add_argument("--auth", choices=["token", "disabled"], default="token", help="Ray token authentication")
+    up.add_argument("--object-store-mb", type=int, default=256, help="object store size of each node")
+    for action, text in (("down", "stop exactly the processes `cluster up` started"), ("status", "alive nodes and the lines that reach them")):
+        actions.add_parser(action, help=text)
+    for command in (up, actions.choices["down"], actions.choices["status"]):
+        command.add_argument("--dir", help="folder for state, token and logs (default: $SHOULDERS_CLUSTER_DIR or ~/.shoulders/cluster)")
+    add_config_options(actions.add_parser(
+        "config", help="write a cloud cluster's files: Ray cluster launcher YAML (aws, gcp) or KubeRay RayCluster + RayJob",
+    ))
 
+
+def add_config_options(config: argparse.ArgumentParser) -> None:
+    """The options of ``shoulders cluster config`` (each names a field of ``CloudOptions``)."""
+    config.add_argument("--provider", required=True, choices=["aws", "gcp", "kuberay"], help="where the cluster runs")
+    config.add_argument("-o", "--out", default=".", help="folder to write the files into (default: here)")
+    config.add_argument("--name", default="shoulders", help="cluster name")
+    config.add_argument("--source", help="pip requirement that installs shoulders on every node: git+https://...@TAG, a wheel URL, "
+                                         "or (aws, gcp) a local .whl; without it --image must hold shoulders")
+    config.add_argument("--image", help="container image of every node (default: Ray's CUDA image, rayproject/ray:2.60.0-py311-gpu)")
+    config.add_argument("--torch", default="torch", help="pip requirement for torch, installed before --source (default: torch)")
+    config.add_argument("--head-type", help="head instance type, no GPU (aws m5.2xlarge, gcp n2-standard-8)")
+    config.add_argument("--worker-type", help="GPU worker instance type (aws g5.2xlarge, gcp g2-standard-8)")
+    config.add_argument("--head-cpus", type=int, help="CPUs of the head (aws, gcp 8; kuberay 4)")
+    config.add_argument("--cpus-per-worker", type=int, help="CPUs of each GPU worker node or pod (default 8)")
+    config.add_argument("--gpus-per-worker", type=int, help="GPUs of each worker node or pod (default 1)")
+    config.add_argument("--min-workers", type=int, default=0, help="GPU workers kept up (default 0)")
+    config.add_argument("--max-workers", type=int, default=4, help="GPU workers at most; the RayJob starts all of them (default 4)")
+    config.add_argument("--region", help="aws us-west-2, gcp us-central1")
+    config.add_argument("--zone", help="gcp availability zone (default: REGION-a)")
+    config.add_argument("--project", help="gcp project id (required for gcp)")
+    config.add_argument("--credentials", choices=["role", "keys"],
+                        help="storage credentials: role (instance profile / service account; aws, gcp default) or keys "
+                             "(AWS_* variables, by name only; kuberay default, from a Secret)")
+    config.add_argument("--instance-profile", default="ray-autoscaler-v1", help="aws, role: IAM instance profile of every node")
+    config.add_argument("--service-account", help="gcp, role: service account email; kuberay, role: Kubernetes service account")
+    config.add_argument("--secret", default="shoulders-storage", help="kuberay, keys: the Secret holding the AWS_* keys")
+    config.add_argument("--storage", help="s3://BUCKET/PREFIX or gs://...: run.storage_path of the RayJob (required for kuberay)")
+    config.add_argument("--job", default="jobs/quickstart.yaml", help="kuberay: the job file the RayJob trains (a path in the head pod)")
+    config.add_argument("--head-memory", default="16Gi", help="kuberay: memory of the head pod")
+    config.add_argument("--worker-memory", default="32Gi", help="kuberay: memory of each GPU worker pod")
 
 def cmd_submit(args: argparse.Namespace) -> int:
     return submit_command(args.job, args.overrides, args.address, args.run_command, args.wait, not args.no_ship_code, args.pip)
@@ -108,6 +145,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action == "config":
+        return cluster_config(args)
     from cluster.remote import local_cluster
 
     folder = args.dir or local_cluster.default_cluster_dir()
@@ -131,6 +170,24 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for key, value in cluster.env().items():
         print(f"{key}={value}")
     return 0
+
+
+def cluster_config(args: argparse.Namespace) -> int:
+    """``shoulders cluster config``: write the provider's files and print their paths."""
+    from cluster.remote.cloud_config import write_config
+
+    for path in write_config(config_options(args), args.out):
+        print(path)
+    return 0
+
+
+def config_options(args: argparse.Namespace):
+    """The ``CloudOptions`` that ``shoulders cluster config``'s arguments describe."""
+    from dataclasses import fields
+
+    from cluster.remote.cloud_config import CloudOptions
+
+    return CloudOptions(**{item.name: getattr(args, item.name) for item in fields(CloudOptions)})
 
 
 REMOTE_COMMANDS = {

@@ -1,110 +1,32 @@
-"""Ray Data ingest on the driver: read, hold out validation, tokenize with the checkpoint's tokenizer.
+"""Ray Data ingest on the driver, for every modality: the datasets a job trains and evaluates on, and how Ray
+Train splits them between the workers.
 
-Datasets stay lazy and stream into the workers (``ray.train.get_dataset_shard``); nothing is
-materialised on the driver.
+Datasets stay lazy and stream into the workers (``ray.train.get_dataset_shard``); nothing is materialised on the
+driver. How a split is read, decoded and preprocessed is the modality's (``cluster.modalities``).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import ray.data
 import ray.train
 
-from cluster.ingest.read import (  # noqa: F401  (fits_in_object_store, read_split: re-exported)
-    fits_in_object_store, holdout_mask, limit_block_size, read_split, select_rows,
-)
-from cluster.ingest.speech import build_speech_datasets, build_speech_eval_dataset
-from cluster.preflight.checks import DataInfo, SplitInfo, row_rules
+from cluster.ingest.read import limit_block_size
+from cluster.ingest.splits import DataInfo, SplitInfo
+from cluster.modalities import modality_of
 from engine.config.schema import JobSpec
-from engine.preprocessing.chat import TRUNCATED, as_messages, layout_columns, with_system
-from engine.preprocessing.packing import group_rows_by_length, length_grouping_window
-from engine.tasks import get_task
-
-
-def preprocess(
-    ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, tokenizer_name: str | None = None, keep_ids: bool = False,
-) -> ray.data.Dataset:
-    """Tokenize ``ds`` with the checkpoint's tokenizer inside ``map_batches``; only model inputs remain
-    (and ``sample_id`` from ``data.id_column`` when ``keep_ids``: the training split, for resume audits;
-    prompt/completion and chat layouts then also mark the rows cut to ``data.max_length``)."""
-    fn = get_task(job.model.task).batch_preprocessor(job, labels, source=tokenizer_name, keep_ids=keep_ids)
-    return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
 
 
 def build_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
-    """The tokenized ``train`` and ``validation`` datasets, and the number of training rows.
-
-    Without a validation split, ``data.validation_fraction`` of the training rows (chosen by a stable hash
-    of their text) are held out; the remaining rows are counted by a streaming pass. Speech tasks read
-    audio manifests and featurise with the checkpoint's feature extractor (``cluster.ingest.speech``).
-    """
+    """The preprocessed ``train`` and ``validation`` datasets of a job, and the number of training rows."""
     limit_block_size()
-    if get_task(job.model.task).modality == "audio":
-        return build_speech_datasets(job, info)
-    in_memory_shuffle = fits_in_object_store(info.splits["train"])
-    rules = {name: row_rules(job, split, info.labels) for name, split in info.splits.items()}
-    train = read_split(info.splits["train"], job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed, rules=rules["train"])
-    num_train_rows = info.splits["train"].num_rows
-    if "validation" in info.splits:
-        validation = read_split(info.splits["validation"], job.data.rows_per_block, rules=rules["validation"])
-    else:
-        fraction, column = job.data.validation_fraction, next(iter(layout_columns(job.data).values()))
-        if fraction <= 0:
-            raise ValueError("no data.validation and data.validation_fraction is 0")
-        validation = train.map_batches(select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=True), batch_format="numpy")
-        train = train.map_batches(select_rows, fn_kwargs=dict(column=column, fraction=fraction, validation=False), batch_format="numpy")
-        num_train_rows = train.count()
-    datasets = {"train": train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, "validation": validation}
-    datasets = {name: preprocess(ds, job, info.labels, keep_ids=name == "train") for name, ds in datasets.items()}
-    if job.data.layout != "text":
-        datasets["train"] = drop_truncation_marks(datasets["train"], job.data.max_length)
-    if window := length_grouping_window(job):  # perf.group_by_length: similar lengths in each micro-batch
-        datasets["train"] = datasets["train"].map_batches(
-            group_rows_by_length, fn_kwargs=dict(micro_batch=job.optim.batch_size, seed=job.seed), batch_format="numpy", batch_size=window
-        )
-    return datasets, num_train_rows
+    return modality_of(job).build_datasets(job, info)
 
 
-def drop_truncation_marks(train: ray.data.Dataset, max_length: int) -> ray.data.Dataset:
-    """Count (one streaming pass) and log the training rows cut to ``data.max_length``, then drop the marks."""
-    cut = train.sum(TRUNCATED) or 0
-    if cut:
-        from cluster.run.console import say
-
-        say(f"data.max_length {max_length}: {cut} training rows were longer and were cut (their start; the last answer kept)")
-    return train.drop_columns([TRUNCATED])
-
-
-def generation_samples(job: JobSpec, info: DataInfo) -> list[dict[str, Any]]:
-    """The first ``eval.generation_samples`` validation prompts (the held-out rows when there is no
-    validation split) with their reference answers: ``{"messages": [...], "reference": str}``, the
-    messages ending with the user turn the last answer replies to."""
-    count = job.eval.generation_samples
-    if job.data.layout == "text" or count == 0:
-        return []
-    from cluster.preflight.text import iter_column
-
-    split = info.splits.get("validation") or info.splits["train"]
-    held_out = "validation" not in info.splits
-    columns = layout_columns(job.data)
-    keys = iter_column(split.files, split.format, next(iter(columns.values())))
-    if job.data.layout == "chat":
-        rows = ({"messages": as_messages(v)} for v in keys)
-    else:
-        completions = iter_column(split.files, split.format, columns["completion"])
-        rows = ({"messages": [{"role": "user", "content": str(p)}, {"role": "assistant", "content": str(c)}]} for p, c in zip(keys, completions))
-    samples = []
-    for row in rows:
-        messages = row["messages"]
-        if held_out and not holdout_mask([json.dumps(messages) if job.data.layout == "chat" else messages[0]["content"]], job.data.validation_fraction)[0]:
-            continue
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        samples.append({"messages": with_system(messages[:last], job.data.system_prompt), "reference": messages[last]["content"]})
-        if len(samples) == count:
-            break
-    return samples
+def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, source: str) -> ray.data.Dataset:
+    """A preprocessed dataset for evaluating a finished model (its preprocessing files in ``source``) on ``split``."""
+    return modality_of(job).build_eval_dataset(job, split, labels, source)
 
 
 class EveryRowDataConfig(ray.train.DataConfig):
@@ -133,10 +55,3 @@ class EveryRowDataConfig(ray.train.DataConfig):
             for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
                 output[rank][name] = split
         return output
-
-
-def build_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, tokenizer_name: str) -> ray.data.Dataset:
-    """A tokenized dataset for evaluating a finished model on ``split`` (the exported model's tokenizer)."""
-    if get_task(job.model.task).modality == "audio":
-        return build_speech_eval_dataset(job, split, labels, tokenizer_name)
-    return preprocess(read_split(split, job.data.rows_per_block, rules=row_rules(job, split, labels)), job, labels, tokenizer_name)

@@ -15,9 +15,10 @@ import numpy as np
 import ray.data
 
 from cluster.ingest.rows import PATH_COLUMN, RowRules, check_batch
-from cluster.preflight.checks import SplitInfo
+from cluster.ingest.splits import SplitInfo
 from engine.preprocessing.chat import as_messages
 from engine.preprocessing.datafiles import ARROW_STREAM
+
 
 class ArrowStreamDatasource(ray.data.datasource.FileBasedDatasource):
     """Ray Data reader of the Arrow stream files behind a Hugging Face ``datasets`` split (its cache, or a

@@ -2,7 +2,7 @@
 row while Ray Data streams the split (no Ray and no torch here).
 
 A bad row is a null or non-text value in a text column, a null label, a label the job does not know, or a
-null audio value. Before the run, the first rows of each file are checked (``cluster.preflight.checks``); a bad row
+null audio value. Before the run, the first rows of each file are checked (``cluster.preflight.job``); a bad row
 deeper in a large dataset is found while streaming, and the run stops with the file and the row number
 (found by re-reading that one file), unless ``data.bad_rows: skip`` drops and counts such rows.
 """
@@ -10,7 +10,8 @@ deeper in a large dataset is found while streaming, and the run stops with the f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,12 @@ def open_dataset(files: list[str], fmt: str):
     from engine.preprocessing.datafiles import open_files
 
     return open_files(files, fmt)
+
+
+def iter_column(files: list[str], fmt: str, column: str) -> Iterator[Any]:
+    """The values of one column of a split, in file and row order, a batch at a time."""
+    for batch in open_dataset(files, fmt).to_batches(columns=[column]):
+        yield from batch.column(0).to_pylist()
 
 
 class BadRowError(ValueError):

@@ -12,7 +12,8 @@ import os
 import ray.data
 
 from cluster.ingest.read import fits_in_object_store, read_split, select_rows
-from cluster.preflight.checks import DataInfo, SplitInfo, row_rules
+from cluster.ingest.rows import RowRules
+from cluster.ingest.splits import DataInfo, SplitInfo
 from engine.config.schema import JobSpec
 from engine.tasks import get_task
 
@@ -38,10 +39,10 @@ def inline_audio(split: SplitInfo, rows_per_block: int) -> bool:
     return split.num_rows <= 4 * rows_per_block * max(sum(groups), 1)
 
 
-def read_audio_split(split: SplitInfo, job: JobSpec, labels: list[str] | None, shuffle_seed: int | None = None) -> ray.data.Dataset:
+def read_audio_split(split: SplitInfo, job: JobSpec, rules: RowRules, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """:func:`cluster.ingest.read.read_split` of a speech split, re-cut into blocks unless :func:`inline_audio`."""
     recut = not inline_audio(split, job.data.rows_per_block)
-    return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=recut, rules=row_rules(job, split, labels))
+    return read_split(split, job.data.rows_per_block, shuffle_seed=shuffle_seed, recut=recut, rules=rules)
 
 
 def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base_dir: str | None, model_name: str | None = None) -> ray.data.Dataset:
@@ -54,14 +55,15 @@ def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base
     return ds.map_batches(fn, batch_format="numpy", batch_size=job.data.rows_per_block)
 
 
-def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.data.Dataset], int]:
-    """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows."""
+def build_speech_datasets(job: JobSpec, info: DataInfo, rules: dict[str, RowRules]) -> tuple[dict[str, ray.data.Dataset], int]:
+    """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows
+    (``rules``: each split's row rules)."""
     train_split = info.splits["train"]
     in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
-    train = read_audio_split(train_split, job, info.labels, shuffle_seed=None if in_memory_shuffle else job.seed)
+    train = read_audio_split(train_split, job, rules["train"], shuffle_seed=None if in_memory_shuffle else job.seed)
     num_train_rows = train_split.num_rows
     if "validation" in info.splits:
-        validation, val_dir = read_audio_split(info.splits["validation"], job, info.labels), manifest_dir(info.splits["validation"])
+        validation, val_dir = read_audio_split(info.splits["validation"], job, rules["validation"]), manifest_dir(info.splits["validation"])
     else:
         kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
         validation, val_dir = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
@@ -74,6 +76,6 @@ def build_speech_datasets(job: JobSpec, info: DataInfo) -> tuple[dict[str, ray.d
     return datasets, num_train_rows
 
 
-def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str) -> ray.data.Dataset:
+def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str, rules: RowRules) -> ray.data.Dataset:
     """A featurised dataset for evaluating an exported model folder on ``split``."""
-    return featurize(read_audio_split(split, job, labels), job, labels, manifest_dir(split), model_name=model_dir)
+    return featurize(read_audio_split(split, job, rules), job, labels, manifest_dir(split), model_name=model_dir)

@@ -81,19 +81,17 @@ def check_speech(job: JobSpec, splits: dict[str, Any]) -> None:
 
 def prepare_speech_job(job: JobSpec, info: Any) -> JobSpec:
     """The job with its target tokenizer settled: a built CTC vocabulary when the checkpoint has none."""
-    from engine.models.speech import build_ctc_vocab, has_tokenizer
-
     if getattr(job, "safeguards", None) is not None and job.safeguards.track_forgetting:
         log.info("safeguards.track_forgetting: retention sets are text; not measured for the speech task '%s'", job.model.task)
         job = job.model_copy(update={"safeguards": job.safeguards.model_copy(update={"track_forgetting": False})})
     model = job.model
     if model.tokenizer and os.path.isdir(os.path.expanduser(model.tokenizer)):
         return job.model_copy(update={"model": model.model_copy(update={"tokenizer": os.path.abspath(os.path.expanduser(model.tokenizer))})})
-    if not get_task(model.task).builds_target_vocab or model.tokenizer or has_tokenizer(model.name):
-        return job
-    from cluster.ingest.rows import open_dataset
 
-    split = info.splits["train"]
-    transcripts = open_dataset(split.files, split.format).to_table(columns=[job.data.transcript_column]).column(0).to_pylist()
-    folder = build_ctc_vocab([t for t in transcripts if t], job.output_dir / "vocab")
-    return job.model_copy(update={"model": model.model_copy(update={"tokenizer": str(folder)})})
+    def transcripts() -> list[str]:
+        from cluster.ingest.rows import open_dataset
+
+        split = info.splits["train"]
+        return open_dataset(split.files, split.format).to_table(columns=[job.data.transcript_column]).column(0).to_pylist()
+
+    return get_task(model.task).settle_target_tokenizer(job, transcripts, job.output_dir / "vocab")

@@ -7,10 +7,10 @@ never through ``transformers``; rows are read with pyarrow, a column at a time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cluster.ingest.rows import iter_column
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 from engine.preprocessing.chat import ROLES
@@ -67,14 +67,6 @@ def check_chat_template(job: JobSpec) -> None:
         )
 
 
-def iter_column(files: list[str], fmt: str, column: str) -> Iterator[Any]:
-    """The values of one column of a split, in file and row order, a batch at a time."""
-    from cluster.ingest.rows import open_dataset
-
-    for batch in open_dataset(files, fmt).to_batches(columns=[column]):
-        yield from batch.column(0).to_pylist()
-
-
 def chat_row_problem(value: Any) -> str | None:
     """What is wrong with one chat cell, or None."""
     if not isinstance(value, list) or not value:
@@ -117,3 +109,25 @@ def check_text(job: JobSpec, splits: dict[str, Any]) -> None:
     check_chat_template(job)
     for split in splits.values():
         check_rows(job, split)
+
+
+def check_retention_text(job: JobSpec) -> None:
+    """``safeguards.retention_data``: readable files with the text column, not empty."""
+    from cluster.ingest.rows import open_dataset
+    from cluster.ingest.splits import detect_format, is_uri, resolve_files
+
+    spec = job.safeguards
+    if not (spec.track_forgetting and spec.retention_data) or is_uri(spec.retention_data):
+        return
+    key = "safeguards.retention_data"
+    files = resolve_files(spec.retention_data, key)
+    fmt = detect_format(files, "auto", key)
+    try:
+        dataset = open_dataset(files, fmt)
+        columns, rows = dataset.schema.names, dataset.count_rows()
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise JobError(f"{key}: could not read '{spec.retention_data}' as {fmt}: {str(exc).splitlines()[0]}") from None
+    if job.data.text_column not in columns:
+        raise JobError(f"{key}: '{spec.retention_data}' has no column '{job.data.text_column}' (data.text_column); its columns are {sorted(columns)}.")
+    if rows == 0:
+        raise JobError(f"{key}: '{spec.retention_data}' has no rows. Give general text of the source domain, or remove {key}.")

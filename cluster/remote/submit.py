@@ -1,7 +1,7 @@
 """Submitting a job to a Ray cluster through the Ray Jobs API, and watching or stopping it.
 
 ``submit`` validates the job here first (schema, data files, columns, labels, model: the driver-side
-checks of :mod:`cluster.preflight.checks`), so a broken job never reaches the cluster. It then packs the job file
+checks of :mod:`cluster.preflight.job`), so a broken job never reaches the cluster. It then packs the job file
 and every local file the job names (data splits, a local model folder, retention data) into the runtime
 environment's ``working_dir``, rewrites those paths relative to it (the job driver and every worker run
 with the unpacked ``working_dir`` as their current directory), and ships this checkout's ``engine`` and
@@ -30,7 +30,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from cluster.preflight.checks import check_data, check_model, is_uri, resolve_files
+from cluster.ingest.splits import is_uri, resolve_files
+from cluster.preflight.data import check_data
+from cluster.preflight.job import check_model
 from engine.config.schema import DatasetSource, JobSpec, build_job, load_job
 from engine.errors import JobError
 

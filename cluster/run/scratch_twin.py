@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight.checks import DataInfo, SplitInfo, open_dataset
+from cluster.ingest.rows import open_dataset
+from cluster.ingest.splits import DataInfo, SplitInfo
 from engine.config.schema import JobSpec
 from engine.safeguards.transfer import Baselines, TransferVerdict, class_baselines, judge_transfer, scratch_job
 

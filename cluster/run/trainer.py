@@ -15,9 +15,11 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cluster.ingest.datasets import build_datasets, build_eval_dataset, generation_samples
+from cluster.ingest.datasets import build_datasets, build_eval_dataset
+from cluster.ingest.text import generation_samples
 from cluster.run.interrupts import watch_interrupts
-from cluster.preflight.checks import DataInfo, check_resources
+from cluster.ingest.splits import DataInfo
+from cluster.preflight.output import check_resources
 from engine.config.schema import JobSpec
 from engine.errors import JobError
 
@@ -176,7 +178,7 @@ def storage_location(job: JobSpec) -> tuple[str, str]:
 
     A URI (``s3://``, ``gs://``, ...) is passed to Ray as it is; a local path is made absolute.
     """
-    from cluster.preflight.checks import is_uri
+    from cluster.ingest.splits import is_uri
 
     path = job.run.storage_path
     if not path:
@@ -254,7 +256,7 @@ def remove_stale_checkpoints(job: JobSpec, registered: list[Any], best: Any) -> 
     retention never sees: not registered (written just before a driver died, or cut short by a crash) and
     not the best model, so ``output.keep_checkpoints`` holds however often the run was interrupted. Ray's
     ``num_to_keep`` looks after the registered ones. (Local storage only.)"""
-    from cluster.preflight.checks import local_run_dir
+    from cluster.preflight.output import local_run_dir
     from engine.checkpoints.store import RunFolder
 
     run_dir = local_run_dir(job)
@@ -272,7 +274,7 @@ def unregistered_checkpoints(job: JobSpec, registered: list[tuple[Any, dict[str,
     """Complete checkpoints in the job's (local) run folder that Ray Train does not list, with the metrics
     their ``state.json`` holds: written by the workers just before a driver died, then resumed from, they
     may hold the best model. (A URI storage path is not listed here.)"""
-    from cluster.preflight.checks import local_run_dir
+    from cluster.preflight.output import local_run_dir
     from engine.checkpoints.store import STATE, RunFolder, is_complete
 
     run_dir = local_run_dir(job)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.preflight.checks import DataInfo
+from cluster.ingest.splits import DataInfo
 from cluster.run.scratch_twin import validation_rows
 from cluster.tune.space import (
     TRIAL_CPUS, base_point, check_space, keep_incumbent, compute_concurrency, model_depth, search_space, step_budget, to_tune_domain,
@@ -319,7 +319,8 @@ def run_tune(job_path: str, overrides: list[str], resume: bool = False) -> TuneO
     import time
 
     from cluster.run.interrupts import Interrupted, watch_interrupts
-    from cluster.preflight.checks import check_resources, preflight
+    from cluster.preflight.job import preflight
+    from cluster.preflight.output import check_resources
     from engine.config.schema import read_job_file
 
     started = time.perf_counter()

@@ -105,14 +105,12 @@ def load_for_generation(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]
 
     from engine.evaluation.exported import load_exported
     from engine.models.loading import load_tokenizer
-    from engine.tasks import all_tasks, find_task
+    from engine.tasks import prompt_task
 
     model_dir = Path(model_dir)
     meta_path = model_dir / "shoulders_job.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    task = find_task(((meta.get("job") or {}).get("model") or {}).get("task"))
-    if task is None or not task.answers_prompts:  # loaded as the first task that answers prompts (a causal LM)
-        task = next(t for t in all_tasks() if t.answers_prompts)
+    task = prompt_task(((meta.get("job") or {}).get("model") or {}).get("task"))
     if (model_dir / "adapter_config.json").is_file():
         model = load_exported(model_dir, task.name, None)
     else:

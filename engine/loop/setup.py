@@ -104,7 +104,7 @@ def setup(config: dict[str, Any]) -> Worker:
     backend = build_backend(job, model, groups, total_steps, int(job.optim.warmup_ratio * total_steps), device, world_size)
 
     hooks = loop_hooks(job, guard, backend, config.get("debug"), rank, total_steps)
-    packing = bool(job.perf.packing and get_task(job.model.task).next_token_loss)
+    packing = get_task(job.model.task).packs_rows(job)
     return Worker(
         job=job, rank=rank, world_size=world_size, device=device, num_labels=len(labels) if labels else None, model=model,
         backend=backend, guard=guard, answers=answers, events=events, hooks=hooks, step_hooks=step_hooks(hooks),

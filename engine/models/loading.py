@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,7 @@ def load_pretrained(
     revision: str | None = None,
     from_scratch: bool = False,
     pad_token_id: int | None = None,
-    config_overrides: dict[str, Any] | None = None,
+    config_overrides: Callable[[Any], dict[str, Any]] | None = None,
 ) -> tuple[Any, set[str]]:
     """Load ``name`` with the head for ``task``.
 
@@ -102,7 +103,7 @@ def load_pretrained(
         revision: hub revision.
         from_scratch: build the architecture from its config with random weights.
         pad_token_id: the tokenizer's pad id, needed by decoder classifiers to find the last token.
-        config_overrides: config attributes to set before building (the task's ``config_overrides``).
+        config_overrides: the config attributes to set before building, given the checkpoint's config (the task's ``config_overrides``).
 
     Returns:
         The model, and the names of its parameters that did not come from the checkpoint (missing there or
@@ -123,7 +124,7 @@ def load_pretrained(
         setattr(config, key, value)
     if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = pad_token_id
-    for key, value in (config_overrides or {}).items():
+    for key, value in (config_overrides(config) if config_overrides else {}).items():
         setattr(config, key, value)
     if from_scratch:
         model = auto_class.from_config(config)
@@ -143,7 +144,7 @@ def checkpoint_head_fits(
 
     It fits when every head parameter came from the checkpoint at its shape (none in ``fresh_keys``, the
     missing and mismatched keys of the load) and it was trained for the same outputs: the same ``id2label``
-    as ``labels`` for classification, the checkpoint's own tokenizer where the head predicts its ids (``task.head_needs_own_tokenizer``: CTC).
+    as ``labels`` for classification, the checkpoint's own tokenizer where the head predicts its ids (``task.kept_head_misfit``: CTC).
     """
     params = [n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in head_names)]
     if not params:
@@ -156,15 +157,15 @@ def checkpoint_head_fits(
         ordered = [saved.get(str(i), saved.get(i)) for i in range(len(saved))]
         if ordered != list(labels):
             return False, f"its labels {ordered} are not model.labels {list(labels)}"
-    if task.head_needs_own_tokenizer and not own_tokenizer:
-        return False, "the targets use another tokenizer (model.tokenizer) than the one its output layer was trained on"
+    misfit = task.kept_head_misfit(own_tokenizer)
+    if misfit:
+        return False, misfit
     return True, "the checkpoint was trained for the same outputs"
 
 
 def head_module_names(model: Any, task: Task) -> list[str]:
     """Attribute names of the task head present on ``model`` (empty for tasks that keep their head)."""
-    present = [name for name in task.head_modules if hasattr(model, name)]
-    return present if task.multi_part_head else present[:1]
+    return task.head_names(model)
 
 
 def load_masked_lm_head(name: str, revision: str | None = None) -> Any | None:

@@ -53,7 +53,7 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
             revision=job.model.revision,
             from_scratch=job.model.from_scratch,
             pad_token_id=pad_token_id,
-            config_overrides=task.config_overrides(job),
+            config_overrides=lambda config: task.config_overrides(job, config),
         )
     head_names = head_module_names(model, task)
     if not keep_checkpoint_head(job, labels, head_names, fresh_keys, model):

@@ -78,7 +78,7 @@ def length_grouping_window(job: Any) -> int | None:
     (``perf.group_by_length`` off, or next-token prediction, which packs instead)."""
     from engine.tasks import get_task
 
-    if not job.perf.group_by_length or get_task(job.model.task).next_token_loss:
+    if not get_task(job.model.task).groups_by_length(job):
         return None
     return job.optim.batch_size * job.perf.group_window
 

@@ -69,24 +69,7 @@ def forgetting_measure(job: JobSpec) -> str:
         return chosen
     from engine.tasks import get_task
 
-    task = get_task(job.model.task)
-    if task.next_token_loss:
-        return "lm_loss"
-    if task.masked_lm_source and not job.model.from_scratch and any(
-            a.endswith("ForMaskedLM") for a in checkpoint_architectures(job)):
-        return "mlm_loss"
-    return "cka"
-
-
-def checkpoint_architectures(job: JobSpec) -> list[str]:
-    """``architectures`` of the checkpoint's ``config.json`` (empty when it cannot be read)."""
-    from engine.errors import JobError
-    from engine.models.loading import read_config_json
-
-    try:
-        return list(read_config_json(job.model.name, job.model.revision).get("architectures") or [])
-    except JobError:
-        return []
+    return get_task(job.model.task).forgetting_measure(job) or "cka"
 
 
 class RetentionProbe:
@@ -348,7 +331,7 @@ def read_drift_texts(job: JobSpec, split_files: dict[str, tuple[list[str], str]]
     from engine.preprocessing.chat import layout_columns, retention_text
     from engine.tasks import get_task
 
-    if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies
+    if get_task(job.model.task).forgetting_measure(job) is None:  # e.g. seq2seq: no retention measure applies
         return None
     columns = layout_columns(job.data)
     column = columns.get("text") or columns.get("prompt") or columns["messages"]
@@ -387,7 +370,7 @@ def read_retention_texts(job: JobSpec, split_files: dict[str, tuple[list[str], s
     from engine.preprocessing.chat import retention_column, retention_text
     from engine.tasks import get_task
 
-    if not get_task(job.model.task).measures_forgetting:  # e.g. seq2seq: no retention measure applies
+    if get_task(job.model.task).forgetting_measure(job) is None:  # e.g. seq2seq: no retention measure applies
         return None
     column = retention_column(job)  # the text column, or instruction data's prompts / chats
     table = open_files(files, fmt).head(spec.retention_rows, columns=[column])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -33,7 +33,14 @@ class AudioTask(Task):
     """A task on audio clips (``data.audio_column``: paths relative to the manifest, or audio bytes)."""
 
     modality = "audio"
-    measures_forgetting = False  # retention sets are text
+    has_classes: ClassVar[bool] = False
+    """Declarative, for this share's column and preprocessing choices: the targets are class names (``data.label_column``)."""
+    transcribes: ClassVar[bool] = False
+    """Declarative, for this share's preprocessing and metrics: the targets are transcripts (WER, CER)."""
+
+    def forgetting_measure(self, job: JobSpec) -> str | None:
+        """None: retention sets are text."""
+        return None
 
     def required_columns(self, job: JobSpec) -> list[str]:
         """``audio_column`` and the target: ``label_column`` (classes) or ``transcript_column``."""
@@ -112,16 +119,20 @@ class AsrTask(AudioTask):
     def build_metrics(self, job: JobSpec, num_labels: int | None, device: Any, model: Any = None, amp_dtype: Any = None,
                       tokenizer: Any = None) -> Any:
         """Loss, WER and CER on decoded text (``engine.evaluation.metrics.AsrMetrics``); ``tokenizer`` left empty: the job's."""
-        from engine.evaluation.asr import decode_references
         from engine.evaluation.metrics import AsrMetrics
 
         tokenizer = tokenizer if tokenizer is not None else self.target_tokenizer(job)
-        keep_repeats = self.head_needs_own_tokenizer  # CTC character vocabularies: references keep repeated letters
 
         def references(labels: Any) -> list[str]:
-            return decode_references(labels, tokenizer, keep_repeats)
+            return self.decode_references(labels, tokenizer)
 
         return AsrMetrics(self.predictions(model, tokenizer, job, amp_dtype), references, device)
+
+    def decode_references(self, labels: Any, tokenizer: Any) -> list[str]:
+        """Reference transcripts from label ids (ignored positions dropped)."""
+        from engine.evaluation.asr import decode_references
+
+        return decode_references(labels, tokenizer, False)
 
     def export_metrics(self, job: JobSpec, model: Any, export_dir: Any, device: str) -> Any:
         """ASR metrics of an exported folder, decoding with the tokenizer saved in it."""

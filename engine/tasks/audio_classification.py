@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.tasks.audio import AudioTask
 
 
@@ -15,7 +17,10 @@ class AudioClassification(AudioTask):
     default_metric = "accuracy"
     has_classes = True
     head_modules = ("projector", "classifier")
-    multi_part_head = True
+
+    def head_names(self, model: Any) -> list[str]:
+        """Every present part: the projector and the classifier over it are both new."""
+        return [name for name in self.head_modules if hasattr(model, name)]
 
 
 TASK = AudioClassification()

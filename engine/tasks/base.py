@@ -4,7 +4,8 @@ A task owns what depends on it and nothing else: the columns it reads, its torch
 preflight and the job schema call them), the preprocessing function Ray Data maps over batches, how its
 model is loaded (the ``transformers`` Auto class, config overrides, which modules are the head), its
 evaluation metrics, and what its export saves beside the weights. Code outside ``engine/tasks/`` never
-compares a task's name: it asks the task (``get_task(job.model.task).next_token_loss``, ...).
+compares a task's name: it asks the task, and the task does the work that differs (``task.packs_rows(job)``,
+``task.forgetting_measure(job)``, ``task.head_names(model)``, ...), so no caller branches on a yes/no flag.
 
 Task modules are importable without torch (the driver's ``validate``/``submit`` paths use them); anything
 heavy is imported inside the method that needs it. Shared modality code (tokenization, chat templates,
@@ -59,34 +60,19 @@ class Task:
     """The validation metric that picks checkpoints when ``eval.metric`` is not set."""
     layouts: ClassVar[tuple[str, ...]] = ("text",)
     """The ``data.layout`` values the task trains on."""
-    has_classes: ClassVar[bool] = False
-    """Targets are class names (``model.labels``, ``data.label_column``): accuracy, macro-F1, chance level."""
-    transcribes: ClassVar[bool] = False
-    """Targets are transcripts (speech recognition): WER and CER on decoded text."""
     next_token_loss: ClassVar[bool] = False
-    """The model keeps its pre-training objective, next-token prediction (causal LM): LM labels, perplexity,
-    packing, the LM-loss forgetting measure; ``transformers`` upcasts that loss itself."""
+    """Declarative, a fact of the model's loss rather than a capability to branch on: the loss is transformers' own
+    next-token loss (causal LM), which upcasts its logits itself and needs no KV cache while training. The
+    backends and the speed features read it for that reason only."""
     answers_prompts: ClassVar[bool] = False
-    """It writes text answers to text prompts (``shoulders generate``, exact match / ROUGE-L at evaluation)."""
-    encoder_decoder_text: ClassVar[bool] = False
-    """Text-to-text: the prompt feeds the encoder, the completion is the decoder's target."""
+    """Declarative: it writes text answers to text prompts (exact match / ROUGE-L at evaluation); read only by
+    :func:`prompt_task`, which picks the task ``shoulders generate`` loads an export as."""
     head_modules: ClassVar[tuple[str, ...]] = ()
     """Attribute names of the task head the engine creates (the first present is used)."""
-    multi_part_head: ClassVar[bool] = False
-    """The head is every present module of ``head_modules`` (wav2vec2/Whisper classifiers: projector, classifier)."""
     freeze_stack: ClassVar[str | None] = None
     """Which stack ``finetune.freeze_depth`` counts in encoder-decoder models (``encoder``), or None."""
     peft_task_type: ClassVar[str | None] = None
     """PEFT's ``task_type`` for the task's model, or None."""
-    head_needs_own_tokenizer: ClassVar[bool] = False
-    """A kept checkpoint head predicts the checkpoint tokenizer's ids (CTC), so another ``model.tokenizer`` needs a new one."""
-    builds_target_vocab: ClassVar[bool] = False
-    """Without a target tokenizer in the checkpoint, one is built from the training transcripts (CTC)."""
-    measures_forgetting: ClassVar[bool] = True
-    """A retention set of source-like text can be measured on the model (``safeguards.track_forgetting``)."""
-    masked_lm_source: ClassVar[bool] = False
-    """The model is an encoder that may have been saved with a masked-LM head: forgetting can then be measured
-    as masked-LM loss through that head (``safeguards.forgetting_measure: auto`` picks ``mlm_loss``)."""
 
     # ---------------------------------------------------------------- torch-free: schema and preflight
 
@@ -109,8 +95,33 @@ class Task:
         """
 
     def required_columns(self, job: JobSpec) -> list[str]:
-        """The ``data.*_column`` keys the task reads (``data.layout: text``)."""
+        """The ``data.*_column`` keys the task reads (``data.layout: text``); ``label_column`` among them means
+        the targets are class names (the preflight then settles and checks the labels)."""
         raise NotImplementedError
+
+    def check_architecture(self, config: dict[str, Any], name: str) -> None:
+        """Preflight check that the checkpoint's config (``config.json`` as a dict) can start this task well.
+
+        Raises:
+            engine.errors.JobError: naming the model and what to use instead.
+        """
+
+    def settle_target_tokenizer(self, job: JobSpec, transcripts: Callable[[], list[str]], out_dir: Any) -> JobSpec:
+        """The job with the tokenizer its targets use settled before the run (default: the checkpoint's)."""
+        return job
+
+    def forgetting_measure(self, job: JobSpec) -> str | None:
+        """How forgetting is measured on a retention set when ``safeguards.forgetting_measure`` is ``auto``:
+        ``cka`` of pooled hidden states by default; None when no retention measure applies to the task."""
+        return "cka"
+
+    def packs_rows(self, job: JobSpec) -> bool:
+        """Whether training rows are packed into full-length sequences (``perf.packing`` where the task supports it)."""
+        return False
+
+    def groups_by_length(self, job: JobSpec) -> bool:
+        """Whether training micro-batches group rows of similar length (``perf.group_by_length``)."""
+        return job.perf.group_by_length
 
     def eval_metric(self, job: JobSpec) -> str:
         """The validation metric that picks checkpoints: ``eval.metric`` or the task's default."""
@@ -133,19 +144,24 @@ class Task:
 
     # ---------------------------------------------------------------- model and evaluation (worker side)
 
-    def config_overrides(self, job: JobSpec) -> dict[str, Any]:
-        """Config attributes set on the checkpoint's config before the model is built: SpecAugment's
-        ``finetune.mask_time_prob`` when the job sets it (Whisper's config also needs it switched on)."""
+    def config_overrides(self, job: JobSpec, config: Any) -> dict[str, Any]:
+        """Config attributes set on the checkpoint's ``config`` before the model is built: SpecAugment's
+        ``finetune.mask_time_prob`` when the job sets it, switched on where the config gates it off
+        (``apply_spec_augment: false``, as Whisper's configs ship)."""
         overrides: dict[str, Any] = {}
         if job.finetune.mask_time_prob is not None:
             overrides["mask_time_prob"] = job.finetune.mask_time_prob
-            if self.switches_spec_augment(job):
-                overrides["apply_spec_augment"] = job.finetune.mask_time_prob > 0
+            if getattr(config, "apply_spec_augment", None) is not None:
+                overrides["apply_spec_augment"] = bool(config.apply_spec_augment) or job.finetune.mask_time_prob > 0
         return overrides
 
-    def switches_spec_augment(self, job: JobSpec) -> bool:
-        """Whether the model's config gates SpecAugment with ``apply_spec_augment`` (Whisper's does)."""
-        return "whisper" in job.model.name.lower()
+    def head_names(self, model: Any) -> list[str]:
+        """Attribute names of the task head the engine creates, present on ``model`` (the first of :attr:`head_modules`)."""
+        return [name for name in self.head_modules if hasattr(model, name)][:1]
+
+    def kept_head_misfit(self, own_tokenizer: bool) -> str | None:
+        """Why a checkpoint's head cannot be kept for this job's targets beyond its labels (None: it can)."""
+        return None
 
     def preprocessors(self, job: JobSpec) -> tuple[list[Any], int | None]:
         """What an export saves beside the weights (tokenizer, feature extractor), and the model's pad id."""
@@ -193,6 +209,15 @@ def get_task(name: str) -> Task:
 def find_task(name: str | None) -> Task | None:
     """The task named ``name``, or None for no name or an unknown one."""
     return get_task(name) if name in TASK_MODULES else None
+
+
+def prompt_task(name: str | None) -> Task:
+    """The task that answers prompts for an export trained as ``name``: that task when it generates answers,
+    else the causal LM (an export that names no task, or a classifier's backbone asked to generate)."""
+    task = find_task(name)
+    if task is None or not task.answers_prompts:
+        task = next(t for t in all_tasks() if t.answers_prompts)
+    return task
 
 
 def all_tasks() -> list[Task]:

@@ -22,15 +22,37 @@ class Ctc(AsrTask):
     auto_class = "AutoModelForCTC"
     architectures = "MODEL_FOR_CTC_MAPPING_NAMES"
     head_modules = ("lm_head",)
-    head_needs_own_tokenizer = True
-    builds_target_vocab = True
 
-    def config_overrides(self, job: JobSpec) -> dict[str, Any]:
+    def kept_head_misfit(self, own_tokenizer: bool) -> str | None:
+        """The output layer predicts the checkpoint tokenizer's ids: another target tokenizer needs a new one."""
+        if own_tokenizer:
+            return None
+        return "the targets use another tokenizer (model.tokenizer) than the one its output layer was trained on"
+
+    def decode_references(self, labels: Any, tokenizer: Any) -> list[str]:
+        """Reference transcripts from label ids, repeated letters kept (a character vocabulary's "ll" is two labels,
+        not a CTC repeat to merge)."""
+        from engine.evaluation.asr import decode_references
+
+        return decode_references(labels, tokenizer, True)
+
+    def settle_target_tokenizer(self, job: JobSpec, transcripts: Callable[[], list[str]], out_dir: Any) -> JobSpec:
+        """Without a tokenizer in the checkpoint (a pre-trained encoder only) or ``model.tokenizer``, a character
+        vocabulary is built from the training transcripts into ``out_dir``."""
+        from engine.models.speech import build_ctc_vocab, has_tokenizer
+
+        model = job.model
+        if model.tokenizer or has_tokenizer(model.name):
+            return job
+        folder = build_ctc_vocab([t for t in transcripts() if t], out_dir)
+        return job.model_copy(update={"model": model.model_copy(update={"tokenizer": str(folder)})})
+
+    def config_overrides(self, job: JobSpec, config: Any) -> dict[str, Any]:
         """The output layer matches the target vocabulary (its size, blank = pad id), mean loss reduction and
         infinite losses zeroed (clips shorter than their transcript); then SpecAugment's setting."""
         tokenizer = self.target_tokenizer(job)
         overrides: dict[str, Any] = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, ctc_loss_reduction="mean", ctc_zero_infinity=True)
-        return {**overrides, **super().config_overrides(job)}
+        return {**overrides, **super().config_overrides(job, config)}
 
     def pad_token_id(self, tokenizer: Any) -> int | None:
         """The target tokenizer's pad id: CTC's blank."""

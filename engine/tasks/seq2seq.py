@@ -28,7 +28,10 @@ class Seq2Seq(TextTask):
     encoder_decoder_text = True
     freeze_stack = "encoder"
     peft_task_type = "SEQ_2_SEQ_LM"
-    measures_forgetting = False  # an encoder-decoder has neither the LM loss nor the pooled hidden states it uses
+
+    def forgetting_measure(self, job: JobSpec) -> str | None:
+        """None: an encoder-decoder has neither the LM loss nor the pooled hidden states the measures use."""
+        return None
 
     def check_job(self, job: JobSpec) -> None:
         """Source and target columns: ``data.layout`` must be prompt_completion."""

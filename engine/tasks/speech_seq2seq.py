@@ -32,10 +32,6 @@ class SpeechSeq2Seq(AsrTask):
                 "the decoder above them freezes too, so nothing would train. Use a negative depth (e.g. -2) or 0 with peft.method: lora."
             )
 
-    def switches_spec_augment(self, job: JobSpec) -> bool:
-        """Whisper's config gates SpecAugment with ``apply_spec_augment``."""
-        return True
-
     def decoder_start_token_id(self, source: str, job: JobSpec) -> int | None:
         """The checkpoint config's ``decoder_start_token_id``."""
         from engine.models.loading import read_config_json

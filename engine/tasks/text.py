@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class TextTask(Task):
     """A task on text read by the checkpoint's own tokenizer (``data.layout`` text, prompt/completion or chat)."""
 
     modality = "text"
+    has_classes: ClassVar[bool] = False
+    """Declarative, for this share's column and preprocessing choices: the targets are class names (``data.label_column``)."""
+    encoder_decoder_text: ClassVar[bool] = False
+    """Declarative, for this share's preprocessing: the prompt feeds the encoder, the completion is the decoder's target."""
 
     def required_columns(self, job: JobSpec) -> list[str]:
         """``text_column`` (and ``text_pair_column``), plus ``label_column`` for tasks with classes."""

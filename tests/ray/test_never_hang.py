@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from cluster.cli.main import main
-from cluster.preflight.checks import SAMPLE_ROWS
+from cluster.preflight.data import SAMPLE_ROWS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LABELS = ["food", "sport", "tech"]

@@ -37,7 +37,7 @@ def classification_job(tiny_bert, topic_data, tmp_path):
 
 def test_dataset_streams_as_several_blocks(ray_local, classification_job):
     from cluster.ingest.datasets import build_datasets
-    from cluster.preflight.checks import preflight
+    from cluster.preflight.job import preflight
     from engine.config.schema import build_job
 
     job, info = preflight(build_job(classification_job))

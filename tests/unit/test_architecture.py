@@ -1,13 +1,14 @@
 """The architecture's rules, checked on the source (no imports of the code under test):
 
 1. Outside ``engine/tasks/`` (and the job schema's ``Task`` literal) no code names a task or compares a
-   job's task: it asks the task (``get_task(job.model.task).<attribute>``).
+   job's task: it asks the task (``get_task(job.model.task).<attribute>``). Outside ``engine/tasks/`` and
+   ``cluster/modalities/`` no code compares a modality: it asks the modality object (``modality_of(job)``).
 2. No two modules of ``engine/`` and ``cluster/`` import each other, directly or around a longer cycle,
    counting imports inside functions (those under ``if TYPE_CHECKING:`` are not imports at run time).
 3. ``peft`` is imported only in the ``engine/adapters/`` package (PEFT wrapping and the fused LoRA path),
    ``deepspeed`` only in ``engine/backends/deepspeed.py``.
-4. ``engine/`` is grouped by concern: every module sits in its concern's folder (``errors.py`` aside), and the
-   README's layout table names every folder.
+4. ``engine/`` and ``cluster/`` are grouped by concern: every module sits in its concern's folder (``engine/errors.py``
+   aside), and the layout table (README.md or CONTRIBUTING.md) names every folder.
 """
 
 from __future__ import annotations
@@ -19,8 +20,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "cluster")
-TASK_NAMES = {"sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"}
 ALLOWED_TASK_NAMES = {"engine/config/sections.py"}  # the schema's own Literal of task names
+MODALITY_HOMES = ("engine/tasks/", "cluster/modalities/")
+
+
+def task_names() -> set[str]:
+    """Every registered task's name (``engine.tasks.base.TASK_MODULES``, read from its source)."""
+    tree = ast.parse((ROOT / "engine/tasks/base.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "TASK_MODULES":
+            return {key.value for key in node.value.keys}
+    raise AssertionError("engine/tasks/base.py defines no TASK_MODULES")
+
+
+TASK_NAMES = task_names()
 
 
 def source_files() -> dict[str, Path]:
@@ -50,7 +63,7 @@ def task_name_uses(tree: ast.AST) -> list[tuple[int, str]]:
 def test_task_names_are_compared_only_inside_engine_tasks():
     from engine.tasks import TASK_MODULES
 
-    assert set(TASK_MODULES) == TASK_NAMES  # this test knows every task
+    assert set(TASK_MODULES) == TASK_NAMES and len(TASK_NAMES) >= 6  # this test knows every task
     offences = []
     for path in source_files().values():
         rel = path.relative_to(ROOT).as_posix()
@@ -58,6 +71,31 @@ def test_task_names_are_compared_only_inside_engine_tasks():
             continue
         offences += [f"{rel}:{line}: {what}" for line, what in task_name_uses(ast.parse(path.read_text()))]
     assert not offences, "ask the task (engine.tasks.get_task) instead:\n" + "\n".join(offences)
+
+
+def modality_comparisons(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of every comparison of a ``modality`` value (an attribute or a name)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and not all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            for side in (node.left, *node.comparators):
+                if (isinstance(side, ast.Attribute) and side.attr == "modality") or (isinstance(side, ast.Name) and side.id == "modality"):
+                    found.append((node.lineno, f"compares the modality: {ast.unparse(node)}"))
+    return sorted(found)
+
+
+def test_modalities_are_compared_only_inside_the_task_and_modality_modules():
+    offences = []
+    for path in source_files().values():
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith(MODALITY_HOMES):
+            offences += [f"{rel}:{line}: {what}" for line, what in modality_comparisons(ast.parse(path.read_text()))]
+    assert not offences, "ask the modality object (cluster.modalities.modality_of) instead:\n" + "\n".join(offences)
+
+
+def test_the_modality_scan_finds_comparisons():
+    tree = ast.parse("if get_task(t).modality == 'audio':\n    pass\nx = MODALITIES[task.modality]\ny = modality != 'text'\n")
+    assert [line for line, _ in modality_comparisons(tree)] == [1, 4]
 
 
 def type_checking_nodes(tree: ast.AST) -> set[int]:
@@ -172,21 +210,34 @@ def test_the_import_scan_finds_imports_in_functions():
     assert third_party_imports(tree, "peft") == [1, 3]
 
 
-# engine/'s folders, one per concern; a new one is added here and to the README's layout table.
+# Each package's folders, one per concern; a new one is added here and to the layout table.
 CONCERNS = {
-    "config": "the job schema", "tasks": "what each task is", "preprocessing": "modality preprocessing",
-    "models": "loading and surgery", "adapters": "PEFT", "backends": "DDP and DeepSpeed", "perf": "speed",
-    "loop": "the per-worker recipe", "checkpoints": "checkpoints and exports", "evaluation": "metrics and generation",
-    "safeguards": "forgetting, drift, negative transfer",
+    "engine": {
+        "config": "the job schema", "tasks": "what each task is", "preprocessing": "modality preprocessing",
+        "models": "loading and surgery", "adapters": "PEFT", "backends": "DDP and DeepSpeed", "perf": "speed",
+        "loop": "the per-worker recipe", "checkpoints": "checkpoints and exports", "evaluation": "metrics and generation",
+        "safeguards": "forgetting, drift, negative transfer",
+    },
+    "cluster": {
+        "cli": "the command line", "preflight": "checks before Ray starts", "modalities": "what a modality is on the driver",
+        "ingest": "Ray Data reading and preprocessing", "run": "a training run: Ray, the TorchTrainer, console, reports",
+        "tune": "the search", "remote": "Jobs API, the local cluster", "datagen": "offline demo data",
+    },
 }
+LOOSE = {"engine": {"__init__.py", "errors.py"}, "cluster": {"__init__.py"}}
 
 
-def test_engine_is_grouped_by_concern_and_the_readme_names_each_folder():
-    engine = ROOT / "engine"
-    folders = {p.name for p in engine.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    loose = {p.name for p in engine.glob("*.py")}
-    assert folders == set(CONCERNS), f"engine/ folders {sorted(folders)} differ from the concerns {sorted(CONCERNS)}"
-    assert loose == {"__init__.py", "errors.py"}, f"modules outside a concern's folder: {sorted(loose - {'__init__.py', 'errors.py'})}"
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in CONCERNS if f"| `engine/{name}/` |" not in readme]
-    assert not missing, f"the README's layout table has no row for engine/{missing}"
+def layout_tables() -> str:
+    """The text of the documents that hold the layout table."""
+    return "\n".join((ROOT / name).read_text() for name in ("README.md", "CONTRIBUTING.md") if (ROOT / name).is_file())
+
+
+@pytest.mark.parametrize("package", sorted(CONCERNS))
+def test_each_package_is_grouped_by_concern_and_the_layout_table_names_each_folder(package):
+    root = ROOT / package
+    folders = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    loose = {p.name for p in root.glob("*.py")}
+    assert folders == set(CONCERNS[package]), f"{package}/ folders {sorted(folders)} differ from the concerns {sorted(CONCERNS[package])}"
+    assert loose == LOOSE[package], f"modules outside a concern's folder: {sorted(loose - LOOSE[package])}"
+    missing = [name for name in CONCERNS[package] if f"| `{package}/{name}/` |" not in layout_tables()]
+    assert not missing, f"the layout table has no row for {package}/{missing}"

@@ -154,7 +154,7 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_for_the_previous_complet
 
 
 def test_an_unfinished_run_needs_resume_and_resume_needs_a_run(tmp_path):
-    from cluster.preflight.checks import RAY_RUN_SNAPSHOT, check_output
+    from cluster.preflight.output import RAY_RUN_SNAPSHOT, check_output
     from engine.errors import JobError
 
     spec = build_job({"model": {"name": "m"}, "data": {"train": "t"}, "output": {"dir": str(tmp_path / "out")}})

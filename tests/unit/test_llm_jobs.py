@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import tiny_chat
-from cluster.preflight.checks import check_data, check_model
+from cluster.preflight.data import check_data
+from cluster.preflight.job import check_model
 from engine.preprocessing.chat import IGNORE_INDEX, encode_conversations, layout_columns
 from engine.config.schema import load_job
 

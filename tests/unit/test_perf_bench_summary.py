@@ -55,8 +55,8 @@ def test_more_memory_than_the_peer_fails_the_lora_target_and_overhead_over_two_p
 def test_fits_in_object_store_decides_in_memory_shuffle(tmp_path, monkeypatch):
     import ray
 
-    from cluster.ingest.datasets import fits_in_object_store
-    from cluster.preflight.checks import SplitInfo
+    from cluster.ingest.read import fits_in_object_store
+    from cluster.ingest.splits import SplitInfo
 
     path = tmp_path / "a.parquet"
     path.write_bytes(b"x" * 1000)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cluster.cli.main import main
-from cluster.preflight.checks import preflight
+from cluster.preflight.job import preflight
 from engine.config.schema import build_job
 from engine.errors import JobError
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import tiny_chat
-from cluster.preflight.checks import check_data
+from cluster.preflight.data import check_data
 from engine.config.schema import build_job
 from engine.errors import JobError
 
@@ -45,7 +45,7 @@ def test_a_hub_id_offline_and_a_save_to_disk_split_are_read_from_their_arrow_fil
     assert train.files[0].endswith("colour-chat-train.arrow") and "shoulders-test___colour-chat" in train.files[0]
     assert validation.files == [str(sources["disk"] / "validation" / "data-00000-of-00001.arrow")]
     # the first rows as the workers and the generation samples see them: the jsonl rows, in order
-    from cluster.preflight.text import iter_column
+    from cluster.ingest.rows import iter_column
 
     first = next(iter_column(train.files, train.format, "messages"))
     assert first == json.loads(sources["data"]["chat_train"].read_text().splitlines()[0])["messages"]
@@ -138,7 +138,7 @@ def test_submit_packs_a_save_to_disk_folder_and_leaves_a_hub_id_to_the_cluster_c
 
 
 def test_dataset_preflight_imports_no_torch_and_no_ray(sources):
-    code = (f"import sys; from cluster.preflight.checks import check_data; from engine.config.schema import build_job; "
+    code = (f"import sys; from cluster.preflight.job import check_data; from engine.config.schema import build_job; "
             f"check_data(build_job({{'model': {{'name': {str(sources['model'])!r}, 'task': 'causal_lm'}}, "
             f"'data': {{'train': {{'hf': {REPO!r}, 'split': 'train'}}, 'layout': 'chat'}}}})); "
             "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'")

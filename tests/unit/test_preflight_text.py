@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import tiny_chat
-from cluster.preflight.checks import check_data
+from cluster.preflight.data import check_data
 from engine.config.schema import build_job
 from engine.errors import JobError
 
@@ -83,7 +83,7 @@ def test_layout_needs_causal_lm_and_a_missing_template_file_is_named():
 
 
 def test_text_preflight_imports_no_torch():
-    code = "import sys, cluster.preflight.text, cluster.preflight.checks; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, cluster.preflight.text, cluster.preflight.job; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

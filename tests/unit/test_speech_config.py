@@ -7,7 +7,8 @@ import logging
 import pytest
 
 import tiny_speech
-from cluster.preflight.checks import check_data, preflight
+from cluster.preflight.data import check_data
+from cluster.preflight.job import preflight
 from engine.preprocessing.audio import _logged_rates
 from engine.config.schema import build_job
 from engine.errors import JobError

@@ -44,7 +44,7 @@ def test_parquet_audio_with_small_row_groups_is_decoded_as_read_and_other_splits
     import pyarrow.parquet as pq
 
     from cluster.ingest.speech import inline_audio
-    from cluster.preflight.checks import SplitInfo
+    from cluster.ingest.splits import SplitInfo
 
     table = pa.table({"audio": [b"x" * 10] * 64, "transcript": ["a"] * 64})
     pq.write_table(table, tmp_path / "small.parquet", row_group_size=16)

@@ -13,7 +13,7 @@ import pytest
 import tiny
 from cluster.remote import submit
 from cluster.remote.local_cluster import check_binding
-from cluster.preflight.checks import check_data
+from cluster.preflight.data import check_data
 from engine.config.schema import build_job, load_job
 from engine.errors import JobError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny
-from cluster.preflight.checks import DataInfo, SplitInfo
+from cluster.ingest.splits import DataInfo, SplitInfo
 from cluster.run.scratch_twin import ScratchSearch, candidate_lrs, judge_run, label_counts, run_baselines
 from engine.config.schema import build_job
 from engine.safeguards.guards import class_baselines, judge_transfer, scratch_job, transfer_verdict

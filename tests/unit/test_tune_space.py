@@ -176,7 +176,7 @@ def test_collect_takes_a_restored_trials_full_history_from_its_train_run(tmp_pat
 
     import pandas as pd
 
-    from cluster.preflight.checks import DataInfo, SplitInfo
+    from cluster.ingest.splits import DataInfo, SplitInfo
 
     raw = base_raw(tmp_path, optim={"epochs": 3, "batch_size": 10}, scaling={"num_workers": 1})
     job = build_job(raw)
