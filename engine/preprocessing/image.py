@@ -56,6 +56,15 @@ def _source(value: Any, base_dir: str | None) -> Any:
     return path
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception of Pillow's as a short reason (without the address of an in-memory file)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow reads"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def decode_image(value: Any, base_dir: str | None = None) -> Any:
     """Decode one image fully (a truncated file fails here, not later) as a Pillow image in RGB.
 
@@ -75,7 +84,33 @@ def decode_image(value: Any, base_dir: str | None = None) -> Any:
             return to_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         where = source if isinstance(source, str) else describe(value)
-        raise ImageError(f"image {where!r} cannot be decoded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ImageError(f"image {where!r} cannot be decoded ({_reason(exc)})") from None
+
+
+def image_problem(value: Any, base_dir: str | None = None) -> str | None:
+    """Why one image value cannot be used (missing, empty, not an image), or None. Cheap: Pillow reads the
+    header and verifies the file's structure (PNG checksums) without decoding the pixels, so the row checks
+    can run on every streamed row; a file damaged past that fails at decoding, naming the image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        source = _source(value, base_dir)
+    except ImageError as exc:
+        return str(exc)
+    if isinstance(source, io.BytesIO) and not source.getbuffer().nbytes:
+        return f"image {describe(value)} is empty (0 bytes)"
+    if isinstance(source, str):
+        if not os.path.isfile(source):
+            return f"image '{source}' does not exist" + (" (relative paths are relative to the data file's folder)" if base_dir else "")
+        if os.path.getsize(source) == 0:
+            return f"image '{source}' is empty (0 bytes)"
+    try:
+        with Image.open(source) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        where = source if isinstance(source, str) else describe(value)
+        return f"image {where!r} is not a readable image ({_reason(exc)})"
+    return None
 
 
 def to_rgb(image: Any) -> Any:

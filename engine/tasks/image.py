@@ -47,11 +47,14 @@ class ImageTask(Task):
     to the data's folder, the encoded files' bytes, or ``{bytes, path}`` structs)."""
 
     modality = "image"
-    measures_forgetting = False  # retention sets are text
 
     def required_columns(self, job: JobSpec) -> list[str]:
         """``image_column`` and ``label_column``."""
         return ["image_column", "label_column"]
+
+    def forgetting_measure(self, job: JobSpec) -> str | None:
+        """None: retention sets are text, so no retention measure applies to an image model."""
+        return None
 
     def check_settings(self, job: JobSpec) -> None:
         """Image size and normalisation agree with the checkpoint's processor (or the job opts out).
@@ -79,7 +82,7 @@ class ImageTask(Task):
             process_rows, model_name=job.model.name, revision=job.model.revision,
             source=source if source and source != job.model.name else None, overrides=overrides,
             image_column=data.image_column, base_dir=base_dir,
-            label_column=data.label_column if self.has_classes else None, labels=labels,
+            label_column=data.label_column, labels=labels,
         )
 
     def train_augmentation(self, job: JobSpec) -> Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] | None:

@@ -14,7 +14,6 @@ class ImageClassification(ImageTask):
     architectures = "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"
     metrics = ("loss", "accuracy", "macro_f1")
     default_metric = "accuracy"
-    has_classes = True
     head_modules = ("classifier",)
 
 

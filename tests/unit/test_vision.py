@@ -237,3 +237,90 @@ def test_checkpoints_carry_the_running_statistics_of_trained_batch_norms(resnet)
     load_trainable_state(fresh, saved)
     for name, buffer in model.named_buffers():
         assert torch.equal(dict(fresh.named_buffers())[name], buffer), name
+
+
+def write_job(tmp_path: Path, model: Path, data: dict, **extra) -> Path:
+    import yaml
+
+    job = {"name": "vision", "model": {"name": str(model), "task": "image_classification", "labels": LABELS},
+           "data": {"image_column": "image", **{k: str(v) for k, v in data.items()}, **extra}, "output": {"dir": str(tmp_path / "out")}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def validate(path: Path, capsys, *overrides: str) -> tuple[int, str]:
+    from cluster.cli.main import main
+
+    code = main(["validate", str(path), *overrides])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.fixture(scope="module")
+def colour_parquet(tmp_path_factory) -> dict[str, Path]:
+    data = tiny_vision.write_colour_images(tmp_path_factory.mktemp("colours"), per_class=4)
+    return {"train": data["train"], "validation": data["validation"]}
+
+
+def test_validate_refuses_a_size_or_normalisation_contradicting_the_checkpoint_with_exit_2(vit, colour_parquet, tmp_path, capsys):
+    path = write_job(tmp_path, vit, colour_parquet)
+    assert validate(path, capsys)[0] == 0
+    code, text = validate(path, capsys, "data.image_size=64")
+    assert code == 2 and "data.image_size is 64" in text and "pre-trained with 32" in text and "Traceback" not in text
+    code, text = validate(path, capsys, "data.image_std=[0.2,0.2,0.2]")
+    assert code == 2 and "data.image_std is [0.2, 0.2, 0.2]" in text and "[0.5, 0.5, 0.5]" in text
+    assert validate(path, capsys, "data.image_size=64", "data.preprocessing_override=true")[0] == 0
+
+
+def test_a_corrupt_image_in_the_sampled_rows_is_refused_naming_the_file(vit, colour_parquet, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(colour_parquet["train"])
+    images = table.column("image").to_pylist()
+    images[5] = b"\x89PNG\r\n\x1a\n not really"
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(table.set_column(0, "image", pa.array(images, pa.binary())), broken)
+    code, text = validate(write_job(tmp_path, vit, {**colour_parquet, "train": broken}), capsys)
+    assert code == 2 and f"file '{broken}', row 6" in text and "not an image format Pillow reads" in text, text
+
+
+def test_an_image_folder_is_read_with_labels_from_its_folders_and_a_zero_size_image_is_named(vit, tmp_path, capsys):
+    folders = tiny_vision.write_colour_images(tmp_path / "folders", per_class=4, layout="folder")
+    path = write_job(tmp_path, vit, {"train": folders["train"], "validation": folders["validation"]})
+    code, text = validate(path, capsys)
+    assert code == 0 and "train 12 rows, validation 6 rows" in text and "['red', 'green', 'blue']" in text, text
+    empty = folders["train"] / "green" / "empty.png"
+    empty.write_bytes(b"")
+    code, text = validate(path, capsys)
+    assert code == 2 and str(empty) in text and "is empty (0 bytes)" in text, text
+
+
+def test_the_block_count_of_image_configs_is_what_freeze_depth_counts():
+    from cluster.modalities.image import MODALITY
+
+    assert MODALITY.block_count({"num_hidden_layers": 12}) == 12  # ViT, DINOv2
+    assert MODALITY.block_count({"depths": [3, 4, 6, 3], "num_hidden_layers": 99}) == 4  # ResNet, ConvNeXt, Swin stages
+    assert MODALITY.block_count({"num_block_repeats": [1, 2, 2, 3, 3, 4, 1], "depth_coefficient": 1.0, "num_hidden_layers": 64}) == 16
+
+
+def test_a_corrupt_image_while_streaming_stops_the_run_naming_file_and_row(vit, colour_parquet, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.ingest.rows import BadRowError, RowRules, check_batch
+
+    table = pq.read_table(colour_parquet["train"])
+    images = table.column("image").to_pylist()
+    images[9] = images[9][:40]  # a truncated PNG
+    broken = tmp_path / "late.parquet"
+    pq.write_table(table.set_column(0, "image", pa.array(images, pa.binary())), broken)
+    rules = RowRules(split="train", label_column="label", labels=tuple(LABELS), other_columns=("image",), image_columns=("image",),
+                     files=(str(broken),))
+    batch = {"image": np.array(images, dtype=object), "label": np.array(table.column("label").to_pylist(), dtype=object),
+             "path": np.array([str(broken)] * len(images), dtype=object)}
+    with pytest.raises(BadRowError, match=rf"data.train: file '{broken}', row 10 .*column 'image': image '<40 bytes>' is not a readable image"):
+        check_batch(dict(batch), rules)
+    kept = check_batch(dict(batch), RowRules(**{**rules.__dict__, "skip": True}))
+    assert len(kept["image"]) == len(images) - 1
