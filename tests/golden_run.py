@@ -232,6 +232,7 @@ def build_assets(root: Path) -> dict[str, Path]:
     import tiny_chat
     import tiny_speech
     from cluster.datagen.speech_models import save_tiny_wav2vec2, save_tiny_whisper
+    import tiny_vision
 
     assets: dict[str, Any] = {
         "bert": tiny.save_tiny_model("bert", root / "bert"),
@@ -240,11 +241,13 @@ def build_assets(root: Path) -> dict[str, Path]:
         "t5": tiny_chat.save_tiny_t5(root / "t5"),
         "wav2vec2": save_tiny_wav2vec2(root / "wav2vec2"),
         "whisper": save_tiny_whisper(root / "whisper"),
+        **{kind: tiny_vision.save_tiny_image_model(kind, root / kind) for kind in ("vit", "resnet", "convnext")},
     }
     assets["topics"] = tiny.write_topic_data(root / "topics", rows=32)
     assets["lm"] = tiny.write_lm_data(root / "lm", rows=32)
     assets["instruct"] = tiny_chat.write_instruction_data(root / "instruct", rows=32)
     assets["tones"] = tiny_speech.write_tone_keywords(root / "tones", per_word=4, seconds=0.4)
+    assets["colours"] = tiny_vision.write_colour_images(root / "colours", per_class=8)
     return assets
 
 
@@ -256,6 +259,8 @@ def cases(a: dict[str, Any]) -> dict[str, dict[str, Any]]:
     pc = {**instruct, "train": str(a["instruct"]["pc_train"]), "validation": str(a["instruct"]["pc_validation"]), "layout": "prompt_completion"}
     chat = {**instruct, "train": str(a["instruct"]["chat_train"]), "validation": str(a["instruct"]["chat_validation"]), "layout": "chat"}
     generate = {"answer_samples": 2, "max_new_tokens": 4}
+    colours = {"train": str(a["colours"]["train"]), "validation": str(a["colours"]["validation"]), "image_column": "image", "rows_per_block": 8}
+    image = {"task": "image_classification", "labels": ["red", "green", "blue"]}
     return {
         "sequence_classification": _job(
             "golden-cls", {"name": str(a["bert"]), "labels": ["food", "sport", "tech"]}, {**topics, "max_length": 16, "rows_per_block": 16},
@@ -292,6 +297,16 @@ def cases(a: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "golden-whisper", {"name": str(a["whisper"]), "task": "speech_seq2seq", "language": "en"},
             {**tones, "transcript_column": "transcript", "max_length": 8},
             finetune={"strategy": "lora", "head_lr": 3e-3}, peft={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        ),
+        "image_classification_vit": _job(
+            "golden-vit", {"name": str(a["vit"]), **image}, colours, finetune={"freeze_depth": 1, "head_lr": 1e-2, "backbone_lr_ratio": 0.1},
+        ),
+        "image_classification_resnet": _job(
+            "golden-resnet", {"name": str(a["resnet"]), **image}, {**colours, "crop_scale": [0.5, 1.0]},
+            finetune={"strategy": "full", "head_lr": 1e-2, "backbone_lr_ratio": 0.3},
+        ),
+        "image_classification_convnext": _job(
+            "golden-convnext", {"name": str(a["convnext"]), **image}, {**colours, "hflip": False}, finetune={"strategy": "feature_extraction"},
         ),
     }
 

@@ -77,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build offline datasets")
     data.add_argument(
-        "dataset", choices=["quickstart", "speech-keywords", "speech-asr"],
-        help="quickstart: fortunes topics + MiniLM weights; speech-keywords / speech-asr: espeak-ng speech + tiny speech checkpoints",
+        "dataset", choices=["quickstart", "speech-keywords", "speech-asr", "vision-quickstart"],
+        help="quickstart: fortunes topics + MiniLM weights; speech-keywords / speech-asr: espeak-ng speech + tiny speech "
+             "checkpoints; vision-quickstart: MNIST digits + EfficientNet-Lite0 ImageNet weights",
     )
-    data.add_argument("--out", default=None, help="output folder (default data/fortunes, data/speech/keywords or data/speech/asr)")
-    data.add_argument("--models", default="models", help="folder to link (quickstart) or write (speech) the model checkpoints into")
+    data.add_argument("--out", default=None, help="output folder (default data/fortunes, data/speech/keywords, data/speech/asr or data/vision/digits)")
+    data.add_argument("--models", default="models", help="folder to link (quickstart) or write (speech, vision) the model checkpoints into")
     data.add_argument("--rate", type=int, default=None, help="speech: sampling rate of the written audio (default espeak-ng's 22050)")
     data.add_argument("--format", default="csv", choices=["csv", "parquet"], help="speech: wav files + csv manifests, or audio bytes in parquet")
     data.add_argument("--takes", type=int, default=1, help="speech: utterances per word or sentence group per voice")
@@ -232,6 +233,13 @@ def generate_from_folder(args: argparse.Namespace, model_dir: Path) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.dataset == "vision-quickstart":
+        from cluster.datagen.vision import build_digits, save_lite0
+
+        out = args.out or "data/vision/digits"
+        print(f"MNIST digits written to {out} (images/ folder and parquet): {build_digits(out)}")
+        print(f"EfficientNet-Lite0 ImageNet weights converted to {save_lite0(args.models)}")
+        return 0
     if args.dataset.startswith("speech-"):
         from cluster.datagen.speech import build_speech_data, save_demo_models
 

@@ -48,6 +48,10 @@ class RowRules:
     labels: tuple[str, ...] | None = None
     other_columns: tuple[str, ...] = ()
     """Columns that must only be non-null (audio, chat messages, ...)."""
+    image_columns: tuple[str, ...] = ()
+    """Columns of images (paths, bytes or ``{bytes, path}``) that must open as images (among ``other_columns``)."""
+    base_dir: str | None = None
+    """The folder relative image paths are resolved against."""
     skip: bool = False
     fmt: str = "parquet"
     files: tuple[str, ...] = ()
@@ -73,6 +77,11 @@ def value_problem(rules: RowRules, column: str, value: Any) -> str | None:
     """Why ``value`` in ``column`` is bad, or None."""
     if _is_null(value):
         return f"column '{column}' is empty (null)"
+    if column in rules.image_columns:
+        from engine.preprocessing.image import image_problem
+
+        problem = image_problem(value, rules.base_dir)
+        return f"column '{column}': {problem}" if problem else None
     if column in rules.text_columns and isinstance(value, (bytes, bytearray)):
         try:
             bytes(value).decode("utf-8")
@@ -141,6 +150,9 @@ def locate_in_file(rules: RowRules, path: str) -> tuple[int, str] | None:
 def column_bad_mask(rules: RowRules, column: str, values: np.ndarray) -> np.ndarray:
     """Which values of one batch column are bad; numpy-fast for the usual column types, per value otherwise."""
     kind = values.dtype.kind
+    if column in rules.image_columns:  # each image is opened (headers and checksums, not a full decode)
+        items = values.tolist()
+        return np.fromiter((value_problem(rules, column, v) is not None for v in items), dtype=bool, count=len(items))
     if kind == "U" and (column != rules.label_column or rules.labels is None):
         return np.zeros(len(values), dtype=bool)  # text, no nulls
     if kind in "Uiu" and column not in rules.text_columns:

@@ -1,4 +1,4 @@
-"""What a modality (the kind of input a model reads: text, audio) is on the driver, one object per modality.
+"""What a modality (the kind of input a model reads: text, audio, image) is on the driver, one object per modality.
 
 ``cluster/`` asks the job's modality instead of comparing names: which columns a split must have, what makes a
 row bad, which of the checkpoint's files must be there, how many blocks ``finetune.freeze_depth`` counts, what
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 MODALITY_MODULES: dict[str, str] = {
     "text": "cluster.modalities.text",
     "audio": "cluster.modalities.audio",
+    "image": "cluster.modalities.image",
 }
 """A task's ``modality`` -> the module that defines its driver side (its ``MODALITY``)."""
 

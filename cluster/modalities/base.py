@@ -51,6 +51,11 @@ class Modality:
             files=tuple(split.files),
         )
 
+    def resolve_split(self, job: JobSpec, key: str, path: str) -> tuple[list[str], str] | None:
+        """The files and format of a split given as a path, where the modality reads a layout of its own
+        (an image folder); None: the path's data files (parquet, jsonl, csv)."""
+        return None
+
     def check_model_files(self, files: ModelFiles, job: JobSpec) -> None:
         """Checks of the checkpoint's preprocessing files (tokenizer, feature extractor, image processor)."""
 

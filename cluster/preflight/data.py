@@ -37,6 +37,8 @@ def check_split(job: JobSpec, name: str, path: str | DatasetSource) -> SplitInfo
 
         files, expected_rows = dataset_split_files(path, key)
         fmt, where = ARROW_STREAM, path.describe()
+    elif own := modality_of(job).resolve_split(job, key, path):  # a layout of the modality's (an image folder)
+        (files, fmt), expected_rows, where = own, None, f"'{path}'"
     else:
         files, expected_rows = resolve_files(path, key), None
         fmt, where = detect_format(files, job.data.format, key), f"'{path}'"

@@ -19,13 +19,14 @@ DEFAULT_STRATEGIES = ["full", "lora"]
 
 
 def model_depth(job: JobSpec) -> int:
-    """Number of transformer blocks of the job's model, from its config.json (no torch)."""
+    """Number of blocks ``finetune.freeze_depth`` counts in the job's model (transformer blocks, a CNN's stages or
+    blocks), as its modality reads them from its config.json (no torch)."""
+    from cluster.modalities import modality_of
     from engine.models.loading import read_config_json
 
-    config = read_config_json(job.model.name, job.model.revision)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
+    depth = modality_of(job).block_count(read_config_json(job.model.name, job.model.revision))
+    if depth:
+        return depth
     raise JobError(f"model.name '{job.model.name}': cannot tell its number of blocks; give tune.space explicitly.")
 
 

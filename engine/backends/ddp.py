@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.backends.master import MasterWeights, cast_batch, upcast_logits
-from engine.checkpoints.store import WEIGHTS, load_trainable_state
+from engine.checkpoints.store import WEIGHTS, load_trainable_state, trained_buffers
 from engine.config.schema import JobSpec
 from engine.loop.optim import build_optimizer, build_scheduler
 from engine.perf.fastlinear import fast_frozen_buffer_names
@@ -132,9 +132,10 @@ class DDPBackend:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        buffers = trained_buffers(self.module)  # batch-norm running statistics: rank 0's are saved
         if self.master is not None:
-            return self.master.state()
-        return {n: p.detach().to("cpu").contiguous() for n, p in self.module.named_parameters() if p.requires_grad}
+            return {**self.master.state(), **buffers}
+        return {**{n: p.detach().to("cpu").contiguous() for n, p in self.module.named_parameters() if p.requires_grad}, **buffers}
 
     def save(self, folder: Path, rank: int) -> None:
         if rank != 0:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from engine.backends.ds_config import build_ds_config
+from engine.checkpoints.store import trained_buffers
 from engine.config.schema import JobSpec
 from engine.loop.optim import build_optimizer, build_scheduler
 
@@ -116,7 +117,7 @@ class DeepSpeedBackend:
             if full is None:  # ZeRO-0 without a mixed-precision wrapper: the parameter is the master weight
                 full = param
             out[name] = full.detach().float().to("cpu").contiguous().clone()
-        return out
+        return {**out, **trained_buffers(self.module)}
 
     def save(self, folder: Path, rank: int) -> None:
         self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=True)

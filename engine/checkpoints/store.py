@@ -67,13 +67,27 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached, contiguous and on CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    """The trainable parameters by name, detached, contiguous and on CPU, with :func:`trained_buffers`."""
+    params = {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    return {**params, **trained_buffers(model)}
+
+
+def trained_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics training changes beside the weights: the buffers (running mean and variance,
+    batch count) of every batch norm whose own parameters train. Without them a fine-tuned CNN (ResNet,
+    EfficientNet) would be restored with its new weights over the pre-trained statistics. Frozen batch norms
+    keep their pre-trained statistics (``engine.models.surgery.keep_frozen_norm_statistics``) and are not saved."""
+    out = {}
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in module.parameters(recurse=False)):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                out[f"{name}.{buffer_name}" if name else buffer_name] = buffer.detach().to("cpu").contiguous().clone()
+    return out
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable tensors into ``model``; every saved name must exist in it."""
-    params = dict(unwrap(model).named_parameters())
+    """Copy saved trainable tensors (and :func:`trained_buffers`) into ``model``; every saved name must exist in it."""
+    params = {**dict(unwrap(model).named_buffers()), **dict(unwrap(model).named_parameters())}
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise KeyError(f"checkpoint holds parameters the model does not have: {missing[:5]}")

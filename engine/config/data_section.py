@@ -124,6 +124,39 @@ class DataSpec(Section):
     """Speech tasks: clips are cut to this length (Whisper always hears its fixed window); batches are
     padded only to their longest clip, and rows are grouped by length inside each block."""
 
+    image_column: str = "image"
+    """Image tasks: column with the image, as a file path (relative paths are relative to the data file's folder),
+    the encoded file's bytes (png, jpeg, ...), or a ``{bytes, path}`` struct as Hugging Face datasets write to parquet."""
+    image_size: int | None = Field(None, gt=0)
+    """Image tasks: the side of the square images the model sees; left empty, the checkpoint image processor's
+    (its crop, or its size). A value that contradicts the checkpoint is refused unless ``preprocessing_override``."""
+    image_mean: list[float] | None = Field(None, min_length=3, max_length=3)
+    """Image tasks: per-channel (RGB) normalisation mean; left empty, the checkpoint's. A value that contradicts the
+    checkpoint is refused unless ``preprocessing_override``."""
+    image_std: list[float] | None = Field(None, min_length=3, max_length=3)
+    """Image tasks: per-channel (RGB) normalisation standard deviation; left empty, the checkpoint's. A value that
+    contradicts the checkpoint is refused unless ``preprocessing_override``."""
+    preprocessing_override: bool = False
+    """Image tasks: train with ``image_size`` / ``image_mean`` / ``image_std`` even where they differ from the
+    checkpoint's processor (logged; the export saves the processor as trained, so inference matches)."""
+    augment: bool = True
+    """Image tasks: augment training images (random resized crop, horizontal flip; validation and test never),
+    seeded by ``seed``, the worker and the batch's position, so a resumed run draws the same crops."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Image tasks with ``augment``: the share of the image area a random crop covers (min, max), resized back to
+    the model's input size."""
+    hflip: bool = True
+    """Image tasks with ``augment``: flip training images left-right with probability 1/2 (turn off for data whose
+    meaning changes in a mirror: digits, text)."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _check_crop_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale is {list(value)}: give (min, max) with 0 < min <= max <= 1")
+        return value
+
     @field_validator("chat_template", mode="before")
     @classmethod
     def _read_chat_template_file(cls, value: Any) -> Any:

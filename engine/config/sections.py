@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
-TaskName = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq"]
+TaskName = Literal["sequence_classification", "causal_lm", "seq2seq", "audio_classification", "ctc", "speech_seq2seq", "image_classification"]
 Strategy = Literal["feature_extraction", "light", "full", "lora"]
 
 

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 
@@ -67,6 +68,8 @@ def train_step(worker: Worker, state: TrainState, window: TrainWindow, batch: di
     """Forward and backward one micro-batch (the backend accumulates, clips and steps); True when it
     completed an optimizer step. Nothing here waits for the device."""
     ids = batch.pop(SAMPLE_ID, None)
+    if worker.augment is not None:  # seeded by the batch's place in the stream: a resume draws the same
+        batch = augment_batch(worker, state, batch)
     batch = worker.guard.augment({k: v.to(worker.device, non_blocking=True) for k, v in batch.items()})
     outputs = worker.backend.forward_backward(batch)
     state.batches_in_epoch += 1
@@ -78,6 +81,14 @@ def train_step(worker: Worker, state: TrainState, window: TrainWindow, batch: di
         return False
     state.step += 1
     return True
+
+
+def augment_batch(worker: Worker, state: TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The task's training augmentation of one host batch, its generator seeded from the job's seed, the rank,
+    the epoch and the batch's index in it (the epoch's order is deterministic, so so are the draws)."""
+    rng = np.random.default_rng([worker.job.seed, worker.rank, state.epoch, state.batches_in_epoch])
+    out = worker.augment({k: v.numpy() for k, v in batch.items()}, rng)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
 def finish_step(worker: Worker, state: TrainState, window: TrainWindow) -> None:

@@ -62,6 +62,8 @@ class Worker:
     train_shard: Any
     train_collate: Collate
     val_batches: ValidationBatches
+    augment: Any = None
+    """The task's training augmentation (``Task.train_augmentation``): ``(batch, generator) -> batch``, or None."""
 
 
 def text_tokenizer(job: JobSpec) -> Any:
@@ -114,6 +116,7 @@ def setup(config: dict[str, Any]) -> Worker:
         val_batches=ValidationBatches(
             ray.train.get_dataset_shard("validation"), job.eval.batch_size or 2 * job.optim.batch_size, job.eval.cache_mib * 2**20,
         ),
+        augment=get_task(job.model.task).train_augmentation(job),
     )
 
 

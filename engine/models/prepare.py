@@ -15,7 +15,9 @@ from engine.models.blocks import BlockStack, find_block_stack, resolve_freeze_de
 from engine.errors import JobError
 from engine.models.loading import checkpoint_head_fits, head_module_names, load_pretrained
 from engine.tasks import get_task
-from engine.models.surgery import freeze_bottom_blocks, freeze_feature_encoder, replace_head, trainable_summary
+from engine.models.surgery import (
+    freeze_bottom_blocks, freeze_feature_encoder, keep_frozen_norm_statistics, replace_head, trainable_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def prepare_model(job: JobSpec, labels: list[str] | None, pad_token_id: int | No
     freeze_bottom_blocks(model, stack, n_frozen, head_names, job.finetune.freeze_embeddings)
     if job.finetune.freeze_feature_encoder:
         freeze_feature_encoder(model)
+    keep_frozen_norm_statistics(model)
     model = apply_adapters(model, job.peft, task.peft_task_type, stack, n_frozen, head_names)
     trainable_summary(model)
     return PreparedModel(model=model, stack=stack, n_frozen=n_frozen, head_names=head_names)

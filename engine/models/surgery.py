@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,28 @@ def freeze_bottom_blocks(
         else:
             param.requires_grad_(True)
     return model
+
+
+def _frozen_norm_stays_eval(module: nn.Module, args: Any) -> None:
+    if module.training and not any(p.requires_grad for p in module.parameters(recurse=False)):
+        module.training = False  # use and keep the pre-trained running statistics
+
+
+def keep_frozen_norm_statistics(model: nn.Module) -> list[str]:
+    """Batch norms whose parameters are frozen keep their pre-trained running statistics in training.
+
+    ``model.train()`` would otherwise let every batch norm of a frozen block (ResNet, EfficientNet)
+    re-estimate its mean and variance from the new data, changing the frozen features under a
+    linear probe. A forward pre-hook puts each such norm in eval mode while its parameters are frozen, so a
+    norm that gradual unfreezing makes trainable goes back to batch statistics at the next ``train()``.
+    Returns the names of the hooked norms.
+    """
+    hooked = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.register_forward_pre_hook(_frozen_norm_stays_eval)
+            hooked.append(name)
+    return hooked
 
 
 def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:

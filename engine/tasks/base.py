@@ -9,8 +9,9 @@ compares a task's name: it asks the task, and the task does the work that differ
 
 Task modules are importable without torch (the driver's ``validate``/``submit`` paths use them); anything
 heavy is imported inside the method that needs it. Shared modality code (tokenization, chat templates,
-audio decoding, featurising, decoding transcripts) lives below the tasks, in ``engine.preprocessing.text*``,
-``engine.preprocessing.chat``, ``engine.preprocessing.seq2seq``, ``engine.evaluation.asr`` and ``engine.models.speech``, and never imports them.
+audio decoding, featurising, decoding transcripts, image decoding and processing) lives below the tasks, in
+``engine.preprocessing.text*``, ``engine.preprocessing.chat``, ``engine.preprocessing.seq2seq``, ``engine.preprocessing.image``,
+``engine.evaluation.asr``, ``engine.models.speech`` and ``engine.models.vision``, and never imports them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ TASK_MODULES: dict[str, str] = {
     "audio_classification": "engine.tasks.audio_classification",
     "ctc": "engine.tasks.ctc",
     "speech_seq2seq": "engine.tasks.speech_seq2seq",
+    "image_classification": "engine.tasks.image_classification",
 }
 """Task name (``model.task``) -> the module that defines it (its ``TASK``), in the schema's order."""
 
@@ -40,14 +42,14 @@ class Task:
     """The protocol: class attributes describe the task, methods do what differs between tasks.
 
     A new task subclasses :class:`Task` (or a modality base: ``engine.tasks.text.TextTask``,
-    ``engine.tasks.audio.AudioTask``), sets the attributes, overrides the methods whose defaults do not
+    ``engine.tasks.audio.AudioTask``, ``engine.tasks.image.ImageTask``), sets the attributes, overrides the methods whose defaults do not
     fit, and is listed in :data:`TASK_MODULES` (and the schema's ``Task`` literal).
     """
 
     name: ClassVar[str]
     """``model.task``."""
     modality: ClassVar[str] = "text"
-    """What the model reads: ``text`` (a tokenizer) or ``audio`` (a feature extractor)."""
+    """What the model reads: ``text`` (a tokenizer), ``audio`` (a feature extractor) or ``image`` (an image processor)."""
     auto_class: ClassVar[str]
     """The ``transformers`` Auto class that builds the model with the task's head."""
     architectures: ClassVar[str]
@@ -175,6 +177,12 @@ class Task:
         from engine.evaluation.metrics import TaskMetrics
 
         return TaskMetrics(num_labels, device, self.next_token_loss)
+
+    def train_augmentation(self, job: JobSpec) -> Callable[[dict[str, Any], Any], dict[str, Any]] | None:
+        """``(batch, numpy Generator) -> batch``: random augmentation of a training batch (numpy columns) on the
+        worker, or None. The loop seeds the generator from ``job.seed``, the rank and the batch's position in the
+        epoch, so a resumed run draws exactly what the interrupted one would have; evaluation never augments."""
+        return None
 
     def export_metrics(self, job: JobSpec, model: Any, export_dir: Any, device: str) -> Any:
         """Metrics for evaluating an exported folder (None: the default :meth:`build_metrics` of a plain pass)."""
