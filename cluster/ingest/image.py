@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray.data
 
-from cluster.ingest.read import fits_in_object_store, read_split, select_rows
+from cluster.ingest.read import read_split, train_and_validation
 from cluster.ingest.rows import RowRules
 from cluster.ingest.splits import DataInfo, SplitInfo
 from engine.config.schema import JobSpec
@@ -87,22 +87,11 @@ def build_image_datasets(job: JobSpec, info: DataInfo, rules: dict[str, RowRules
 
     Without a validation split, ``data.validation_fraction`` of the training rows are held out by a stable hash
     of their image value (its path or bytes)."""
-    train_split = info.splits["train"]
-    in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time
-    train = read_split(train_split, job.data.rows_per_block, shuffle_seed=None if in_memory_shuffle else job.seed, rules=rules["train"])
-    num_train_rows = train_split.num_rows
-    if "validation" in info.splits:
-        validation, val_dir = read_split(info.splits["validation"], job.data.rows_per_block, rules=rules["validation"]), data_dir(info.splits["validation"])
-    else:
-        kwargs = dict(column=job.data.image_column, fraction=job.data.validation_fraction)
-        validation, val_dir = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), data_dir(train_split)
-        train = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": False}, batch_format="numpy")
-        num_train_rows = train.count()
-    datasets = {
-        "train": process(train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, job, info.labels, data_dir(train_split)),
-        "validation": process(validation, job, info.labels, val_dir),
-    }
-    return datasets, num_train_rows
+    raw, num_train_rows = train_and_validation(
+        info, rules, job.seed, job.data.validation_fraction, job.data.image_column,
+        read=lambda split, split_rules, seed: read_split(split, job.data.rows_per_block, shuffle_seed=seed, rules=split_rules), folder=data_dir,
+    )
+    return {name: process(ds, job, info.labels, folder) for name, (ds, folder) in raw.items()}, num_train_rows
 
 
 def build_image_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, source: str, rules: RowRules) -> ray.data.Dataset:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray.data
 
 from cluster.ingest.rows import PATH_COLUMN, RowRules, check_batch
-from cluster.ingest.splits import SplitInfo
+from cluster.ingest.splits import DataInfo, SplitInfo
 from engine.preprocessing.chat import as_messages
 from engine.preprocessing.datafiles import ARROW_STREAM
 
@@ -118,3 +119,30 @@ def select_rows(batch: dict[str, np.ndarray], column: str, fraction: float, vali
     keep = holdout_mask(batch[column], fraction)
     keep = keep if validation else ~keep
     return {k: v[keep] for k, v in batch.items()}
+
+
+def train_and_validation(
+    info: DataInfo, rules: dict[str, RowRules], seed: int, fraction: float, column: str,
+    read: Callable[[SplitInfo, RowRules, int | None], ray.data.Dataset], folder: Callable[[SplitInfo], str | None],
+) -> tuple[dict[str, tuple[ray.data.Dataset, str | None]], int]:
+    """The raw ``train`` and ``validation`` datasets of a media split (each with the folder its relative paths resolve
+    against), and the number of training rows.
+
+    ``read(split, rules, shuffle_seed)`` reads one split. Without a validation split, ``fraction`` of the training
+    rows are held out by a stable hash of ``column`` and the rest are counted by a streaming pass. A training split
+    small enough for the object store is shuffled block by block in memory, else by file order at read time.
+    """
+    train_split = info.splits["train"]
+    in_memory_shuffle = fits_in_object_store(train_split)
+    train = read(train_split, rules["train"], None if in_memory_shuffle else seed)
+    num_train_rows = train_split.num_rows
+    if "validation" in info.splits:
+        validation, val_dir = read(info.splits["validation"], rules["validation"], None), folder(info.splits["validation"])
+    else:
+        kwargs = dict(column=column, fraction=fraction)
+        validation, val_dir = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), folder(train_split)
+        train = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": False}, batch_format="numpy")
+        num_train_rows = train.count()
+    if in_memory_shuffle:
+        train = train.randomize_block_order(seed=seed)
+    return {"train": (train, folder(train_split)), "validation": (validation, val_dir)}, num_train_rows

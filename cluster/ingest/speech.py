@@ -11,7 +11,7 @@ import os
 
 import ray.data
 
-from cluster.ingest.read import fits_in_object_store, read_split, select_rows
+from cluster.ingest.read import read_split, train_and_validation
 from cluster.ingest.rows import RowRules
 from cluster.ingest.splits import DataInfo, SplitInfo
 from engine.config.schema import JobSpec
@@ -58,22 +58,11 @@ def featurize(ds: ray.data.Dataset, job: JobSpec, labels: list[str] | None, base
 def build_speech_datasets(job: JobSpec, info: DataInfo, rules: dict[str, RowRules]) -> tuple[dict[str, ray.data.Dataset], int]:
     """The featurised ``train`` and ``validation`` datasets of a speech job, and the number of training rows
     (``rules``: each split's row rules)."""
-    train_split = info.splits["train"]
-    in_memory_shuffle = fits_in_object_store(train_split)  # else shuffled by file order at read time (parquet with audio bytes)
-    train = read_audio_split(train_split, job, rules["train"], shuffle_seed=None if in_memory_shuffle else job.seed)
-    num_train_rows = train_split.num_rows
-    if "validation" in info.splits:
-        validation, val_dir = read_audio_split(info.splits["validation"], job, rules["validation"]), manifest_dir(info.splits["validation"])
-    else:
-        kwargs = dict(column=job.data.audio_column, fraction=job.data.validation_fraction)
-        validation, val_dir = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": True}, batch_format="numpy"), manifest_dir(train_split)
-        train = train.map_batches(select_rows, fn_kwargs={**kwargs, "validation": False}, batch_format="numpy")
-        num_train_rows = train.count()
-    datasets = {
-        "train": featurize(train.randomize_block_order(seed=job.seed) if in_memory_shuffle else train, job, info.labels, manifest_dir(train_split)),
-        "validation": featurize(validation, job, info.labels, val_dir),
-    }
-    return datasets, num_train_rows
+    raw, num_train_rows = train_and_validation(
+        info, rules, job.seed, job.data.validation_fraction, job.data.audio_column,
+        read=lambda split, split_rules, seed: read_audio_split(split, job, split_rules, shuffle_seed=seed), folder=manifest_dir,
+    )
+    return {name: featurize(ds, job, info.labels, folder) for name, (ds, folder) in raw.items()}, num_train_rows
 
 
 def build_speech_eval_dataset(job: JobSpec, split: SplitInfo, labels: list[str] | None, model_dir: str, rules: RowRules) -> ray.data.Dataset:

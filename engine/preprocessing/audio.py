@@ -7,12 +7,12 @@ resampled, or refused with both rates named when the job says ``data.resample: f
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 from typing import Any
 
 import numpy as np
+
+from engine.preprocessing.datafiles import media_source
 
 log = logging.getLogger(__name__)
 _logged_rates: set[tuple[int, int]] = set()
@@ -23,21 +23,8 @@ class SamplingRateError(ValueError):
 
 
 def _source(value: Any, base_dir: str | None) -> Any:
-    """A soundfile source for a column value: a path (relative to ``base_dir``), bytes, or a {bytes, path} struct."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return io.BytesIO(value["bytes"])
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(value))
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-        return io.BytesIO(value.tobytes())
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ValueError(f"audio value {str(value)[:60]!r} is neither a file path, file bytes nor a {{bytes, path}} struct")
-    path = os.path.expanduser(str(value))
-    if base_dir and not os.path.isabs(path) and "://" not in path:
-        path = os.path.join(base_dir, path)
-    return path
+    """What the decoder opens for a column value (:func:`engine.preprocessing.datafiles.media_source`)."""
+    return media_source(value, base_dir, "audio")
 
 
 def audio_rate(value: Any, base_dir: str | None = None) -> int:

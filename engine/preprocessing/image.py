@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.preprocessing.datafiles import media_source
 from engine.preprocessing.labels import encode_labels
 
 PIXEL_VALUES = "pixel_values"
@@ -39,21 +40,8 @@ def describe(value: Any) -> str:
 
 
 def _source(value: Any, base_dir: str | None) -> Any:
-    """A Pillow source for a column value: a path (relative to ``base_dir``), bytes, or a {bytes, path} struct."""
-    if isinstance(value, dict):
-        if value.get("bytes") is not None and len(value["bytes"]):
-            return io.BytesIO(bytes(value["bytes"]))
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(value))
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-        return io.BytesIO(value.tobytes())
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ImageError(f"image value {describe(value)!r} is neither a file path, file bytes nor a {{bytes, path}} struct")
-    path = os.path.expanduser(str(value))
-    if base_dir and not os.path.isabs(path) and "://" not in path:
-        path = os.path.join(base_dir, path)
-    return path
+    """What the decoder opens for a column value (:func:`engine.preprocessing.datafiles.media_source`)."""
+    return media_source(value, base_dir, "image", ImageError, describe(value))
 
 
 def _reason(exc: BaseException) -> str:
