@@ -247,7 +247,11 @@ def run_console(job: Any) -> Iterator[RunConsole]:
         return
     feed = ConsoleFeed()
     try:
-        yield RunConsole({"queue": feed.handle, "log_dir": str(log_dir(job.output_dir))}, feed.printer)
+        import ray
+
+        # the log folder is on the driver's disk: workers on other nodes leave their lines to Ray's log streaming
+        driver_node = ray.get_runtime_context().get_node_id()
+        yield RunConsole({"queue": feed.handle, "log_dir": str(log_dir(job.output_dir)), "node": driver_node}, feed.printer)
     finally:
         feed.close()
 
