@@ -2,8 +2,9 @@
 
 A head and N worker nodes run as separate ``ray start --block`` processes bound to loopback, each with its
 own CPUs and its own Ray temp folder. With ``private_disks`` every node also has a private ``/tmp``, home and
-working folder (:mod:`cluster.remote.private_disks`), so they share no local disk, as a real cluster's nodes. Token authentication stays on: ``up`` writes a fresh token to the
-cluster folder and starts every node with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` pointing at it.
+working folder (:mod:`cluster.remote.private_disks`): like a real cluster's nodes, they share no local disk.
+Token authentication stays on: ``up`` writes a fresh token to the cluster folder and starts every node with
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` pointing at it.
 ``down`` stops exactly the processes ``up`` started (never a global ``ray stop``).
 
 Ray binds its dashboard / Jobs API to ``--dashboard-host``, but the GCS, raylets and agents also listen on

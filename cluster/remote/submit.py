@@ -335,9 +335,11 @@ def wait_for_final(client, job_id: str, timeout_s: float | None = None, poll_s: 
         time.sleep(poll_s)
 
 
-def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> str:
-    """Stream the job's logs until it ends (Ray's websocket log tail); returns the final state."""
+def follow_logs(client, job_id: str, out: TextIO | None = None) -> str:
+    """Stream the job's logs until it ends (Ray's websocket log tail) to ``out`` (``sys.stdout`` as it is now, so a
+    redirection applies); returns the final state."""
     job_status(client, job_id)  # a clear error for an unknown id
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):

@@ -43,3 +43,22 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+@contextlib.contextmanager
+def published_once(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a private temporary sibling to write a folder at; when the block ends it becomes ``path`` unless
+    another process published ``path`` first (then this copy is dropped). For caches that several processes of
+    one node may fill at once: each writes its own copy, none removes another's, readers see a whole folder."""
+    import tempfile
+
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if not path.exists():
+            with contextlib.suppress(OSError):  # lost the race to another process: its copy stands
+                os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)

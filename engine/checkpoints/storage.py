@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from engine.checkpoints.atomic import atomic_path, write_atomic
+from engine.checkpoints.atomic import atomic_path, published_once, write_atomic
 from engine.errors import JobError
 
 SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token")
@@ -231,8 +231,7 @@ def preprocessing_source(name: str) -> str:
         return str(dest)
     fs, root = resolve(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        Path(tmp).mkdir()
+    with published_once(dest) as tmp:  # the data tasks of one node may all ask at once
         for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
             relative = posixpath.relpath(info.path, root)
             if info.type == pyarrow.fs.FileType.File and not relative.endswith(WEIGHT_SUFFIXES):

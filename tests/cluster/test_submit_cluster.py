@@ -236,14 +236,14 @@ def test_missing_local_data_fails_at_submit_time(as_client, job_file, capsys):
     assert {job.submission_id for job in client.list_jobs()} == before
 
 
-def test_local_folders_on_nodes_without_a_shared_disk_fail_in_seconds_naming_the_fix(as_client, job_file, capfd):
+def test_local_folders_on_nodes_without_a_shared_disk_fail_in_seconds_naming_the_fix(as_client, job_file, capsys):
     """Checkpoints and the export in the driver's local output folder cannot work when the nodes share no disk:
     the job fails before any training worker starts, in one line naming the key, a node that does not see the
     folder and the fix."""
     started = time.monotonic()
     code = main(["submit", str(job_file), "name=local-folders", "run.storage_path=null", "output.uri=null", "--wait"])
     elapsed = time.monotonic() - started
-    printed = capfd.readouterr()  # the followed job log is written to the process's stdout
+    printed = capsys.readouterr()
     text = printed.out + printed.err
     assert code == 1, text[-3000:]
     line = next(line for line in text.splitlines() if "does not see it" in line)
