@@ -4,7 +4,9 @@ The driver of a cluster job runs on the head node; it must hold nothing model-si
 the test evaluation run in a Ray task on a worker's resources, :mod:`cluster.run.export_task`). This runs the same
 job on a BERT of 10.7M and one of 85M parameters (~8x) (random weights, the tests' word tokenizer),
 each `shoulders train` in its own process with an embedded Ray, and reads that process's own peak RSS
-(``ru_maxrss``; Ray's and the workers' processes are not counted). Prints a table and writes JSON.
+(``VmHWM``; Ray's and the workers' processes are not counted). Not ``ru_maxrss``: Linux carries it over ``exec``
+from the forking parent, so a child of this script, which built the larger model, would start at this script's
+peak. Prints a table and writes JSON.
 
     python -m benchmarks.driver_memory --out benchmarks/results/cpu-2core
 """
@@ -25,10 +27,11 @@ SIZES = {"small": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1
          "large": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072)}  # ~85M parameters, 325 MiB
 DRIVER = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from cluster.cli.main import main
     code = main(sys.argv[1:])
-    print("DRIVER-PEAK-KIB " + json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print("DRIVER-PEAK-KIB " + json.dumps(int(peak.split()[1])))
     sys.exit(code)
     """
 )
