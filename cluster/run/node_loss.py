@@ -134,10 +134,12 @@ class NodeLossGuard:
         nodes: Callable[[], list[dict[str, Any]]] | None = None, abort: Callable[[], None] = interrupt_main,
         say: Callable[[str], None] | None = None, poll_s: float = POLL_S, abort_grace_s: float = ABORT_GRACE_S,
     ):
-        import ray
-
         self.timeout_s, self.message, self.poll_s, self.abort_grace_s = timeout_s, message, poll_s, abort_grace_s
-        self.nodes = nodes or ray.nodes
+        if nodes is None:
+            import ray
+
+            nodes = ray.nodes
+        self.nodes = nodes
         self.abort = abort
         self.say = say or (lambda text: print(text, flush=True))
         self.known = alive_nodes(self.nodes())

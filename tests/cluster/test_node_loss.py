@@ -58,10 +58,11 @@ def add_node(cluster: LocalCluster, cpus: int, role: str) -> NodeProcess:
     host, port = cluster.gcs_address.rsplit(":", 1)
     env = node_env("token" if cluster.token_path else "disabled", Path(cluster.token_path) if cluster.token_path else None, cluster.gcs_address)
     cmd = node_command(False, host, int(port), cpus, f"{cluster.temp_dir}/{role}", 128)
+    count = len(alive_nodes(cluster))
     node = _spawn(role, cmd, env, Path(cluster.dir))
     cluster.nodes.append(node)
     cluster.save()  # `cluster down` stops it too
-    wait_for_nodes(cluster, len(alive_nodes(cluster)) + 1, 120)
+    wait_for_nodes(LocalCluster(**{**cluster.__dict__, "nodes": [node]}), count + 1, 120)  # the killed nodes' processes are gone
     return node
 
 
