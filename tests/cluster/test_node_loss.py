@@ -6,11 +6,13 @@ rows with sample ids, 2 workers, 2 epochs of 4 optimizer steps, a checkpoint eve
 
 - training workers of 1 CPU placed STRICT_PACK fit only on the 2-CPU node: both workers are there, and the
   1-CPU nodes run only Ray Data tasks (the controller, the split coordinator and the console queue are pinned
-  to the head, the driver's node). Killing a 1-CPU node that ran the job's data tasks: the job succeeds
-  without a worker restart.
+  to the head, the driver's node). Killing a 1-CPU node that ran the job's data tasks: the job succeeds;
+  Ray Data re-runs the lost tasks elsewhere, and when a block a worker still needed was lost with the node
+  Ray Train restarts the workers from the last checkpoint (both were seen).
 - half-CPU workers placed SPREAD: killing a worker node holding one of them, Ray Train restarts the group
   from the last checkpoint in the bucket and the run ends bit-for-bit where the data-node run ends (the
-  ingest order is deterministic: ``preserve_order`` streaming split, no shuffle across restarts).
+  ingest order is deterministic: ``preserve_order`` streaming split, the same blocks in the same order on
+  every execution, and a resumed rank skips exactly the batches its checkpoint trained on).
 - 1-CPU STRICT_PACK workers, killing the 2-CPU node: no node left can hold both; the job fails within
   ``scaling.node_loss_timeout_s`` plus the abort with one line naming the node and ``shoulders submit ... --resume``.
 
@@ -31,6 +33,7 @@ import requests
 
 from cluster.cli.main import main
 from cluster.remote import submit
+from cluster.run.node_loss import ABORT_GRACE_S
 from cluster.remote.local_cluster import (
     LocalCluster, NodeProcess, _spawn, alive_nodes, auth_headers, cluster_processes, node_command, node_env,
     wait_for_nodes,
@@ -42,7 +45,7 @@ from resume_helpers import assert_each_id_once_per_epoch, assert_same_training, 
 pytestmark = pytest.mark.slow
 
 EPOCHS, ROWS_PER_RANK = 2, 60
-TIMEOUT_S = 30
+TIMEOUT_S = 20
 """``scaling.node_loss_timeout_s`` of the job that cannot recover."""
 CLUSTER_ENV = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",  # 32 footer-reader actors per read otherwise: minutes on 2 cores
@@ -186,6 +189,14 @@ def wait_final(cluster: LocalCluster, job_id: str, timeout_s: float) -> tuple[st
     raise AssertionError(f"job {job_id} not finished after {timeout_s} s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
+def controller_errors(cluster: LocalCluster) -> list[str]:
+    """The error lines of Ray Train's controller logs on the head (why it restarted a worker group)."""
+    found = []
+    for path in Path(cluster.temp_dir, "head").glob("session_*/logs/train/*controller*"):
+        found += [line[:300] for line in path.read_text(errors="replace").splitlines() if "Error" in line or "error" in line]
+    return found[-6:]
+
+
 def checkpoint_steps(run: str) -> list[tuple[int, int]]:
     """(step, restart) of every complete checkpoint in the run folder."""
     from engine.checkpoints import storage
@@ -213,9 +224,13 @@ def test_losing_a_node_that_ran_only_data_tasks_the_run_goes_on(client_env, s3, 
     print(f"data node {victim[:12]} killed; job ended {time.monotonic() - killed_at:.0f} s later")
     assert f"node {victim[:12]} " in logs and "was lost after step" in logs  # the driver said so
     steps = checkpoint_steps(run)
-    assert [s for s, _ in steps] == [2, 4, 6, 8] and {r for _, r in steps} == {0}  # no restart, nothing twice
+    assert [s for s, _ in steps] == [2, 4, 6, 8]  # each step's checkpoint once, to the end
     final = final_state_in_bucket(run, tmp_path)
-    assert final["state"]["train"]["restarts"] == 0
+    # Blocks the lost node held and a worker still needed may not be rebuilt by Ray Data: then Ray Train
+    # restarts the (untouched) workers from the last checkpoint, as for a lost worker node.
+    restarts = final["state"]["train"]["restarts"]
+    print(f"training restarts: {restarts}; Ray Train's controller said: {controller_errors(cluster)}")
+    assert restarts in (0, 1) and {r for _, r in steps} == set(range(restarts + 1))
     assert_each_id_once_per_epoch(final["ids"], EPOCHS, ROWS_PER_RANK)
     FINALS["data-node"] = final
     add_node(cluster, 1, "small3")
@@ -242,7 +257,7 @@ def test_losing_a_training_workers_node_resumes_from_the_bucket_and_ends_as_unin
     final = final_state_in_bucket(run, tmp_path)
     assert final["state"]["train"]["restarts"] == 1
     assert_each_id_once_per_epoch(final["ids"], EPOCHS, ROWS_PER_RANK)
-    if "data-node" in FINALS:  # the run whose workers were never interrupted
+    if "data-node" in FINALS:  # bit-for-bit the data-node run (uninterrupted, or resumed as exactly as this one)
         assert_same_training(final, FINALS["data-node"])
     add_node(cluster, cpus, "again")
 
@@ -262,7 +277,7 @@ def test_not_enough_nodes_left_fails_in_bounded_time_with_one_line(client_env, s
     elapsed = time.monotonic() - killed_at
     print(f"node {victim[:12]} killed; job {state} {elapsed:.0f} s later")
     assert state == "FAILED"
-    assert elapsed < TIMEOUT_S + 120, elapsed
+    assert elapsed < TIMEOUT_S + ABORT_GRACE_S + 30, elapsed  # seen: 30 s timeout + 75 s abort with a 60 s grace
     errors = [line for line in logs.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, logs[-4000:]
     assert errors[0].startswith(f"error: node {victim} (") and f"shoulders submit {job} --resume" in errors[0], errors[0]
