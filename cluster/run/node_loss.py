@@ -94,14 +94,17 @@ def resume_hint(job_args: str | None, submitted: bool) -> str:
     return f"shoulders {command} {job_args or 'JOB.yaml'} --resume"
 
 
-def node_lost_message(node: LostNode, waited_s: float, step: int | None, checkpoints: str, resume: str, cause: str | None = None) -> str:
+def node_lost_message(node: LostNode, waited_s: float, step: int | None, checkpoints: str, resume: str, cause: str | None = None,
+                      max_failures: int = 1) -> str:
     """The one line a run that could not recover from a lost node ends with. ``cause``: the error the run
-    then failed with (None: the guard gave up waiting)."""
+    then failed with (None: the guard gave up waiting); ``max_failures`` 0 adds that recovery was not asked for."""
     progress = f"at step {step}" if step is not None else "before the first step"
     if cause is None:
         why = f"training made no progress in the {waited_s:.0f} s after it (scaling.node_loss_timeout_s): the nodes left cannot run the job"
     else:
         why = f"the run failed {waited_s:.0f} s later without a step on the nodes left ({first_line(cause)})"
+    if max_failures == 0:
+        why += " (scaling.max_failures is 0: set it to 1 or more to recover from a lost node)"
     return (
         f"node {node.node_id} ({node.ip}) was lost {progress} and {why}; its checkpoints are kept in {checkpoints}: "
         f"once the cluster has the resources again, resume with `{resume}`"

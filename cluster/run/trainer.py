@@ -273,7 +273,7 @@ def node_lost_message(job: JobSpec) -> Any:
     from cluster.run.node_loss import JOB_ARGS_ENV, node_lost_message as line, resume_hint, submitted_job
 
     resume = resume_hint(os.environ.get(JOB_ARGS_ENV), submitted_job())
-    return lambda node, waited_s, step, cause=None: line(node, waited_s, step, run_dir_location(job), resume, cause)
+    return lambda node, waited_s, step, cause=None: line(node, waited_s, step, run_dir_location(job), resume, cause, job.scaling.max_failures)
 
 
 RESULT_FILES = ("metrics.json", "report.md", "curves.png", "answers.jsonl", "transfer.json")

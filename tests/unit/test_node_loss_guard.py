@@ -41,7 +41,9 @@ def test_lines_name_the_node_its_ip_the_step_the_storage_and_the_resume_command(
     assert "s3://bucket/runs/x" in line and line.endswith("resume with `shoulders submit jobs/x.yaml name=x --resume`")
     failed = node_lost_message(node, 70, None, "/runs/x", resume_hint(None, submitted=False), cause="Traceback...\nboom\n")
     assert "before the first step" in failed and "(Traceback...)" in failed and "\n" not in failed
-    assert failed.endswith("`shoulders train JOB.yaml --resume`")
+    assert failed.endswith("`shoulders train JOB.yaml --resume`") and "max_failures" not in failed
+    unasked = node_lost_message(node, 3, 4, "/runs/x", "shoulders train x.yaml --resume", cause="WorkerGroupError", max_failures=0)
+    assert "(scaling.max_failures is 0: set it to 1 or more to recover from a lost node)" in unasked
 
 
 class Clock:
