@@ -47,6 +47,11 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you mean it)")
     up.add_argument("--auth", choices=["token", "disabled"], default="token", help="Ray token authentication")
     up.add_argument("--object-store-mb", type=int, default=256, help="object store size of each node")
+    up.add_argument("--private-disks", action="store_true",
+                    help="every node gets its own /tmp, home and working folder (Linux mount namespaces), as a real cluster's "
+                         "nodes share no local disk: data, checkpoints and outputs must then live in object storage or be packed by submit")
+    up.add_argument("--share", action="append", default=[], metavar="FOLDER",
+                    help="with --private-disks: a folder every node still sees, read-only (e.g. a model cache); repeatable")
     for action, text in (("down", "stop exactly the processes `cluster up` started"), ("status", "alive nodes and the lines that reach them")):
         actions.add_parser(action, help=text)
     for command in (up, actions.choices["down"], actions.choices["status"]):
@@ -154,7 +159,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.action == "up":
         cluster = local_cluster.start_cluster(
             workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus, host=args.host,
-            auth=args.auth, folder=folder, object_store_mb=args.object_store_mb,
+            auth=args.auth, folder=folder, object_store_mb=args.object_store_mb, private_disks=args.private_disks,
+            share=args.share,
         )
         print(f"Ray cluster up: head + {args.workers} worker node(s), logs in {cluster.dir}", file=sys.stderr)
         for key, value in cluster.env().items():

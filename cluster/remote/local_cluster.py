@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine, for development and tests (``shoulders cluster up|down``).
 
 A head and N worker nodes run as separate ``ray start --block`` processes bound to loopback, each with its
-own CPUs, sharing one Ray temp folder. Token authentication stays on: ``up`` writes a fresh token to the
+own CPUs and its own Ray temp folder. With ``private_disks`` every node also has a private ``/tmp``, home and
+working folder (:mod:`cluster.remote.private_disks`), so they share no local disk, as a real cluster's nodes. Token authentication stays on: ``up`` writes a fresh token to the
 cluster folder and starts every node with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` pointing at it.
 ``down`` stops exactly the processes ``up`` started (never a global ``ray stop``).
 
@@ -106,6 +107,8 @@ class LocalCluster:
     temp_dir: str
     token_path: str | None
     nodes: list[NodeProcess] = field(default_factory=list)
+    private_disks: bool = False
+    """Whether every node has its own ``/tmp``, home and working folder (``<dir>/nodes/<role>``)."""
 
     def env(self) -> dict[str, str]:
         """The environment lines that point ``shoulders submit|status|logs|stop`` and Ray's own CLI
@@ -162,6 +165,13 @@ def node_command(head: bool, host: str, gcs_port: int, cpus: int, temp_dir: str,
     return cmd
 
 
+def node_temp_dir(temp_dir: str, role: str, private_disks: bool) -> str:
+    """A node's Ray temp folder. Nodes sharing a disk each need their own (see :func:`node_command`); on private
+    disks every node uses the same path in its own ``/tmp``, as every node of a real cluster uses ``/tmp/ray``, so
+    a job's unpacked ``working_dir`` has the same path on every node, as Ray's file readers expect."""
+    return f"{temp_dir}/ray" if private_disks else f"{temp_dir}/{role}"
+
+
 def node_env(auth: str, token_path: Path | None, gcs_address: str) -> dict[str, str]:
     """The environment of every node: token mode with the cluster's own token file, no usage stats, and
     ``RAY_ADDRESS`` set to this cluster's GCS (Ray processes that look a cluster up would otherwise find every
@@ -181,9 +191,20 @@ def node_env(auth: str, token_path: Path | None, gcs_address: str) -> dict[str, 
 def start_cluster(
     workers: int = 2, cpus_per_node: int = 1, head_cpus: int | None = None, host: str = "127.0.0.1",
     auth: str = "token", folder: str | os.PathLike | None = None, object_store_mb: int = 256, timeout_s: float = 180,
+    private_disks: bool = False, share: list[str | os.PathLike] = (),
 ) -> LocalCluster:
-    """Start a head and ``workers`` worker nodes as separate ``ray start`` processes and wait until all are alive."""
+    """Start a head and ``workers`` worker nodes as separate ``ray start`` processes and wait until all are alive.
+
+    ``private_disks``: each node gets a private ``/tmp``, home and working folder; ``share``: folders every node
+    still sees, read-only (e.g. a model cache standing in for the hub).
+    """
     check_binding(host, auth)
+    if share and not private_disks:
+        raise JobError("--share names folders a private-disk cluster's nodes still see: use it with --private-disks.")
+    if private_disks:
+        from cluster.remote.private_disks import unshare_options
+
+        unshare_options()  # refuse now, with what to enable, where mount namespaces are not allowed
     folder = Path(folder or default_cluster_dir()).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / STATE_FILE).exists():
@@ -197,18 +218,19 @@ def start_cluster(
     temp_dir = tempfile.mkdtemp(prefix="shr-", dir="/tmp")
     gcs_port, dashboard_port = free_port(host), free_port(host)
     cluster = LocalCluster(str(folder), f"http://{host}:{dashboard_port}", f"{host}:{gcs_port}", temp_dir,
-                           str(token_path) if token_path else None)
+                           str(token_path) if token_path else None, private_disks=private_disks)
     env = node_env(auth, token_path, f"{host}:{gcs_port}")
+    shared = [Path(p).expanduser().resolve() for p in share]
     try:
         head_cmd = node_command(True, host, gcs_port, head_cpus if head_cpus is not None else cpus_per_node,
-                                f"{temp_dir}/head", object_store_mb, dashboard_port)
-        cluster.nodes.append(_spawn("head", head_cmd, env, folder))
+                                node_temp_dir(temp_dir, "head", private_disks), object_store_mb, dashboard_port)
+        cluster.nodes.append(_spawn("head", head_cmd, env, cluster, shared))
         cluster.save()
         wait_for_nodes(cluster, 1, timeout_s)
         for i in range(workers):  # one at a time: a loaded machine can miss Ray's fixed 30 s node start-up wait
             for attempt in range(START_ATTEMPTS):
-                cmd = node_command(False, host, gcs_port, cpus_per_node, f"{temp_dir}/w{i + 1}", object_store_mb)
-                cluster.nodes.append(_spawn(f"worker{i + 1}", cmd, env, folder))
+                cmd = node_command(False, host, gcs_port, cpus_per_node, node_temp_dir(temp_dir, f"w{i + 1}", private_disks), object_store_mb)
+                cluster.nodes.append(_spawn(f"worker{i + 1}", cmd, env, cluster, shared))
                 cluster.save()
                 try:
                     wait_for_nodes(cluster, 2 + i, timeout_s)
@@ -224,9 +246,18 @@ def start_cluster(
     return cluster
 
 
-def _spawn(role: str, cmd: list[str], env: dict[str, str], folder: Path) -> NodeProcess:
+def _spawn(role: str, cmd: list[str], env: dict[str, str], cluster: LocalCluster, shared: list[Path]) -> NodeProcess:
+    """Start one node; on a private-disk cluster inside its own mount namespace (``<dir>/nodes/<role>``)."""
     import psutil
 
+    folder = Path(cluster.dir)
+    if cluster.private_disks:
+        from cluster.remote.private_disks import private_node
+
+        node_dir = folder / "nodes" / role
+        shutil.rmtree(node_dir, ignore_errors=True)  # a worker started again after a failed try starts clean
+        token = Path(cluster.token_path) if cluster.token_path else None
+        cmd, env = private_node(cmd, env, node_dir, shared, token)
     log = folder / f"{role}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -353,5 +384,6 @@ def stop_cluster(folder: str | os.PathLike | None = None, timeout_s: float = 10)
             pass
     psutil.wait_procs(alive, timeout=5)
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    shutil.rmtree(Path(cluster.dir) / "nodes", ignore_errors=True)  # the private disks' folders
     (Path(cluster.dir) / STATE_FILE).unlink(missing_ok=True)
     return len(procs)

@@ -257,11 +257,16 @@ def run_console(job: Any) -> Iterator[RunConsole]:
     """A training run's console, with the feed that prints rank 0's events while the run lasts. With
     ``--verbose`` the workers log to the console as they always did (their lines carry the same news) and the
     feed prints nothing: it still carries the steps to the listeners."""
+    import ray
+
     verbose = is_verbose()
+    # the log folder is on the driver's disk: workers on other nodes leave their lines to Ray's log streaming
+    driver_node = ray.get_runtime_context().get_node_id()
     with open(os.devnull, "w") as silent:
         feed = ConsoleFeed(ProgressPrinter(silent, tty=False) if verbose else None)
         try:
-            yield RunConsole({"queue": feed.handle, "log_dir": None if verbose else str(log_dir(job.output_dir))}, feed.printer, feed)
+            folder = None if verbose else str(log_dir(job.output_dir))
+            yield RunConsole({"queue": feed.handle, "log_dir": folder, "node": driver_node}, feed.printer, feed)
         finally:
             feed.close()
 

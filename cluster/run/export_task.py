@@ -38,14 +38,18 @@ def _export_and_test(job: JobSpec, info: DataInfo, checkpoint: Any, location: st
             with tempfile.TemporaryDirectory(prefix="shoulders-export-") as tmp:
                 exported = export_checkpoint(folder, Path(tmp) / "model", info.labels)
                 storage.upload_folder(exported, location)
-                return evaluate_export(job, info, exported) if "test" in info.splits else None
+                # the data tasks, on any node, read the export's preprocessing files from the bucket
+                return evaluate_export(job, info, exported, preprocessing=location) if "test" in info.splits else None
         exported = export_checkpoint(folder, storage.local_path(location), info.labels)
     return evaluate_export(job, info, exported) if "test" in info.splits else None
 
 
-def evaluate_export(job: JobSpec, info: DataInfo, export_dir: str | os.PathLike, split: str = "test") -> dict[str, float]:
+def evaluate_export(job: JobSpec, info: DataInfo, export_dir: str | os.PathLike, split: str = "test",
+                    preprocessing: str | None = None) -> dict[str, float]:
     """Metrics of the exported model (a local folder) on a split, loaded with plain transformers/peft, streamed
-    by Ray Data, on this process's device (a GPU when it has one)."""
+    by Ray Data, on this process's device (a GPU when it has one). ``preprocessing``: where Ray Data's tasks,
+    on any node, find the export's preprocessing files (its copy in object storage); default ``export_dir``, a
+    folder on this node's disk: then the data tasks run on this node."""
     import torch
 
     from cluster.ingest.datasets import build_eval_dataset
@@ -54,7 +58,7 @@ def evaluate_export(job: JobSpec, info: DataInfo, export_dir: str | os.PathLike,
     from engine.tasks import get_task
 
     model = load_exported(export_dir, job.model.task, info.labels)
-    dataset = build_eval_dataset(job, info.splits[split], info.labels, str(export_dir))
+    dataset = build_eval_dataset(job, info.splits[split], info.labels, preprocessing or str(export_dir))
     batches = dataset.iter_torch_batches(batch_size=job.eval.batch_size or 2 * job.optim.batch_size, collate_fn=collate)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = get_task(job.model.task).export_metrics(job, model, export_dir, device)

@@ -204,7 +204,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     from engine.loop.worker_output import worker_log_file
     from engine.loop.recipe import train_loop_per_worker
 
-    with worker_log_file((config.get("console") or {}).get("log_dir"), ray.train.get_context().get_world_rank()):
+    console = config.get("console") or {}
+    on_driver_node = console.get("node") in (None, ray.get_runtime_context().get_node_id())
+    with worker_log_file(console.get("log_dir") if on_driver_node else None, ray.train.get_context().get_world_rank()):
         train_loop_per_worker(config)
 
 
@@ -231,6 +233,9 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     ensure_ray()
     resources = ray.cluster_resources()
     check_resources(job, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+    from cluster.run.shared_disk import check_shared_locations, local_write_locations
+
+    check_shared_locations(local_write_locations(job, storage_location(job)[0]))  # local folders on a multi-node cluster: every node must see them
     pad_token_id = get_task(job.model.task).preprocessors(job)[1]
     datasets, num_train_rows = build_datasets(job, info)
     from cluster.run.console import run_console

@@ -232,9 +232,11 @@ def build_tuner(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: 
 
 def run_search(job: JobSpec, info: DataInfo, base_raw: dict[str, Any], resume: bool = False) -> TuneOutcome:
     """Run (or continue) the search and collect one row per trial."""
+    from cluster.run.shared_disk import check_shared_locations, search_write_locations
     from cluster.run.trainer import ensure_ray
 
     ensure_ray()
+    check_shared_locations(search_write_locations(job, experiment_location(job)))  # several nodes: all must see it
     grid = build_tuner(job, info, base_raw, resume).fit()
     return collect(job, info, base_raw, grid)
 

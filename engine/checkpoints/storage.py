@@ -211,6 +211,38 @@ def download_folder(location: str, local: str | os.PathLike) -> Path:
     return Path(local)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+"""Model-sized files a preprocessing copy leaves out."""
+
+
+def preprocessing_source(name: str) -> str:
+    """Where ``from_pretrained`` finds a tokenizer / feature extractor / image processor named ``name``: ``name``
+    itself (a hub id or a local folder), or, for a URI (an export in object storage), a copy of its small files
+    (weights left out) in this node's temp folder, made once per node and URI. So Ray Data's preprocessing tasks,
+    on whichever node they run, read an export's preprocessing from the bucket rather than a path on one node."""
+    if not is_uri(name):
+        return name
+    import hashlib
+
+    import pyarrow.fs
+
+    dest = Path(tempfile.gettempdir()) / "shoulders-preprocessing" / hashlib.sha1(name.encode()).hexdigest()[:16]
+    if dest.is_dir():
+        return str(dest)
+    fs, root = resolve(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        Path(tmp).mkdir()
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+            relative = posixpath.relpath(info.path, root)
+            if info.type == pyarrow.fs.FileType.File and not relative.endswith(WEIGHT_SUFFIXES):
+                target = Path(tmp) / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    return str(dest)
+
+
 @contextlib.contextmanager
 def local_folder(location: str) -> Iterator[Path]:
     """A local folder with the files at ``location``: the folder itself when local, else a temporary download."""

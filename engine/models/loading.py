@@ -77,7 +77,9 @@ def load_tokenizer(name: str, revision: str | None = None) -> Any:
     """The checkpoint's own tokenizer, with a pad token (EOS) when it has none, padding on the right."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    from engine.checkpoints.storage import preprocessing_source
+
+    tokenizer = AutoTokenizer.from_pretrained(preprocessing_source(name), revision=revision)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -47,7 +47,9 @@ def load_feature_extractor(name: str, revision: str | None = None) -> Any:
     """The checkpoint's own feature extractor (one per process and checkpoint)."""
     from transformers import AutoFeatureExtractor
 
-    return AutoFeatureExtractor.from_pretrained(name, revision=revision)
+    from engine.checkpoints.storage import preprocessing_source
+
+    return AutoFeatureExtractor.from_pretrained(preprocessing_source(name), revision=revision)
 
 
 def has_tokenizer(name: str) -> bool:

@@ -97,7 +97,9 @@ def check_image_preprocessing(job: Any) -> dict[str, Any]:
 def _load_processor(name: str, revision: str | None) -> Any:
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(name, revision=revision)
+    from engine.checkpoints.storage import preprocessing_source
+
+    return AutoImageProcessor.from_pretrained(preprocessing_source(name), revision=revision)
 
 
 def load_image_processor(name: str, revision: str | None = None, *, image_size: int | None = None,

@@ -1,7 +1,7 @@
 """A node lost mid-run on a real multi-node Ray cluster (``shoulders cluster up`` on loopback), data and
 checkpoints in the S3 bucket: the raylet of one worker node is SIGKILLed (its workers and tasks die with it).
 
-The cluster: head 1 CPU, a 2-CPU worker node and two 1-CPU worker nodes. Jobs: the tiny BERT, 120 training
+The cluster: head 1 CPU, a 2-CPU worker node and two 1-CPU worker nodes, private disks. Jobs: the tiny BERT, 120 training
 rows with sample ids, 2 workers, 2 epochs of 4 optimizer steps, a checkpoint every 2 steps, ``max_failures=1``.
 
 - training workers of 1 CPU placed STRICT_PACK fit only on the 2-CPU node: both workers are there, and the
@@ -36,7 +36,7 @@ from cluster.remote import submit
 from cluster.run.node_loss import ABORT_GRACE_S
 from cluster.remote.local_cluster import (
     LocalCluster, NodeProcess, _spawn, alive_nodes, auth_headers, cluster_processes, node_command, node_env,
-    wait_for_nodes,
+    node_temp_dir, wait_for_nodes,
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ray"))
@@ -60,9 +60,9 @@ def add_node(cluster: LocalCluster, cpus: int, role: str) -> NodeProcess:
     """Start one more worker node of ``cpus`` CPUs (its own temp folder) and wait until it is alive."""
     host, port = cluster.gcs_address.rsplit(":", 1)
     env = node_env("token" if cluster.token_path else "disabled", Path(cluster.token_path) if cluster.token_path else None, cluster.gcs_address)
-    cmd = node_command(False, host, int(port), cpus, f"{cluster.temp_dir}/{role}", 128)
+    cmd = node_command(False, host, int(port), cpus, node_temp_dir(cluster.temp_dir, role, cluster.private_disks), 128)
     count = len(alive_nodes(cluster))
-    node = _spawn(role, cmd, env, Path(cluster.dir))
+    node = _spawn(role, cmd, env, cluster, [])
     cluster.nodes.append(node)
     cluster.save()  # `cluster down` stops it too
     wait_for_nodes(LocalCluster(**{**cluster.__dict__, "nodes": [node]}), count + 1, 120)  # the killed nodes' processes are gone
@@ -71,13 +71,14 @@ def add_node(cluster: LocalCluster, cpus: int, role: str) -> NodeProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
-    """Head 1 CPU + worker nodes of 2, 1 and 1 CPUs; the S3 variables set (the nodes inherit them)."""
+    """Head 1 CPU + worker nodes of 2, 1 and 1 CPUs, each with its own disk (``--private-disks``: the storage
+    credentials reach the jobs only through their runtime environment)."""
     folder = tmp_path_factory.mktemp("loss-cluster")
     saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
     os.environ.update(CLUSTER_ENV)
     try:
         assert main(["cluster", "up", "--workers", "1", "--cpus-per-node", "2", "--head-cpus", "1",
-                     "--object-store-mb", "128", "--dir", str(folder)]) == 0
+                     "--object-store-mb", "128", "--dir", str(folder), "--private-disks"]) == 0
         state = LocalCluster.load(folder)
         add_node(state, 1, "small1")
         add_node(state, 1, "small2")
@@ -192,7 +193,7 @@ def wait_final(cluster: LocalCluster, job_id: str, timeout_s: float) -> tuple[st
 def controller_errors(cluster: LocalCluster) -> list[str]:
     """The error lines of Ray Train's controller logs on the head (why it restarted a worker group)."""
     found = []
-    for path in Path(cluster.temp_dir, "head").glob("session_*/logs/train/*controller*"):
+    for path in Path(cluster.dir, "nodes", "head").rglob("logs/train/*controller*"):  # the head's private /tmp
         found += [line[:300] for line in path.read_text(errors="replace").splitlines() if "Error" in line or "error" in line]
     return found[-6:]
 

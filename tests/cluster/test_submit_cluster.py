@@ -1,6 +1,7 @@
-"""Submission to a real multi-node Ray cluster: a head and 2 worker nodes started by `shoulders cluster up`
-as separate `ray start` processes on loopback, with token authentication on. One cluster for the module;
-`cluster down` stops only its processes.
+"""Submission to a real multi-node Ray cluster: a head and 2 worker nodes started by `shoulders cluster up
+--private-disks` as separate `ray start` processes on loopback, with token authentication on, each node with
+its own /tmp, home and working folder (nothing passes between nodes through a local path) and storage in the
+loopback S3 server (SeaweedFS). One cluster for the module; `cluster down` stops only its processes.
 """
 
 from __future__ import annotations
@@ -23,11 +24,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head (1 CPU) + 2 worker nodes (2 CPUs each), token auth, its own token file, state and temp folders."""
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder every node sees read-only (``cluster up --share``), as a model cache standing in for the hub."""
+    folder = tmp_path_factory.mktemp("shared")
+    (folder / "note.txt").write_text("seen by every node")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, shared_folder):
+    """Head (1 CPU) + 2 worker nodes (2 CPUs each), token auth, its own token file, state and temp folders,
+    private disks."""
     folder = tmp_path_factory.mktemp("cluster")
     code = main(["cluster", "up", "--workers", "2", "--cpus-per-node", "2", "--head-cpus", "1",
-                 "--object-store-mb", "128", "--dir", str(folder)])
+                 "--object-store-mb", "128", "--dir", str(folder), "--private-disks", "--share", str(shared_folder)])
     assert code == 0
     try:
         yield LocalCluster.load(folder)
@@ -48,20 +58,24 @@ def as_client(cluster, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def job_file(tmp_path_factory, tiny_bert) -> Path:
-    """A quickstart-shaped job on the tiny BERT: 2 training workers, SPREAD, storage on a shared path."""
+def job_file(tmp_path_factory, tiny_bert, s3) -> Path:
+    """A quickstart-shaped job on the tiny BERT: 2 training workers, SPREAD; the training split, checkpoints and
+    results in the S3 bucket; the validation and test splits and the model local (``submit`` packs them)."""
+    from s3_server import upload
+
     root = tmp_path_factory.mktemp("job")
     data = tiny.write_topic_data(root / "data", rows=96, files=2)
+    train = upload(s3, Path(data["train"]), "cluster-data", "train")
     path = root / "job.yaml"
     path.write_text(f"""\
 name: cluster-topics
 model: {{name: {tiny_bert}, labels: [food, sport, tech]}}
-data: {{train: {data['train']}, validation: {data['validation']}, test: {data['test']}, max_length: 16, rows_per_block: 24}}
+data: {{train: {train}, validation: {data['validation']}, test: {data['test']}, max_length: 16, rows_per_block: 24}}
 finetune: {{strategy: full}}
 optim: {{max_steps: 2, batch_size: 8}}
 scaling: {{num_workers: 2, cpus_per_worker: 0.5, placement_strategy: SPREAD}}
-output: {{dir: "{root}/out/{{name}}"}}
-run: {{storage_path: {root}/storage}}
+output: {{dir: "{root}/out/{{name}}", uri: "{s3.uri('cluster-results', '{name}')}"}}
+run: {{storage_path: {s3.uri('cluster-runs')}}}
 """)
     return path
 
@@ -101,7 +115,35 @@ def wait_for_log(cluster: LocalCluster, job_id: str, text: str, timeout_s: float
     raise AssertionError(f"'{text}' not in the logs of {job_id} after {timeout_s} s")
 
 
-def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_client, job_file, tiny_bert, capsys):
+def test_nodes_share_no_local_disk(as_client, shared_folder):
+    """A file the job's driver or a task writes below /tmp is seen on its own node only, this machine's /tmp on
+    none, a ``--share`` folder on every node, read-only; home and working folder are each node's own."""
+    client = submit.connect(as_client.address)
+    marker = shared_folder.parent / "host-only.txt"
+    marker.write_text("this machine's /tmp")
+    job_id = client.submit_job(entrypoint=f"python probe.py {marker} {shared_folder}", runtime_env={"working_dir": str(PROBE_DIR)})
+    deadline = time.monotonic() + 120
+    while not client.get_job_status(job_id).is_terminal():
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert str(client.get_job_status(job_id)) == "SUCCEEDED", logs[-3000:]
+    import json
+
+    seen = json.loads(logs.split("PROBE ")[1].splitlines()[0])
+    nodes = seen["nodes"]
+    assert len(nodes) == 3 and len({n["node"] for n in nodes}) == 3
+    for node in nodes:
+        own = {f"written-by-{node['node']}"} | ({"written-by-driver"} if node["node"] == seen["driver"] else set())
+        assert set(node["sees"]) == own, nodes
+        assert node["host_file"] is False and node["shared"] == "seen by every node" and node["shared_writable"] is False
+        assert node["home"] == "/tmp/home"
+
+
+PROBE_DIR = Path(__file__).parent / "node_probe"
+
+
+def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_client, job_file, tiny_bert, s3, tmp_path, capsys):
     cluster = as_client
     # 1. A long job: stop it once its training workers run. The cluster stays usable.
     long_id = submit_id(capsys, [str(job_file), "name=long-run", "optim.max_steps=100000"])
@@ -118,8 +160,12 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
     # The workers ran on two different nodes of this cluster (node ids all-gathered into metrics.json).
     import json
 
+    from engine.checkpoints import storage
+
     root = job_file.parent
-    metrics = json.loads((root / "out" / "cluster-topics" / "metrics.json").read_text())
+    assert not (root / "out").exists()  # the driver's output folder is on the head node's own disk
+    metrics = json.loads(storage.read_text(s3.uri("cluster-results", "cluster-topics", "metrics.json")))
+    assert metrics["export_dir"] == s3.uri("cluster-results", "cluster-topics", "model")
     node_ids = {n["node_id"] for n in alive_nodes(cluster)}
     assert len(metrics["worker_nodes"]) == 2 and len(set(metrics["worker_nodes"])) == 2
     assert set(metrics["worker_nodes"]) <= node_ids
@@ -130,9 +176,12 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
 
     from engine.checkpoints.store import is_complete, load_trainable_state, read_checkpoint
 
-    checkpoints = sorted(p for p in (root / "storage" / "cluster-topics").glob("checkpoint_*") if p.is_dir())
-    assert checkpoints and all(is_complete(c) for c in checkpoints)
-    saved = read_checkpoint(checkpoints[-1])
+    listed = storage.list_folder(s3.uri("cluster-runs", "cluster-topics"))
+    checkpoints = sorted(c for c, kind in listed if kind == "dir" and storage.name(c).startswith("checkpoint_"))
+    assert checkpoints
+    local = [storage.download_folder(c, tmp_path / storage.name(c)) for c in checkpoints]
+    assert all(is_complete(c) for c in local)
+    saved = read_checkpoint(local[-1])
     assert saved["state"]["train"]["step"] == 2
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
     load_trainable_state(model, saved["weights"])
@@ -185,3 +234,19 @@ def test_missing_local_data_fails_at_submit_time(as_client, job_file, capsys):
     assert code == 2
     assert "data.train: '/no/such/train.parquet' does not exist" in capsys.readouterr().err
     assert {job.submission_id for job in client.list_jobs()} == before
+
+
+def test_local_folders_on_nodes_without_a_shared_disk_fail_in_seconds_naming_the_fix(as_client, job_file, capfd):
+    """Checkpoints and the export in the driver's local output folder cannot work when the nodes share no disk:
+    the job fails before any training worker starts, in one line naming the key, a node that does not see the
+    folder and the fix."""
+    started = time.monotonic()
+    code = main(["submit", str(job_file), "name=local-folders", "run.storage_path=null", "output.uri=null", "--wait"])
+    elapsed = time.monotonic() - started
+    printed = capfd.readouterr()  # the followed job log is written to the process's stdout
+    text = printed.out + printed.err
+    assert code == 1, text[-3000:]
+    line = next(line for line in text.splitlines() if "does not see it" in line)
+    assert "output.dir (the checkpoints: run.storage_path is unset)" in line and "set run.storage_path to an object-storage URI" in line
+    assert "trainable (" not in text  # no training worker started
+    assert elapsed < 120, elapsed

@@ -119,3 +119,21 @@ def test_storage_credentials_travel_in_the_runtime_env_of_jobs_that_use_object_s
     assert storage_runtime_env()["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"  # ray.init to a cluster
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside a submitted job: its runtime env already has them
     assert storage_runtime_env() == {}
+
+
+def test_preprocessing_of_an_export_in_the_bucket_is_copied_once_per_node_without_its_weights(s3, tmp_path, monkeypatch, tiny_bert):
+    """What Ray Data's tasks do on a node that has no copy of the export: the tokenizer comes from the bucket."""
+    from s3_server import upload
+
+    from engine.models.loading import load_tokenizer
+
+    location = upload(s3, tiny_bert, "exports", "tiny-bert")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node-tmp"))
+    (tmp_path / "node-tmp").mkdir()
+    local = storage.preprocessing_source(location)
+    files = {p.name for p in (tmp_path / "node-tmp").rglob("*") if p.is_file()}
+    assert "config.json" in files and "tokenizer_config.json" in files
+    assert not any(name.endswith(storage.WEIGHT_SUFFIXES) for name in files) and (tiny_bert / "model.safetensors").exists()
+    assert storage.preprocessing_source(location) == local  # once per node and URI
+    assert load_tokenizer(location)("apple bread")["input_ids"] == load_tokenizer(str(tiny_bert))("apple bread")["input_ids"]
+    assert storage.preprocessing_source(str(tiny_bert)) == str(tiny_bert)
