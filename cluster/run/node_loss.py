@@ -189,7 +189,7 @@ class NodeLossGuard:
         for node_id, ip in newly_lost(self.known, alive).items():
             node = LostNode(node_id, ip, now, self.step)
             self.say(lost_line(node))
-            log.warning("Ray node %s (%s) died during training", node_id, ip)
+            log.info("Ray node %s (%s) died during training", node_id, ip)  # logs/driver.log; the console has the line above
             if self.lost is None or (self.last_progress_at or 0) > self.lost.lost_at:
                 self.lost = node  # the loss the run now waits to recover from
         self.known.update(alive)
@@ -197,7 +197,7 @@ class NodeLossGuard:
             del self.known[node_id]
         if self.gave_up is None and self.lost is not None and should_give_up(self.lost.lost_at, self.last_progress_at, now, self.timeout_s):
             self.gave_up = self.message(self.lost, now - self.lost.lost_at, self.step)
-            log.error("%s", self.gave_up)
+            log.info("giving up: %s", self.gave_up)  # the console gets it once, as the command's error line
             self.abort()
 
     def _watch(self) -> None:
