@@ -281,6 +281,7 @@ def test_not_enough_nodes_left_fails_in_bounded_time_with_one_line(client_env, s
     assert elapsed < TIMEOUT_S + ABORT_GRACE_S + 30, elapsed  # seen: 30 s timeout + 75 s abort with a 60 s grace
     errors = [line for line in logs.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, logs[-4000:]
+    assert sum("training made no progress" in line for line in logs.splitlines()) == 1  # said once
     assert errors[0].startswith(f"error: node {victim} (") and f"shoulders submit {job} --resume" in errors[0], errors[0]
     assert run in errors[0]  # where the checkpoints are
     assert "Traceback" not in logs[logs.index("was lost after step"):]
