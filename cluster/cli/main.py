@@ -156,6 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     job, info = preflight(job, resume=args.resume)
+    import os
+    import shlex
+
+    from cluster.run.node_loss import JOB_ARGS_ENV
+
+    os.environ.setdefault(JOB_ARGS_ENV, shlex.join([args.job, *(args.overrides or [])]))  # the resume hint's (a submitted job's: as submitted)
     from cluster.run.console import set_verbose
     from cluster.run.start import start_run
 
@@ -296,7 +302,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.address:
         from cluster.cli.remote import submit_command
 
-        return submit_command(args.job, args.overrides, args.address, command="tune")
+        return submit_command(args.job, args.overrides, args.address, command="tune", resume=args.resume)
     from cluster.run.console import set_verbose
     from cluster.tune.search import run_tune
 

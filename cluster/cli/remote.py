@@ -22,6 +22,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--pip", action="store_true", help="declare the Python packages in the runtime env (the cluster installs them)")
     submit.add_argument("--no-ship-code", action="store_true", help="use the shoulders installed on the cluster instead of this checkout")
     submit.add_argument("--command", dest="run_command", choices=["train", "tune"], default="train", help="what the cluster runs: a training run or a search")
+    submit.add_argument("--resume", action="store_true", help="continue the job's run in run.storage_path from its latest checkpoint (or the search, with --command tune)")
 
     for name, text in (("status", "state of a submitted job"), ("logs", "logs of a submitted job"), ("stop", "stop a submitted job")):
         command = sub.add_parser(name, help=text)
@@ -91,15 +92,15 @@ def add_config_options(config: argparse.ArgumentParser) -> None:
     config.add_argument("--worker-memory", default="32Gi", help="kuberay: memory of each GPU worker pod")
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    return submit_command(args.job, args.overrides, args.address, args.run_command, args.wait, not args.no_ship_code, args.pip)
+    return submit_command(args.job, args.overrides, args.address, args.run_command, args.wait, not args.no_ship_code, args.pip, args.resume)
 
 
 def submit_command(job: str, overrides: list[str], address: str | None, command: str = "train", wait: bool = False,
-                   ship_code: bool = True, pip: bool = False) -> int:
+                   ship_code: bool = True, pip: bool = False, resume: bool = False) -> int:
     """Submit ``shoulders <command> job`` to the cluster and print the job id (``shoulders tune --address`` too)."""
     from cluster.remote import submit as remote
 
-    job_id = remote.submit(job, overrides, address, command=command, ship_code=ship_code, pip=pip)
+    job_id = remote.submit(job, overrides, address, command=command, ship_code=ship_code, pip=pip, resume=resume)
     print(job_id)
     if not wait:
         return 0

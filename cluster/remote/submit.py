@@ -45,8 +45,10 @@ DATA_KEYS = ("data.train", "data.validation", "data.test", "safeguards.retention
 """Job keys naming data (a file, folder or glob) that is packed when local."""
 FOLDER_KEYS = ("model.name", "model.tokenizer")
 """Job keys naming a model or tokenizer folder (packed when it is a local folder, else a hub id)."""
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
-"""Environment variables passed on to the cluster when they are set here (never secrets)."""
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR",
+                 "SHOULDERS_FAULTS")
+"""Environment variables passed on to the cluster when they are set here (never secrets; ``SHOULDERS_FAULTS`` is
+the recovery tests' fault injection, :mod:`engine.loop.faults`)."""
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 """Process exit code for each final job state; a job not finished yet gives ``EXIT_NOT_FINISHED``."""
 EXIT_NOT_FINISHED = 4
@@ -242,10 +244,13 @@ def uses_object_storage(job: JobSpec) -> bool:
     return any(isinstance(v, str) and is_uri(v) for v in [*splits, job.run.storage_path, job.output.uri] if v)
 
 
-def build_runtime_env(working_dir: Path, ship_code: bool = True, pip: bool = False, storage_env: bool = False) -> dict[str, Any]:
+def build_runtime_env(working_dir: Path, ship_code: bool = True, pip: bool = False, storage_env: bool = False,
+                      job_args: str | None = None) -> dict[str, Any]:
     """The runtime environment of a submitted job: the packed folder, this checkout's code, forwarded env vars;
     with ``storage_env``, this machine's storage credentials and endpoint (``AWS_*``, ``GOOGLE_*``) too, so the
-    driver and every worker reach the job's object storage (they travel in the runtime environment, never in a file)."""
+    driver and every worker reach the job's object storage (they travel in the runtime environment, never in a file).
+    ``job_args``: the job file and overrides as given here, for the hints the driver prints (how to resume)."""
+    from cluster.run.node_loss import JOB_ARGS_ENV
     from engine.checkpoints.storage import credential_env
 
     env: dict[str, Any] = {
@@ -253,6 +258,8 @@ def build_runtime_env(working_dir: Path, ship_code: bool = True, pip: bool = Fal
         "env_vars": {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **(credential_env() if storage_env else {})},
         "excludes": ["__pycache__", "*.pyc"],
     }
+    if job_args:
+        env["env_vars"][JOB_ARGS_ENV] = job_args
     if ship_code:
         import cluster
         import engine
@@ -295,8 +302,12 @@ def prepare_submission(job_path: str, overrides: list[str] | None = None) -> Pac
 
 
 def submit(job_path: str, overrides: list[str] | None = None, address: str | None = None, command: str = "train",
-           ship_code: bool = True, pip: bool = False, log: TextIO = sys.stderr) -> str:
-    """Validate and pack the job locally, then submit ``python -m cluster.cli.main <command> job.yaml``; returns the job id."""
+           ship_code: bool = True, pip: bool = False, log: TextIO = sys.stderr, resume: bool = False) -> str:
+    """Validate and pack the job locally, then submit ``python -m cluster.cli.main <command> job.yaml``; returns the job id.
+
+    ``resume``: the cluster's driver runs ``<command> job.yaml --resume`` (continue the run in ``run.storage_path``)."""
+    import shlex
+
     package = prepare_submission(job_path, overrides)
     job = package.job
     if not job.run.storage_path and not os.path.isabs(job.output.dir):
@@ -306,9 +317,10 @@ def submit(job_path: str, overrides: list[str] | None = None, address: str | Non
     with tempfile.TemporaryDirectory(prefix="shoulders-submit-") as tmp:
         folder = write_package(package, Path(tmp))
         job_id = client.submit_job(
-            entrypoint=f"python -m cluster.cli.main {command} {JOB_FILE}",
+            entrypoint=f"python -m cluster.cli.main {command} {JOB_FILE}" + (" --resume" if resume else ""),
             submission_id=submission_id(job),
-            runtime_env=build_runtime_env(folder, ship_code, pip, storage_env=uses_object_storage(job)),
+            runtime_env=build_runtime_env(folder, ship_code, pip, storage_env=uses_object_storage(job),
+                                          job_args=shlex.join([job_path, *(overrides or [])])),
             metadata={"shoulders_job": job.name, "shoulders_command": command},
         )
     print(f"submitted '{job.name}' ({package.total_bytes / 2**20:.1f} MiB packed) as {job_id}", file=log)

@@ -191,10 +191,16 @@ class ConsoleFeed:
     """
 
     def __init__(self, printer: ProgressPrinter | None = None):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train's controller is: the console outlives any worker node lost mid-run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.printer = printer or ProgressPrinter()
+        self.listeners: list[Any] = []
+        """Called with every event after the printer (the node-loss guard counts the steps)."""
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._drain, name="shoulders-console", daemon=True)
         self.thread.start()
@@ -208,7 +214,10 @@ class ConsoleFeed:
 
         while True:
             try:
-                self.printer.handle(self.queue.get(timeout=0.5))
+                event = self.queue.get(timeout=0.5)
+                self.printer.handle(event)
+                for listener in self.listeners:
+                    listener(event)
             except Empty:
                 if self.stopping.is_set():
                     return
@@ -230,8 +239,13 @@ class RunConsole:
     folder and rank 0's event queue); ``layout`` is rank 0's ``start`` event once it came (model size,
     trainable share, parameter groups, steps)."""
 
-    def __init__(self, worker_config: dict[str, Any], printer: ProgressPrinter | None):
-        self.worker_config, self.printer = worker_config, printer
+    def __init__(self, worker_config: dict[str, Any], printer: ProgressPrinter | None, feed: ConsoleFeed | None = None):
+        self.worker_config, self.printer, self.feed = worker_config, printer, feed
+
+    def listen(self, listener: Any) -> None:
+        """Call ``listener(event)`` with each of rank 0's events from now on."""
+        if self.feed is not None:
+            self.feed.listeners.append(listener)
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -241,19 +255,20 @@ class RunConsole:
 @contextlib.contextmanager
 def run_console(job: Any) -> Iterator[RunConsole]:
     """A training run's console, with the feed that prints rank 0's events while the run lasts. With
-    ``--verbose`` the workers log to the console as they always did (their lines carry the same news)."""
-    if is_verbose():
-        yield RunConsole({"queue": None, "log_dir": None}, None)
-        return
-    feed = ConsoleFeed()
-    try:
-        import ray
+    ``--verbose`` the workers log to the console as they always did (their lines carry the same news) and the
+    feed prints nothing: it still carries the steps to the listeners."""
+    import ray
 
-        # the log folder is on the driver's disk: workers on other nodes leave their lines to Ray's log streaming
-        driver_node = ray.get_runtime_context().get_node_id()
-        yield RunConsole({"queue": feed.handle, "log_dir": str(log_dir(job.output_dir)), "node": driver_node}, feed.printer)
-    finally:
-        feed.close()
+    verbose = is_verbose()
+    # the log folder is on the driver's disk: workers on other nodes leave their lines to Ray's log streaming
+    driver_node = ray.get_runtime_context().get_node_id()
+    with open(os.devnull, "w") as silent:
+        feed = ConsoleFeed(ProgressPrinter(silent, tty=False) if verbose else None)
+        try:
+            folder = None if verbose else str(log_dir(job.output_dir))
+            yield RunConsole({"queue": feed.handle, "log_dir": folder, "node": driver_node}, feed.printer, feed)
+        finally:
+            feed.close()
 
 
 def ray_line(job: Any) -> str:

@@ -20,6 +20,7 @@ from cluster.ingest.text import answer_samples
 from cluster.preflight.output import check_resources, run_dir_location
 from cluster.run.export_task import evaluate_export  # noqa: F401  (shoulders eval's entry point)
 from cluster.run.interrupts import watch_interrupts
+from cluster.run.node_loss import guard_node_loss
 from engine.checkpoints.atomic import write_atomic
 from engine.config.schema import JobSpec
 from engine.errors import JobError
@@ -241,10 +242,12 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     from cluster.run.tracking import Tracker
 
     tracker = Tracker(job)  # TensorBoard / MLflow / W&B as the job's tracking section says
-    with watch_interrupts(), run_console(job) as console, tracker.running() as callbacks:  # Ctrl-C: exit 130, checkpoints kept
-        result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=callbacks, console=console.worker_config).fit()
-        if result.error:
-            raise result.error
+    with run_console(job) as console, guard_node_loss(job.scaling.node_loss_timeout_s, node_lost_message(job)) as guard:
+        console.listen(guard.on_event)  # a lost node with no step after it within the timeout ends the run
+        with watch_interrupts(), tracker.running() as callbacks:  # Ctrl-C: exit 130, checkpoints kept
+            result = build_trainer(job, info, datasets, num_train_rows, pad_token_id, callbacks=callbacks, console=console.worker_config).fit()
+            if result.error:
+                raise result.error
     candidates = result.best_checkpoints + unregistered_checkpoints(job, result.best_checkpoints)
     best_checkpoint, best = pick_best(candidates, f"val_{job.eval_metric}", job.eval_mode)
     train_state = read_checkpoint_json(result.checkpoint, "state.json")["train"]  # a small file, not the checkpoint
@@ -268,6 +271,14 @@ def run_training(job: JobSpec, info: DataInfo) -> RunSummary:
     remove_stale_checkpoints(job, [checkpoint for checkpoint, _ in result.best_checkpoints] + [result.checkpoint], best_checkpoint)
     copy_results(job)  # to output.uri when set (``shoulders train`` copies them again after the transfer verdict)
     return summary
+
+
+def node_lost_message(job: JobSpec) -> Any:
+    """The one-line ending of a run of ``job`` that lost a node and could not go on (:mod:`cluster.run.node_loss`)."""
+    from cluster.run.node_loss import JOB_ARGS_ENV, node_lost_message as line, resume_hint, submitted_job
+
+    resume = resume_hint(os.environ.get(JOB_ARGS_ENV), submitted_job())
+    return lambda node, waited_s, step, cause=None: line(node, waited_s, step, run_dir_location(job), resume, cause, job.scaling.max_failures)
 
 
 RESULT_FILES = ("metrics.json", "report.md", "curves.png", "answers.jsonl", "transfer.json")

@@ -137,6 +137,10 @@ class ScalingSpec(Section):
     """How Ray places the workers on nodes."""
     max_failures: int = Field(0, ge=-1)
     """Worker failures to recover from by restarting at the latest checkpoint (-1: unlimited)."""
+    node_loss_timeout_s: float = Field(600.0, gt=0)
+    """After a node of the cluster dies mid-run, seconds the run may go without a training step (Ray Train
+    restarting the workers from the last checkpoint on the nodes left) before it fails with one line naming
+    the node and how to resume, instead of waiting for resources that may never come."""
 
 
 class BackendSpec(Section):
