@@ -46,7 +46,7 @@ def unshare_options() -> list[str]:
     if unshare:
         for options in UNSHARE_VARIANTS:
             probe = [unshare, *options, "--propagation", "private", "sh", "-c", f"mount --bind {NODE_TMP} {NODE_TMP}"]
-            if subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
+            if subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0:
                 return list(options)
     raise JobError(
         "cluster up --private-disks needs Linux mount namespaces: run it as root, or allow unprivileged user "

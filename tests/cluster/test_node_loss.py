@@ -34,14 +34,27 @@ import requests
 
 from cluster.cli.main import main
 from cluster.remote import submit
-from cluster.run.node_loss import ABORT_GRACE_S
 from cluster.remote.local_cluster import (
-    LocalCluster, NodeProcess, _spawn, alive_nodes, auth_headers, cluster_processes, node_command, node_env,
-    node_temp_dir, wait_for_nodes,
+    LocalCluster,
+    NodeProcess,
+    _spawn,
+    alive_nodes,
+    auth_headers,
+    cluster_processes,
+    node_command,
+    node_env,
+    node_temp_dir,
+    wait_for_nodes,
 )
+from cluster.run.node_loss import ABORT_GRACE_S
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ray"))
-from resume_helpers import assert_each_id_once_per_epoch, assert_same_training, final_state_in_bucket, write_id_data  # noqa: E402
+from resume_helpers import (
+    assert_each_id_once_per_epoch,
+    assert_same_training,
+    final_state_in_bucket,
+    write_id_data,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -201,8 +214,9 @@ def controller_errors(cluster: LocalCluster) -> list[str]:
 
 def checkpoint_steps(run: str) -> list[tuple[int, int]]:
     """(step, restart) of every complete checkpoint in the run folder."""
-    from engine.checkpoints import storage
     from resume_helpers import bucket_checkpoints, bucket_incomplete_reason
+
+    from engine.checkpoints import storage
 
     names = [storage.name(c) for c in bucket_checkpoints(run) if bucket_incomplete_reason(c) is None]
     return sorted((int(n.split("_")[1]), int(n.split("_")[2])) for n in names)

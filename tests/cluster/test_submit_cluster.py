@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-
 import tiny
-from cluster.remote import submit
+
 from cluster.cli.main import main
+from cluster.remote import submit
 from cluster.remote.local_cluster import LocalCluster, alive_nodes, listening_addresses
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,11 @@ def test_stop_ends_a_running_job_then_a_spread_job_succeeds_on_two_nodes(as_clie
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from engine.checkpoints.store import is_complete, load_trainable_state, read_checkpoint
+    from engine.checkpoints.store import (
+        is_complete,
+        load_trainable_state,
+        read_checkpoint,
+    )
 
     listed = storage.list_folder(s3.uri("cluster-runs", "cluster-topics"))
     checkpoints = sorted(c for c, kind in listed if kind == "dir" and storage.name(c).startswith("checkpoint_"))

@@ -43,14 +43,14 @@ def test_private_disks_really_hide_this_machines_tmp(tmp_path):
     """The script, run as a node runs it: a file in this machine's /tmp is not there, the node's own is."""
     try:
         options = private_disks.unshare_options()
-    except Exception as exc:  # noqa: BLE001 - no mount namespaces on this machine
+    except Exception as exc:
         pytest.skip(str(exc))
     (tmp_path / "host-file").write_text("host")
     node_tmp = tmp_path / "node" / "tmp"
     node_tmp.mkdir(parents=True)
     (node_tmp / "node-file").write_text("node")
     script = private_disks.namespace_script(node_tmp, [], ["sh", "-c", f"ls /tmp; test ! -e {tmp_path}/host-file && pwd"])
-    done = subprocess.run(["unshare", *options, "--propagation", "private", "sh", "-c", script], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["unshare", *options, "--propagation", "private", "sh", "-c", script], capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.split()) == sorted(["home", "node-file", "work", "/tmp/work"])
 
