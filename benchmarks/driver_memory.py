@@ -91,8 +91,15 @@ def main() -> None:
             params = save_model(root / name, size)
             rows[name] = {"parameters": params, **run(name, root / name, data, root)}
     small, large = rows["small"], rows["large"]
+    import platform
+    from importlib.metadata import version
+
     result = {"rows": rows, "parameter_ratio": round(large["parameters"] / small["parameters"], 1),
-              "driver_peak_growth": round(large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"] - 1, 4)}
+              "driver_peak_growth": round(large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"] - 1, 4),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+              "versions": {name: version(name) for name in ("torch", "transformers", "ray")},
+              "config": {"sizes": SIZES, "job": "max_steps 4, batch 8, max_length 16, 1 worker x 1 CPU, 96 train rows, "
+                                                "export merged to output.dir, test split evaluated"}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "driver_memory.json").write_text(json.dumps(result, indent=1))
     print(f"{'model':<6} {'parameters':>11} {'export MiB':>10} {'driver peak RSS MiB':>20}")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0
 """How often the driver reads the cluster's node table."""
-ABORT_GRACE_S = 30.0
+ABORT_GRACE_S = 15.0
 """After the abort, how long ``fit()`` may take to return before the driver exits on its own (a controller
 waiting for a placement group that cannot be placed answers the abort only when that wait ends, 60 s by
 default; Ray removes a dead driver's actors and placement groups itself)."""

@@ -17,7 +17,8 @@ rows with sample ids, 2 workers, 2 epochs of 4 optimizer steps, a checkpoint eve
   ``scaling.node_loss_timeout_s`` plus the abort with one line naming the node and ``shoulders submit ... --resume``.
 
 After each kill a fresh node of the same size joins, so the next test sees the same layout. Measured on the
-2-core machine: 309 s for the file (cluster up 25 s, data node 74 s, training node 95 s, too few nodes 104 s).
+2-core machine in a full CI run: cluster up 26 s, data node 76 s, training node 89 s, too few nodes 106 s (80 s
+since the abort grace is 15 s: the job FAILED 40 s after the kill).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from resume_helpers import (
 pytestmark = pytest.mark.slow
 
 EPOCHS, ROWS_PER_RANK = 2, 60
-TIMEOUT_S = 20
+TIMEOUT_S = 10
 """``scaling.node_loss_timeout_s`` of the job that cannot recover."""
 CLUSTER_ENV = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",  # 32 footer-reader actors per read otherwise: minutes on 2 cores
@@ -293,7 +294,7 @@ def test_not_enough_nodes_left_fails_in_bounded_time_with_one_line(client_env, s
     elapsed = time.monotonic() - killed_at
     print(f"node {victim[:12]} killed; job {state} {elapsed:.0f} s later")
     assert state == "FAILED"
-    assert elapsed < TIMEOUT_S + ABORT_GRACE_S + 30, elapsed  # seen: 30 s timeout + 75 s abort with a 60 s grace
+    assert elapsed < TIMEOUT_S + ABORT_GRACE_S + 30, elapsed  # detection, the timeout, the abort grace, the job ending
     errors = [line for line in logs.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, logs[-4000:]
     assert sum("training made no progress" in line for line in logs.splitlines()) == 1  # said once
