@@ -218,7 +218,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 def preprocessing_source(name: str) -> str:
     """Where ``from_pretrained`` finds a tokenizer / feature extractor / image processor named ``name``: ``name``
     itself (a hub id or a local folder), or, for a URI (an export in object storage), a copy of its small files
-    (weights left out) in this node's temp folder, made once per node and URI. So Ray Data's preprocessing tasks,
+    (weights left out) in this node's temp folder, made once per node and export. So Ray Data's preprocessing tasks,
     on whichever node they run, read an export's preprocessing from the bucket rather than a path on one node."""
     if not is_uri(name):
         return name
@@ -226,19 +226,21 @@ def preprocessing_source(name: str) -> str:
 
     import pyarrow.fs
 
-    dest = Path(tempfile.gettempdir()) / "shoulders-preprocessing" / hashlib.sha1(name.encode()).hexdigest()[:16]
+    fs, root = resolve(name)
+    files = [info for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+             if info.type == pyarrow.fs.FileType.File and not info.path.endswith(WEIGHT_SUFFIXES)]
+    # keyed by the files' names, sizes and times too: an export written again at the same URI is copied again
+    key = "\n".join([name, *sorted(f"{f.path} {f.size} {f.mtime_ns}" for f in files)])
+    dest = Path(tempfile.gettempdir()) / "shoulders-preprocessing" / hashlib.sha1(key.encode()).hexdigest()[:16]
     if dest.is_dir():
         return str(dest)
-    fs, root = resolve(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with published_once(dest) as tmp:  # the data tasks of one node may all ask at once
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
-            relative = posixpath.relpath(info.path, root)
-            if info.type == pyarrow.fs.FileType.File and not relative.endswith(WEIGHT_SUFFIXES):
-                target = Path(tmp) / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
+        for info in files:
+            target = Path(tmp) / posixpath.relpath(info.path, root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out)
     return str(dest)
 
 

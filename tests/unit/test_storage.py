@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,6 +135,9 @@ def test_preprocessing_of_an_export_in_the_bucket_is_copied_once_per_node_withou
     files = {p.name for p in (tmp_path / "node-tmp").rglob("*") if p.is_file()}
     assert "config.json" in files and "tokenizer_config.json" in files
     assert not any(name.endswith(storage.WEIGHT_SUFFIXES) for name in files) and (tiny_bert / "model.safetensors").exists()
-    assert storage.preprocessing_source(location) == local  # once per node and URI
+    assert storage.preprocessing_source(location) == local  # once per node and export
+    storage.write_text(storage.join(location, "added.txt"), "a file of a new export at the same URI")
+    again = storage.preprocessing_source(location)
+    assert again != local and (Path(again) / "added.txt").is_file() and not (Path(local) / "added.txt").exists()
     assert load_tokenizer(location)("apple bread")["input_ids"] == load_tokenizer(str(tiny_bert))("apple bread")["input_ids"]
     assert storage.preprocessing_source(str(tiny_bert)) == str(tiny_bert)
