@@ -50,10 +50,11 @@ from cluster.remote.local_cluster import (
 from cluster.run.node_loss import ABORT_GRACE_S
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ray"))
-from resume_helpers import (
+from resume_helpers import (  # noqa: E402
     assert_each_id_once_per_epoch,
     assert_same_training,
     final_state_in_bucket,
+    id_job,
     write_id_data,
 )
 
@@ -131,17 +132,8 @@ FINALS: dict[str, dict] = {}
 def write_job(tmp: Path, name: str, model: Path, data: dict, s3, **scaling) -> Path:
     import yaml
 
-    job = {
-        "name": name,
-        "model": {"name": str(model), "labels": ["food", "sport", "tech"]},
-        "data": {**data, "max_length": 16, "rows_per_block": 20, "id_column": "id"},
-        "finetune": {"freeze_depth": 1, "head_lr": 5e-3, "backbone_lr_ratio": 0.5},
-        "optim": {"epochs": EPOCHS, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.25},
-        "scaling": {"num_workers": 2, "max_failures": 1, **scaling},
-        "eval": {"every_n_steps": 2},
-        "output": {"dir": str(tmp / "out"), "keep_checkpoints": 10, "export": "none"},
-        "run": {"storage_path": s3.uri("loss-runs")},
-    }
+    job = id_job(name, model, data, tmp / "out", EPOCHS, max_failures=1, **scaling)
+    job["run"] = {"storage_path": s3.uri("loss-runs")}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

@@ -41,6 +41,20 @@ def write_id_data(folder: Path, rows: int = 120, seed: int = 3) -> dict[str, str
     return {"train": str(folder / "train"), "validation": str(folder / "validation.parquet")}
 
 
+def id_job(name: str, model: Path, data: dict[str, str], out: Path, epochs: int, **scaling: Any) -> dict[str, Any]:
+    """The resume and node-loss tests' job: 2 workers, checkpoints every 2 steps, sample ids kept for the audits."""
+    return {
+        "name": name,
+        "model": {"name": str(model), "labels": ["food", "sport", "tech"]},
+        "data": {**data, "max_length": 16, "rows_per_block": 20, "id_column": "id"},
+        "finetune": {"freeze_depth": 1, "head_lr": 5e-3, "backbone_lr_ratio": 0.5},
+        "optim": {"epochs": epochs, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.25},
+        "scaling": {"num_workers": 2, **scaling},
+        "eval": {"every_n_steps": 2},
+        "output": {"dir": str(out), "keep_checkpoints": 10, "export": "none"},
+    }
+
+
 def write_job(path: Path, raw: dict[str, Any]) -> str:
     path.write_text(yaml.safe_dump(raw))
     return str(path)

@@ -13,12 +13,23 @@ import json
 from pathlib import Path
 
 import pytest
+from resume_helpers import (
+    assert_each_id_once_per_epoch,
+    assert_same_training,
+    bucket_checkpoints,
+    bucket_incomplete_reason,
+    checkpoints,
+    final_state,
+    final_state_in_bucket,
+    id_job,
+    kill_driver,
+    start_driver,
+    wait_for,
+    write_id_data,
+    write_job,
+)
 
 from cluster.cli.main import main
-from resume_helpers import (
-    assert_each_id_once_per_epoch, assert_same_training, bucket_checkpoints, bucket_incomplete_reason, checkpoints, final_state,
-    final_state_in_bucket, kill_driver, start_driver, wait_for, write_id_data, write_job,
-)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -31,16 +42,7 @@ def id_data(tmp_path_factory):
 
 
 def resume_job(model, data, out, **scaling) -> dict:
-    return {
-        "name": "resume",
-        "model": {"name": str(model), "labels": ["food", "sport", "tech"]},
-        "data": {**data, "max_length": 16, "rows_per_block": 20, "id_column": "id"},
-        "finetune": {"freeze_depth": 1, "head_lr": 5e-3, "backbone_lr_ratio": 0.5},
-        "optim": {"epochs": EPOCHS, "batch_size": 8, "grad_accum": 2, "warmup_ratio": 0.25},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, **scaling},
-        "eval": {"every_n_steps": 2},
-        "output": {"dir": str(out), "keep_checkpoints": 10, "export": "none"},
-    }
+    return id_job("resume", model, data, out, EPOCHS, cpus_per_worker=0.5, **scaling)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,9 @@ def test_worker_sigkilled_mid_epoch_recovers_exactly(ray_local, tiny_bert, id_da
 def test_killed_driver_resumes_exactly_from_object_storage_past_a_truncated_checkpoint(ray_local, s3, tiny_bert, id_data, uninterrupted, tmp_path):
     """Data and checkpoints in the S3 bucket: the driver SIGKILLed after the step-4 checkpoint, Ray's record of the
     run removed, the newest checkpoint cut short; ``--resume`` ends bit-for-bit where the local uninterrupted run ends."""
-    from engine.checkpoints import storage
     from s3_server import upload
+
+    from engine.checkpoints import storage
 
     out = tmp_path / "out"
     data = {k: upload(s3, v, "resume-data", Path(v).name) for k, v in id_data.items()}
